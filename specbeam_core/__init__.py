@@ -1,0 +1,40 @@
+"""specbeam_core: framework-agnostic speculative (beam) decoding over plain torch tensors.
+
+Imports only torch, numpy and pluggy.
+"""
+
+from .drafting import Draft, Drafter, DraftModelDrafter
+from .engine import SpecEngine
+from .hookspecs import hookimpl, hookspec
+from .kv_cache import KVCacheExhausted, PagedKVCache
+from .model import CausalLM, KVBatch, build_kv_batch
+from .plugins import get_plugin_manager, make_drafter
+from .request import Request
+from .sampling import SamplingParams, probabilities, warp_logits
+from .stats import SpecStats, StepRecord
+from .verification import VerifyResult, verify_greedy, verify_rejection_sampling
+
+__all__ = [
+    "CausalLM",
+    "Draft",
+    "DraftModelDrafter",
+    "Drafter",
+    "KVBatch",
+    "KVCacheExhausted",
+    "PagedKVCache",
+    "Request",
+    "SamplingParams",
+    "SpecEngine",
+    "SpecStats",
+    "StepRecord",
+    "VerifyResult",
+    "build_kv_batch",
+    "get_plugin_manager",
+    "hookimpl",
+    "hookspec",
+    "make_drafter",
+    "probabilities",
+    "verify_greedy",
+    "verify_rejection_sampling",
+    "warp_logits",
+]

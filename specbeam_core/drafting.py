@@ -1,0 +1,139 @@
+"""Drafters: what proposes tokens for the target to verify.
+
+A drafter proposes up to ``num_draft[r]`` tokens after each request's current tokens. When it
+samples, it returns the exact probabilities it sampled from (``Draft.probs``), which exact
+rejection sampling needs; deterministic drafters return ``probs=None`` and their drafts are
+verified as one-hot.
+
+:class:`DraftModelDrafter` runs a small causal LM on its own paged KV cache. It remembers which
+tokens each request's draft cache holds and, before drafting, keeps the longest prefix that still
+agrees with the request (rejected drafts are rolled back, accepted ones are never recomputed), then
+feeds only the tokens it has not seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from .kv_cache import PagedKVCache
+from .model import CausalLM, build_kv_batch
+from .request import Request
+from .sampling import check_finite, probabilities, sample
+
+
+@dataclass
+class Draft:
+    tokens: torch.Tensor  # [N, G] draft tokens, padded with 0 past num_draft[r]
+    num_draft: list[int]
+    probs: torch.Tensor | None  # [N, G, vocab] distribution each draft token was sampled from, or None
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    vocab_size: int
+    max_positions: int | None
+    forward_count: int
+
+    def reserve(self, num_sequences: int, tokens_per_sequence: int) -> None:
+        """Make room for this many requests of at most this many tokens each (between requests)."""
+
+    def propose(self, requests: list[Request], num_draft: list[int]) -> Draft:
+        """Propose ``num_draft[r]`` tokens after ``requests[r].tokens``."""
+
+    def release(self, request: Request) -> None:
+        """Forget everything kept for ``request`` (finished or aborted)."""
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class DraftModelDrafter:
+    """Chain drafting with a small draft model on its own paged KV cache."""
+
+    name = "draft_model"
+
+    def __init__(self, model: CausalLM, block_size: int = 16) -> None:
+        self.model = model
+        self.vocab_size = model.vocab_size
+        self.max_positions = model.max_positions
+        self.block_size = block_size
+        self.cache: PagedKVCache | None = None
+        self._seq: dict[int, int] = {}  # request id -> draft KV sequence
+        self._seen: dict[int, list[int]] = {}  # request id -> tokens whose draft K/V is cached
+
+    @property
+    def forward_count(self) -> int:
+        return getattr(self.model, "forward_count", 0)
+
+    def reserve(self, num_sequences: int, tokens_per_sequence: int) -> None:
+        needed = num_sequences * (-(-tokens_per_sequence // self.block_size)) + 1
+        if self.cache is None or (self.cache.num_usable_blocks < needed and self.cache.num_sequences == 0):
+            self.cache = self.model.make_cache(needed + 1, self.block_size)
+
+    def release(self, request: Request) -> None:
+        seq = self._seq.pop(request.request_id, None)
+        self._seen.pop(request.request_id, None)
+        if seq is not None and self.cache is not None:
+            self.cache.free(seq)
+
+    def _sync(self, request: Request) -> list[int]:
+        """Roll the draft cache back to what still agrees with the request; return the unseen tokens."""
+        rid = request.request_id
+        if rid not in self._seq:
+            self._seq[rid] = self.cache.new_sequence()
+            self._seen[rid] = []
+        seen = self._seen[rid]
+        keep = _lcp(seen, request.tokens)
+        keep = min(keep, len(request.tokens) - 1)  # always feed at least the last token
+        if keep < len(seen):
+            self.cache.truncate(self._seq[rid], keep)
+            del seen[keep:]
+        return request.tokens[keep:]
+
+    @torch.inference_mode()
+    def propose(self, requests: list[Request], num_draft: list[int]) -> Draft:
+        assert self.cache is not None, "reserve() must be called before propose()"
+        n_rows, g_max = len(requests), max(num_draft, default=0)
+        draft_tokens = torch.zeros(n_rows, g_max, dtype=torch.long)  # [N, G]
+        sampled = any(not r.params.greedy for r, g in zip(requests, num_draft) if g > 0)
+        draft_probs = torch.zeros(n_rows, g_max, self.vocab_size) if sampled else None  # [N, G, vocab]
+        feeds = {r: self._sync(requests[r]) for r in range(n_rows) if num_draft[r] > 0}
+        drafted: dict[int, list[int]] = {r: [] for r in feeds}
+        for i in range(g_max):
+            rows = [r for r in feeds if num_draft[r] > i]
+            t_max = max(len(feeds[r]) for r in rows)
+            tokens = torch.zeros(len(rows), t_max, dtype=torch.long)  # [n, T] left-padded
+            for j, r in enumerate(rows):
+                tokens[j, t_max - len(feeds[r]) :] = torch.tensor(feeds[r])
+            seqs = [self._seq[requests[r].request_id] for r in rows]
+            kv = build_kv_batch(self.cache, seqs, [len(feeds[r]) for r in rows], self.model_dtype)
+            logits = self.model.forward(tokens, kv, 1)[:, 0]  # [n, vocab]
+            check_finite(logits, "draft model logits")
+            for j, r in enumerate(rows):
+                req = requests[r]
+                self._seen[req.request_id].extend(feeds[r])
+                row_logits = logits[j]  # [vocab]
+                if req.logits_processor is not None:
+                    row_logits = req.logits_processor(req.tokens + drafted[r], row_logits[None])[0]
+                if req.params.greedy:
+                    token = int(row_logits.argmax())
+                else:
+                    q = probabilities(row_logits, req.params)  # [vocab]
+                    token = int(sample(q[None], req.generator))
+                    draft_probs[r, i] = q
+                draft_tokens[r, i] = token
+                drafted[r].append(token)
+                feeds[r] = [token]
+        return Draft(tokens=draft_tokens, num_draft=list(num_draft), probs=draft_probs)
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return self.cache.dtype

@@ -1,0 +1,308 @@
+"""The speculative decoding loop: draft → verify → commit, over a ragged batch of requests.
+
+One step, for every unfinished request at once::
+
+    gamma  = hook specbeam_draft_length(...)           # how far to speculate (0 = plain decoding)
+    draft  = drafter.propose(requests, gamma)          # up to gamma tokens per row (+ their q)
+    logits = target.forward(unseen tokens + draft)     # ONE target pass, [N, gamma + 1, vocab]
+    result = verify(draft, logits)                     # accepted drafts + recovered/bonus token
+    commit: roll back the target's rejected slots, append the tokens, stop on EOS/length/stop
+
+The target's KV cache always holds every token but the last, so the next step feeds the last
+token followed by the new drafts; a request's first step feeds its whole prompt (prefill and
+the first verification share one pass). Rows stop independently; finished or aborted requests
+free their blocks at once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Sequence
+
+import pluggy
+import torch
+
+from .drafting import Drafter
+from .kv_cache import PagedKVCache
+from .model import CausalLM, build_kv_batch
+from .plugins import get_plugin_manager
+from .request import LogitsProcessor, Request
+from .sampling import SamplingParams, check_finite, probabilities
+from .stats import SpecStats, StepRecord
+from .verification import VerifyResult, verify_greedy, verify_rejection_sampling
+
+
+def check_draft_length(value, what: str = "num_draft_tokens", allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+class SpecEngine:
+    """Exact speculative decoding of a target :class:`CausalLM` with a :class:`Drafter`."""
+
+    def __init__(
+        self,
+        target: CausalLM,
+        drafter: Drafter | None = None,
+        num_draft_tokens: int = 4,
+        *,
+        block_size: int = 16,
+        plugin_manager: pluggy.PluginManager | None = None,
+    ) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.num_draft_tokens = check_draft_length(num_draft_tokens)
+        if drafter is not None and drafter.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"draft and target vocabularies differ: draft has {drafter.vocab_size} tokens, "
+                f"target has {target.vocab_size}; speculative decoding needs one shared vocabulary"
+            )
+        self.block_size = block_size
+        self.pm = plugin_manager or get_plugin_manager()
+        self.stats = SpecStats()
+        self.pm.register(self.stats)
+        self.target_cache: PagedKVCache | None = None
+        self._requests: dict[int, Request] = {}
+        self._next_id = 0
+        self._steps = 0
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def max_positions(self) -> int | None:
+        limits = [m for m in (self.target.max_positions, getattr(self.drafter, "max_positions", None)) if m]
+        return min(limits) if limits else None
+
+    def make_request(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams = SamplingParams(),
+        max_new_tokens: int = 32,
+        eos_token_ids: Iterable[int] = (),
+        stop: Callable[[list[int]], bool] | None = None,
+        logits_processor: LogitsProcessor | None = None,
+    ) -> Request:
+        """Validate and build a request (not yet scheduled)."""
+        prompt = [int(t) for t in prompt]
+        if len(prompt) == 0:
+            raise ValueError("empty prompt: a request needs at least one prompt token")
+        vocab = self.target.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        limit = self.max_positions
+        if limit is not None and len(prompt) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {len(prompt) + max_new_tokens} "
+                f"exceeds the models' position limit of {limit} tokens"
+            )
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        request = Request(
+            request_id=self._next_id,
+            prompt=prompt,
+            params=params,
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=frozenset(int(e) for e in eos_token_ids),
+            stop=stop,
+            logits_processor=logits_processor,
+            generator=None if params.greedy else params.make_generator(),
+        )
+        self._next_id += 1
+        return request
+
+    def _tokens_per_sequence(self, request: Request) -> int:
+        return len(request.prompt) + request.max_new_tokens + self.num_draft_tokens + 1
+
+    def reserve(self, requests: Sequence[Request]) -> None:
+        """Size the KV pools for these requests; pools only grow while nothing is running."""
+        longest = max(self._tokens_per_sequence(r) for r in requests)
+        blocks = len(requests) * (-(-longest // self.block_size)) + 2
+        cache = self.target_cache
+        if cache is None or (cache.num_usable_blocks < blocks and cache.num_sequences == 0):
+            self.target_cache = self.target.make_cache(blocks, self.block_size)
+        if self.drafter is not None:
+            self.drafter.reserve(len(requests), longest)
+
+    def add(self, request: Request) -> Request:
+        if self.target_cache is None:
+            self.reserve([request])
+        request.target_seq = self.target_cache.new_sequence()
+        self._requests[request.request_id] = request
+        return request
+
+    def abort(self, request: Request) -> None:
+        if not request.finished:
+            request.finish_reason = "abort"
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        if self._requests.pop(request.request_id, None) is None:
+            return
+        if request.target_seq is not None:
+            self.target_cache.free(request.target_seq)
+            request.target_seq = None
+        if self.drafter is not None:
+            self.drafter.release(request)
+        self.pm.hook.specbeam_on_request_finished(request=request)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    # ------------------------------------------------------------------ one step
+    def _draft_lengths(self, requests: list[Request]) -> list[int]:
+        if self.drafter is None:
+            return [0] * len(requests)
+        gamma = self.pm.hook.specbeam_draft_length(requests=requests, default=self.num_draft_tokens)
+        gamma = check_draft_length(gamma, "draft length chosen by the specbeam_draft_length hook", allow_zero=True)
+        return [max(0, min(gamma, r.remaining - 1)) for r in requests]
+
+    def _process(self, request: Request, tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Apply the request's own logits processor at each position (``logits`` ``[P, vocab]``)."""
+        if request.logits_processor is None:
+            return logits
+        base = len(tokens) - logits.shape[0] + 1
+        return torch.stack([request.logits_processor(tokens[: base + i], logits[i : i + 1])[0] for i in range(logits.shape[0])])
+
+    def _verify(self, requests, draft_tokens, num_draft, probs_q, logits) -> VerifyResult:
+        """Greedy rows by argmax, sampled rows by exact rejection sampling; results in row order."""
+        n_rows = len(requests)
+        greedy_rows = [r for r in range(n_rows) if requests[r].params.greedy]
+        sample_rows = [r for r in range(n_rows) if not requests[r].params.greedy]
+        parts: dict[int, tuple[int, list[int], bool]] = {}
+        if greedy_rows:
+            idx = torch.tensor(greedy_rows)
+            res = verify_greedy(draft_tokens[idx], [num_draft[r] for r in greedy_rows], logits[idx])
+            for j, r in enumerate(greedy_rows):
+                parts[r] = (res.num_accepted[j], res.output_tokens[j], res.bonus[j])
+        if sample_rows:
+            idx = torch.tensor(sample_rows)
+            target_probs = torch.stack([probabilities(logits[r], requests[r].params) for r in sample_rows])  # [n, G+1, V]
+            res = verify_rejection_sampling(
+                draft_tokens[idx],
+                [num_draft[r] for r in sample_rows],
+                target_probs,
+                None if probs_q is None else probs_q[idx],
+                [requests[r].generator for r in sample_rows],
+            )
+            for j, r in enumerate(sample_rows):
+                parts[r] = (res.num_accepted[j], res.output_tokens[j], res.bonus[j])
+        return VerifyResult(
+            num_accepted=[parts[r][0] for r in range(n_rows)],
+            output_tokens=[parts[r][1] for r in range(n_rows)],
+            bonus=[parts[r][2] for r in range(n_rows)],
+        )
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, list[int]]]:
+        """One draft → verify → commit step; returns each request's newly emitted tokens."""
+        requests = [r for r in self._requests.values() if not r.finished]
+        if not requests:
+            return []
+        started = time.perf_counter()
+        draft_forwards_before = self.drafter.forward_count if self.drafter is not None else 0
+
+        # draft
+        num_draft = self._draft_lengths(requests)
+        g_max = max(num_draft)
+        if g_max > 0:
+            draft = self.drafter.propose(requests, num_draft)
+            draft_tokens, probs_q = draft.tokens, draft.probs  # [N, G], [N, G, vocab] | None
+        else:
+            draft_tokens, probs_q = torch.zeros(len(requests), 0, dtype=torch.long), None  # [N, 0]
+
+        # one target pass over every row's unseen tokens and drafts
+        feeds = [r.tokens[r.target_len :] + draft_tokens[i, : num_draft[i]].tolist() for i, r in enumerate(requests)]
+        t_max = max(len(f) for f in feeds)
+        tokens = torch.zeros(len(requests), t_max, dtype=torch.long)  # [N, T] left-padded
+        for i, f in enumerate(feeds):
+            tokens[i, t_max - len(f) :] = torch.tensor(f)
+        kv = build_kv_batch(self.target_cache, [r.target_seq for r in requests], [len(f) for f in feeds], self.target_cache.dtype)
+        logits = self.target.forward(tokens, kv, g_max + 1)  # [N, G + 1, vocab], row r's last num_draft[r] + 1 useful
+        if min(num_draft) < g_max:  # align each row's useful logits to start at column 0
+            shift = torch.tensor([g_max - g for g in num_draft])[:, None]  # [N, 1]
+            cols = (shift + torch.arange(g_max + 1)[None, :]).clamp(max=g_max)  # [N, G + 1]
+            logits = logits.gather(1, cols[:, :, None].expand(-1, -1, logits.shape[-1]))
+        check_finite(logits, "target model logits")
+        if any(r.logits_processor is not None for r in requests):
+            logits = torch.stack(
+                [self._process(r, r.tokens + draft_tokens[i, : num_draft[i]].tolist(), logits[i]) for i, r in enumerate(requests)]
+            )
+
+        # verify
+        result = self._verify(requests, draft_tokens, num_draft, probs_q, logits)
+
+        # commit
+        emitted_all: list[list[int]] = []
+        events: list[tuple[Request, list[int]]] = []
+        for i, r in enumerate(requests):
+            accepted = result.num_accepted[i]
+            self.target_cache.rollback(r.target_seq, num_draft[i] - accepted)
+            r.target_len = len(r.tokens) + accepted
+            emitted: list[int] = []
+            for token in result.output_tokens[i]:
+                emitted.append(token)
+                if r.append(token):
+                    break
+            emitted_all.append(emitted)
+            events.append((r, emitted))
+
+        self._steps += 1
+        self.pm.hook.specbeam_on_step(
+            record=StepRecord(
+                step=self._steps,
+                request_ids=[r.request_id for r in requests],
+                num_drafted=num_draft,
+                num_accepted=result.num_accepted,
+                bonus=[b and g > 0 for b, g in zip(result.bonus, num_draft)],
+                drafted_tokens=[draft_tokens[i, : num_draft[i]].tolist() for i in range(len(requests))],
+                emitted_tokens=emitted_all,
+                draft_forwards=(self.drafter.forward_count if self.drafter is not None else 0) - draft_forwards_before,
+                target_forwards=1,
+                seconds=time.perf_counter() - started,
+            )
+        )
+        for r in requests:
+            if r.finished:
+                self._release(r)
+        return events
+
+    # ------------------------------------------------------------------ whole runs
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        max_new_tokens: int = 32,
+        eos_token_ids: Iterable[int] = (),
+        stop: Callable[[list[int]], bool] | None = None,
+        logits_processor: LogitsProcessor | None = None,
+        on_tokens: Callable[[Request, list[int]], None] | None = None,
+    ) -> list[Request]:
+        """Run requests to completion. Every block is freed on return, also on error or abort."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        if len(prompts) == 0:
+            raise ValueError("no prompts given")
+        eos = tuple(eos_token_ids)
+        requests = [
+            self.make_request(p, sp, max_new_tokens, eos, stop, logits_processor) for p, sp in zip(prompts, params)
+        ]
+        if not self._requests:
+            self.reserve(requests)
+        for r in requests:
+            self.add(r)
+        try:
+            while any(not r.finished for r in requests):
+                for request, new_tokens in self.step():
+                    if on_tokens is not None and new_tokens:
+                        on_tokens(request, new_tokens)
+        finally:
+            for r in requests:
+                self.abort(r)
+        return requests

@@ -1,0 +1,232 @@
+"""Paged KV cache over plain tensors.
+
+Terminology (as in vLLM's paged attention):
+
+- **block**: ``block_size`` consecutive token slots, for every layer at once.
+- **slot**: one token's K/V in one block; flat slot index = ``block * block_size + offset``.
+- **block table**: a sequence's ordered list of block ids; token ``t`` of the sequence lives in
+  block ``table[t // block_size]`` at offset ``t % block_size``.
+- **reference count**: how many sequences' tables hold a block. ``fork`` shares every block of the
+  parent (prefix sharing, beams); a write into a shared, partly filled block first copies it
+  (copy-on-write), so siblings never see each other's tokens.
+- **rollback**: forgetting the last ``n`` tokens of a sequence (rejected draft tokens); whole blocks
+  that fall out of use go back to the pool. Accepted tokens are never recomputed.
+
+Block 0 is the *null block*: never handed out, it absorbs the writes of padding tokens in ragged
+batches, so padding needs no special case in the model code.
+
+The pool is one tensor pair per layer, laid out ``[kv_heads, num_slots, head_dim]`` so that a
+sequence whose blocks are consecutive is a plain slice (no gather) of the pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+NULL_BLOCK = 0
+NULL_SLOT = 0
+
+
+class KVCacheExhausted(RuntimeError):
+    """The pool has no free block left for a write."""
+
+
+@dataclass
+class _Sequence:
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0
+
+
+class PagedKVCache:
+    """A preallocated pool of fixed-size KV blocks for one model, and the sequences living in it."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        value_head_dim: int | None = None,
+    ) -> None:
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2 (block 0 is reserved), got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.dtype = dtype
+        self.device = torch.device(device)
+        num_slots = num_blocks * block_size
+        v_dim = value_head_dim or head_dim
+        # per layer: keys [kv_heads, num_slots, head_dim], values [kv_heads, num_slots, v_dim]
+        self.keys = [torch.zeros(num_kv_heads, num_slots, head_dim, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.values = [torch.zeros(num_kv_heads, num_slots, v_dim, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self._ref_counts = [0] * num_blocks
+        # Free blocks kept sorted descending so pop() hands out the lowest id: consecutive
+        # allocations tend to be physically contiguous, which lets single sequences skip the gather.
+        self._free = list(range(num_blocks - 1, NULL_BLOCK, -1))
+        self._sequences: dict[int, _Sequence] = {}
+        self._next_seq_id = 0
+        self._arange_block = torch.arange(block_size)
+
+    # ---------------------------------------------------------------- accounting
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self._sequences)
+
+    def ref_count(self, block: int) -> int:
+        return self._ref_counts[block]
+
+    def block_table(self, seq_id: int) -> list[int]:
+        return list(self._seq(seq_id).blocks)
+
+    def length(self, seq_id: int) -> int:
+        return self._seq(seq_id).length
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---------------------------------------------------------------- block pool
+    def _allocate_block(self) -> int:
+        if not self._free:
+            raise KVCacheExhausted(
+                f"KV cache pool exhausted: all {self.num_usable_blocks} blocks of {self.block_size} tokens are in use"
+            )
+        block = self._free.pop()
+        self._ref_counts[block] = 1
+        return block
+
+    def _release_block(self, block: int) -> None:
+        self._ref_counts[block] -= 1
+        if self._ref_counts[block] == 0:
+            # keep the free list sorted descending (lowest id handed out first)
+            free = self._free
+            lo, hi = 0, len(free)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if free[mid] > block:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            free.insert(lo, block)
+
+    def _copy_block(self, src: int, dst: int, num_tokens: int) -> None:
+        s, d = src * self.block_size, dst * self.block_size
+        for k, v in zip(self.keys, self.values):
+            k[:, d : d + num_tokens] = k[:, s : s + num_tokens]
+            v[:, d : d + num_tokens] = v[:, s : s + num_tokens]
+
+    # ---------------------------------------------------------------- sequences
+    def _seq(self, seq_id: int) -> _Sequence:
+        try:
+            return self._sequences[seq_id]
+        except KeyError:
+            raise KeyError(f"unknown KV sequence {seq_id}") from None
+
+    def new_sequence(self) -> int:
+        seq_id = self._next_seq_id
+        self._next_seq_id += 1
+        self._sequences[seq_id] = _Sequence()
+        return seq_id
+
+    def fork(self, seq_id: int) -> int:
+        """A new sequence sharing every block (and token) of ``seq_id``; no K/V is copied."""
+        parent = self._seq(seq_id)
+        child_id = self.new_sequence()
+        child = self._sequences[child_id]
+        child.blocks = list(parent.blocks)
+        child.length = parent.length
+        for b in parent.blocks:
+            self._ref_counts[b] += 1
+        return child_id
+
+    def free(self, seq_id: int) -> None:
+        seq = self._sequences.pop(seq_id, None)
+        if seq is None:
+            return
+        for b in seq.blocks:
+            self._release_block(b)
+
+    def free_all(self) -> None:
+        for seq_id in list(self._sequences):
+            self.free(seq_id)
+
+    def append_slots(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Reserve ``num_tokens`` slots at the end of the sequence and return their flat indices.
+
+        A shared block that the new tokens would write into is copied first (copy-on-write).
+        On pool exhaustion nothing is changed and :class:`KVCacheExhausted` is raised.
+        """
+        seq = self._seq(seq_id)
+        bs = self.block_size
+        start, end = seq.length, seq.length + num_tokens
+        first_block = start // bs
+        needed = self.blocks_needed(end) - len(seq.blocks)
+        cow = num_tokens > 0 and first_block < len(seq.blocks) and self._ref_counts[seq.blocks[first_block]] > 1
+        if max(needed, 0) + int(cow) > len(self._free):
+            raise KVCacheExhausted(
+                f"KV cache pool exhausted: need {max(needed, 0) + int(cow)} more blocks of {bs} tokens, "
+                f"{len(self._free)} free of {self.num_usable_blocks}"
+            )
+        if cow:
+            old = seq.blocks[first_block]
+            new = self._allocate_block()
+            self._copy_block(old, new, start - first_block * bs)
+            self._release_block(old)
+            seq.blocks[first_block] = new
+        for _ in range(max(needed, 0)):
+            seq.blocks.append(self._allocate_block())
+        seq.length = end
+        return [seq.blocks[t // bs] * bs + t % bs for t in range(start, end)]
+
+    def rollback(self, seq_id: int, num_tokens: int) -> None:
+        """Forget the last ``num_tokens`` tokens; blocks left empty return to the pool."""
+        seq = self._seq(seq_id)
+        if num_tokens < 0 or num_tokens > seq.length:
+            raise ValueError(f"cannot roll back {num_tokens} tokens of a sequence of length {seq.length}")
+        seq.length -= num_tokens
+        keep = self.blocks_needed(seq.length)
+        while len(seq.blocks) > keep:
+            self._release_block(seq.blocks.pop())
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Keep only the first ``length`` tokens."""
+        self.rollback(seq_id, self.length(seq_id) - length)
+
+    # ---------------------------------------------------------------- reads
+    def read_slots(self, seq_id: int, length: int | None = None) -> torch.Tensor:
+        """Flat slot indices of the sequence's first ``length`` tokens.  # [length]"""
+        seq = self._seq(seq_id)
+        n = seq.length if length is None else length
+        table = torch.tensor(seq.blocks[: self.blocks_needed(n)], dtype=torch.long)
+        slots = (table[:, None] * self.block_size + self._arange_block[None, :]).reshape(-1)  # [blocks * block_size]
+        return slots[:n]
+
+    def contiguous_start(self, seq_id: int, length: int) -> int | None:
+        """First slot if the sequence's first ``length`` tokens lie in consecutive blocks, else None."""
+        blocks = self._seq(seq_id).blocks[: self.blocks_needed(length)]
+        if not blocks:
+            return None
+        first = blocks[0]
+        if blocks[-1] - first != len(blocks) - 1:
+            return None
+        for i, b in enumerate(blocks):
+            if b != first + i:
+                return None
+        return first * self.block_size

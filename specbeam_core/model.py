@@ -1,0 +1,152 @@
+"""The small model interface the engine drives, and the ragged KV batch it hands to a model.
+
+A framework plugs in by implementing :class:`CausalLM`: given new tokens, their positions and a
+:class:`KVBatch` (where to write their K/V in the paged pool, what to read back, and the attention
+mask), return logits. The HF adapter does this with a ``transformers.Cache`` subclass whose
+``update`` calls :meth:`KVBatch.update`; any other framework calls it from its attention layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+from .kv_cache import NULL_SLOT, PagedKVCache
+
+
+@dataclass
+class KVBatch:
+    """One forward's view of a :class:`PagedKVCache` over a ragged batch of ``N`` sequences.
+
+    Row ``r`` feeds ``num_new[r]`` tokens (left-padded to ``T``) after ``num_cached[r]`` tokens already
+    in the cache. Keys/values are read back as ``[N, heads, K, head_dim]`` with
+    ``K = max(num_cached + num_new)``; ``attention_mask`` hides everything a query must not see.
+    """
+
+    cache: PagedKVCache
+    write_slots: torch.Tensor  # [N * T] flat slot of each new token's K/V (NULL_SLOT for padding)
+    read_slots: torch.Tensor | None  # [N, K] flat slots to read, or None when read_start is set
+    read_start: int | None  # N == 1 and the sequence is contiguous: read slots [read_start, read_start + K)
+    attention_mask: torch.Tensor | None  # [N, 1, T, K] additive (0 or dtype-min), None when nothing is hidden
+    positions: torch.Tensor  # [N, T] position id of each new token
+    num_cached: list[int]
+    num_new: list[int]
+
+    @property
+    def kv_length(self) -> int:
+        return max(c + n for c, n in zip(self.num_cached, self.num_new))
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens' ``keys``/``values`` ``[N, heads, T, dim]`` and return the full ones."""
+        k_pool, v_pool = self.cache.keys[layer], self.cache.values[layer]
+        n, h, t, _ = keys.shape
+        k_pool[:, self.write_slots] = keys.transpose(0, 1).reshape(h, n * t, -1).to(k_pool.dtype)
+        v_pool[:, self.write_slots] = values.transpose(0, 1).reshape(h, n * t, -1).to(v_pool.dtype)
+        if self.read_start is not None:
+            end = self.read_start + self.kv_length
+            return k_pool[None, :, self.read_start : end], v_pool[None, :, self.read_start : end]
+        return k_pool[:, self.read_slots].transpose(0, 1), v_pool[:, self.read_slots].transpose(0, 1)
+
+
+def build_kv_batch(
+    cache: PagedKVCache,
+    seq_ids: Sequence[int],
+    num_new: Sequence[int],
+    dtype: torch.dtype,
+    new_token_mask: torch.Tensor | None = None,
+    new_token_depths: torch.Tensor | None = None,
+) -> KVBatch:
+    """Reserve slots for ``num_new[r]`` tokens at the end of each sequence and describe the forward.
+
+    New tokens are **left-padded** to ``T = max(num_new)``: row ``r``'s tokens fill the last
+    ``num_new[r]`` columns, so the last column is every row's last token and "the last ``k``
+    positions" means the same columns for every row.
+
+    ``new_token_mask`` ``[N, T, T]`` (bool, in each row's own token order, unpadded at index 0)
+    says which new tokens each new token may attend to; the default is causal (a chain). Token
+    trees pass their ancestor mask and ``new_token_depths`` ``[N, T]`` (position offsets, same
+    order); chains use ``0..T-1``.
+    """
+    n_rows = len(seq_ids)
+    if n_rows == 0 or min(num_new) < 1:
+        raise ValueError("every row of a KV batch must feed at least one token")
+    t_max = max(num_new)
+    num_cached = [cache.length(s) for s in seq_ids]
+    write_slots = torch.full((n_rows, t_max), NULL_SLOT, dtype=torch.long)  # [N, T]
+    done = 0
+    try:
+        for r, (s, n) in enumerate(zip(seq_ids, num_new)):
+            write_slots[r, t_max - n :] = torch.tensor(cache.append_slots(s, n), dtype=torch.long)
+            done += 1
+    except Exception:
+        for s, n in zip(seq_ids[:done], num_new[:done]):
+            cache.rollback(s, n)
+        raise
+    total = [c + n for c, n in zip(num_cached, num_new)]
+    k_len = max(total)
+
+    cached_t = torch.tensor(num_cached)[:, None]  # [N, 1]
+    new_t = torch.tensor(list(num_new))[:, None]  # [N, 1]
+    own = torch.arange(t_max)[None, :] - (t_max - new_t)  # [N, T] index among the row's new tokens (< 0: padding)
+    if new_token_depths is None:
+        depth = own
+    else:
+        depth = new_token_depths.gather(1, own.clamp(min=0))  # [N, T]
+    positions = torch.where(own >= 0, cached_t + depth, 0)  # [N, T]
+
+    read_start = None
+    read_slots = None
+    if n_rows == 1:
+        read_start = cache.contiguous_start(seq_ids[0], k_len)
+    if read_start is None:
+        read_slots = torch.full((n_rows, k_len), NULL_SLOT, dtype=torch.long)  # [N, K]
+        for r, s in enumerate(seq_ids):
+            read_slots[r, : total[r]] = cache.read_slots(s, total[r])
+
+    attention_mask = None
+    if t_max > 1 or n_rows > 1:
+        key = torch.arange(k_len)[None, None, :]  # [1, 1, K]
+        q_own = own[:, :, None]  # [N, T, 1]
+        rel = key - cached_t[:, :, None]  # [N, 1, K] index of the key among the row's new tokens
+        if new_token_mask is None:
+            new_ok = (rel >= 0) & (rel <= q_own)  # [N, T, K] causal among new tokens
+        else:
+            shifted = torch.zeros(n_rows, t_max + 1, t_max + 1, dtype=torch.bool)  # [N, T + 1, T + 1], index 0 = none
+            shifted[:, 1:, 1:] = new_token_mask
+            rows = torch.arange(n_rows)[:, None, None]
+            new_ok = shifted[rows, (q_own + 1).clamp(min=0), (rel + 1).clamp(min=0, max=t_max)]  # [N, T, K]
+        allowed = (key < cached_t[:, :, None]) | new_ok  # [N, T, K]
+        allowed &= key < torch.tensor(total)[:, None, None]
+        allowed = torch.where(q_own >= 0, allowed, key == 0)  # padding queries see key 0 only
+        attention_mask = torch.zeros(n_rows, 1, t_max, k_len, dtype=dtype)  # [N, 1, T, K]
+        attention_mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+    return KVBatch(
+        cache=cache,
+        write_slots=write_slots.reshape(-1),
+        read_slots=read_slots,
+        read_start=read_start,
+        attention_mask=attention_mask,
+        positions=positions,
+        num_cached=num_cached,
+        num_new=list(num_new),
+    )
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    """What the engine needs of a model. Implemented by ``specbeam_hf.HFCausalLM`` for transformers."""
+
+    vocab_size: int
+    max_positions: int | None
+
+    def make_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        """A paged KV pool shaped for this model (layers, KV heads, head dim, dtype, device)."""
+        ...
+
+    def forward(self, tokens: torch.Tensor, kv: KVBatch, num_logits: int) -> torch.Tensor:
+        """``tokens`` ``[N, T]`` (left-padded) at ``kv.positions`` → logits of the last ``num_logits``
+        columns ``[N, num_logits, vocab]``, float32."""
+        ...

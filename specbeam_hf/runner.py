@@ -1,0 +1,96 @@
+"""Runs a HuggingFace causal LM as a ``specbeam_core.CausalLM`` on the core's paged KV cache.
+
+Transformers models call ``past_key_values.update(keys, values, layer_idx)`` in every attention
+layer and take a prepared 4D attention mask as-is, so a ``Cache`` subclass that forwards
+``update`` to :meth:`specbeam_core.KVBatch.update` is all the plumbing needed: no model code is
+patched, and every attention implementation (eager, sdpa) works unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+from specbeam_core import KVBatch, PagedKVCache
+
+
+class PagedCache(Cache):
+    """A ``transformers`` cache backed by one forward's :class:`specbeam_core.KVBatch`."""
+
+    def __init__(self, kv: KVBatch) -> None:
+        super().__init__(layers=[])
+        self.kv = kv
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self.kv.update(layer_idx, key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return min(self.kv.num_cached)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.kv.kv_length, 0
+
+    def __len__(self) -> int:
+        return self.kv.cache.num_layers
+
+
+def _text_config(model: PreTrainedModel):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+class HFCausalLM:
+    """A ``transformers`` causal LM seen through the ``specbeam_core.CausalLM`` interface."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        if not isinstance(model, PreTrainedModel):
+            raise ValueError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise ValueError(f"{type(model).__name__} is an encoder-decoder model; specbeam drives decoder-only causal LMs")
+        self.model = model
+        config = _text_config(model)
+        self.config = config
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.max_positions = getattr(config, "max_position_embeddings", None)
+        self.num_layers = int(config.num_hidden_layers)
+        heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        self.forward_count = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def make_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        return PagedKVCache(
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, kv: KVBatch, num_logits: int) -> torch.Tensor:
+        device = self.device
+        mask = kv.attention_mask
+        if mask is None:  # one row, one token: nothing to hide
+            mask = torch.zeros(1, 1, 1, kv.kv_length, dtype=self.dtype)  # [1, 1, 1, K]
+        out = self.model(
+            input_ids=tokens.to(device),
+            position_ids=kv.positions.to(device),
+            attention_mask=mask.to(device),
+            past_key_values=PagedCache(kv),
+            use_cache=True,
+            logits_to_keep=num_logits,
+        )
+        self.forward_count += 1
+        return out.logits[:, -num_logits:].float()  # [N, num_logits, vocab]

@@ -16,6 +16,7 @@ free their blocks at once.
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -37,6 +38,9 @@ def check_draft_length(value, what: str = "num_draft_tokens", allow_zero: bool =
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
     return value
+
+
+_request_ids = itertools.count()  # unique across engines: drafters may be shared
 
 
 class SpecEngine:
@@ -61,11 +65,10 @@ class SpecEngine:
             )
         self.block_size = block_size
         self.pm = plugin_manager or get_plugin_manager()
-        self.stats = SpecStats()
+        self.stats = SpecStats(source=id(self))
         self.pm.register(self.stats)
         self.target_cache: PagedKVCache | None = None
         self._requests: dict[int, Request] = {}
-        self._next_id = 0
         self._steps = 0
 
     # ------------------------------------------------------------------ requests
@@ -102,7 +105,7 @@ class SpecEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         request = Request(
-            request_id=self._next_id,
+            request_id=next(_request_ids),
             prompt=prompt,
             params=params,
             max_new_tokens=max_new_tokens,
@@ -111,7 +114,6 @@ class SpecEngine:
             logits_processor=logits_processor,
             generator=None if params.greedy else params.make_generator(),
         )
-        self._next_id += 1
         return request
 
     def _tokens_per_sequence(self, request: Request) -> int:
@@ -254,6 +256,7 @@ class SpecEngine:
         self._steps += 1
         self.pm.hook.specbeam_on_step(
             record=StepRecord(
+                source=id(self),
                 step=self._steps,
                 request_ids=[r.request_id for r in requests],
                 num_drafted=num_draft,

@@ -12,6 +12,7 @@ from .hookspecs import hookimpl
 class StepRecord:
     """One draft → verify → commit step over the batch."""
 
+    source: int  # id of the engine that ran the step
     step: int
     request_ids: list[int]
     num_drafted: list[int]  # per row
@@ -44,9 +45,12 @@ class SpecStats:
     seconds: float = 0.0
     records: list[StepRecord] = field(default_factory=list)
     keep_records: bool = True
+    source: int | None = None  # count only this engine's steps (None: every step)
 
     @hookimpl
     def specbeam_on_step(self, record: StepRecord) -> None:
+        if self.source is not None and record.source != self.source:
+            return
         self.steps += 1
         self.row_steps += len(record.request_ids)
         self.drafted += sum(record.num_drafted)
@@ -91,5 +95,4 @@ class SpecStats:
         )
 
     def reset(self) -> None:
-        keep = self.keep_records
-        self.__init__(keep_records=keep)
+        self.__init__(keep_records=self.keep_records, source=self.source)

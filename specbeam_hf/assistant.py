@@ -1,0 +1,50 @@
+"""``SpecBeam``: the assistant object handed to ``model.generate``."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from specbeam_core import SpecEngine, SpecStats, get_plugin_manager, make_drafter
+
+from .runner import HFCausalLM
+
+
+class SpecBeam:
+    """A draft model (or any drafter plugin) that speeds up a target's ``generate`` exactly.
+
+    ``SpecBeam(draft_model, num_draft_tokens=4)``; ``last_stats`` holds the statistics of the
+    most recent ``generate`` call (acceptance rate, mean accepted length, forward counts, and a
+    per-step record). The paged KV pools persist between calls and are sized on demand.
+    """
+
+    _OPTIONS = {"block_size", "drafter", "plugin_manager"}
+
+    def __init__(self, draft_model=None, num_draft_tokens: int = 4, **options: Any) -> None:
+        unknown = sorted(set(options) - self._OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown SpecBeam option(s): {', '.join(unknown)}; known: {', '.join(sorted(self._OPTIONS))}")
+        if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}")
+        self.num_draft_tokens = num_draft_tokens
+        self.block_size = int(options.get("block_size", 16))
+        self.drafter_name = options.get("drafter", "draft_model")
+        self.pm = options.get("plugin_manager") or get_plugin_manager()
+        self.draft = None if draft_model is None else HFCausalLM(draft_model)
+        self.drafter = make_drafter(self.pm, self.drafter_name, model=self.draft, block_size=self.block_size)
+        self._engines: "weakref.WeakKeyDictionary[Any, SpecEngine]" = weakref.WeakKeyDictionary()
+        self.last_stats: SpecStats | None = None
+
+    def engine_for(self, target_model) -> SpecEngine:
+        """The engine (and its KV pools) that speeds up ``target_model``; made on first use."""
+        engine = self._engines.get(target_model)
+        if engine is None:
+            engine = SpecEngine(
+                HFCausalLM(target_model),
+                self.drafter,
+                self.num_draft_tokens,
+                block_size=self.block_size,
+                plugin_manager=self.pm,
+            )
+            self._engines[target_model] = engine
+        return engine

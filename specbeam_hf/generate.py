@@ -1,0 +1,179 @@
+"""``model.generate(..., custom_generate=specbeam_hf.generate, assistant=SpecBeam(draft))``.
+
+HF ``generate`` prepares the inputs, the logits processors, the stopping criteria and the
+generation config, then calls this function. It strips each row's left padding, runs the rows
+through the core engine as one ragged batch (no padding is ever fed to a model), and rebuilds the
+output exactly as HF's own decoding loop would: finished rows padded with ``pad_token_id``, the
+sequence as long as the longest row, the streamer fed one column of tokens at a time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from specbeam_core import Request, SamplingParams
+
+from .assistant import SpecBeam
+
+logger = logging.getLogger(__name__)
+
+
+def _caller_streamer():
+    """HF ``generate`` does not pass ``streamer`` on to a custom_generate callable; read it from its frame."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            names = frame.f_locals
+            if frame.f_code.co_name == "generate" and "custom_generate" in names and "streamer" in names:
+                return names["streamer"]
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _sampling_from_processors(generation_config, logits_processor: LogitsProcessorList | None):
+    """Map HF's processors onto core SamplingParams; anything else is applied by HF itself.
+
+    Returns ``(params, hf_processors)``: ``hf_processors`` is None when the core's own
+    temperature/top-k/top-p reproduce the list exactly, else the whole list to run position by
+    position (repetition penalty, min length, bad words, ...).
+    """
+    do_sample = bool(generation_config.do_sample)
+    temperature, top_k, top_p = 1.0, 0, 1.0
+    generic = False
+    for proc in logits_processor or []:
+        if isinstance(proc, TemperatureLogitsWarper):
+            temperature = float(proc.temperature)
+        elif isinstance(proc, TopKLogitsWarper) and proc.filter_value == float("-inf"):
+            top_k = int(proc.top_k)
+        elif isinstance(proc, TopPLogitsWarper) and proc.min_tokens_to_keep == 1 and proc.filter_value == float("-inf"):
+            top_p = float(proc.top_p)
+        else:
+            generic = True
+    if generic:
+        return SamplingParams(do_sample=do_sample), logits_processor
+    return SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p), None
+
+
+def generate(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList | None = None,
+    stopping_criteria: StoppingCriteriaList | None = None,
+    generation_config=None,
+    assistant: SpecBeam | None = None,
+    **model_kwargs: Any,
+):
+    """Exact speculative decoding as a ``custom_generate`` for HF ``generate``.
+
+    Greedy and sampled outputs are those of ``model.generate`` without the assistant: token for
+    token when greedy, the same distribution when sampling.
+    """
+    if assistant is None:
+        raise ValueError(
+            "specbeam_hf.generate needs an assistant: "
+            "model.generate(..., custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft_model))"
+        )
+    if not isinstance(assistant, SpecBeam):
+        raise ValueError(f"assistant must be a specbeam_hf.SpecBeam, got {type(assistant).__name__}")
+    if getattr(generation_config, "num_beams", 1) not in (None, 1):
+        raise ValueError(
+            f"num_beams={generation_config.num_beams}: speculative beam search is not available in this version; "
+            "use num_beams=1"
+        )
+    if getattr(generation_config, "num_return_sequences", 1) not in (None, 1):
+        raise ValueError("num_return_sequences > 1 needs do_sample beam/sampling support; use num_return_sequences=1")
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError("empty prompt: input_ids must be [batch, length] with length >= 1")
+    batch, width = input_ids.shape
+    attention_mask = model_kwargs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    prompts: list[list[int]] = []
+    for row in range(batch):
+        keep = attention_mask[row].bool()
+        prompt = input_ids[row][keep].tolist()
+        if not prompt:
+            raise ValueError(f"empty prompt: row {row} of the batch has no unmasked tokens")
+        prompts.append(prompt)
+
+    max_new_tokens = int(stopping_criteria.max_length - width) if stopping_criteria is not None and stopping_criteria.max_length else int(generation_config.max_length - width)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_length {width + max_new_tokens} leaves no room for new tokens after a {width}-token input")
+    eos = generation_config._eos_token_tensor
+    eos_ids = [] if eos is None else [int(e) for e in eos.reshape(-1).tolist()]
+    pad = generation_config._pad_token_tensor
+    pad_id = int(pad.reshape(-1)[0]) if pad is not None else (eos_ids[0] if eos_ids else 0)
+
+    params, hf_processors = _sampling_from_processors(generation_config, logits_processor)
+    extra_criteria = [c for c in (stopping_criteria or []) if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+    engine = assistant.engine_for(model)
+
+    seeds = torch.randint(0, 2**62, (batch,)).tolist() if params.do_sample else [None] * batch  # follows torch.manual_seed
+    requests: list[Request] = []
+    for row, prompt in enumerate(prompts):
+        padding = input_ids[row, : width - len(prompt)].tolist() if attention_mask[row, 0] == 0 else []
+        processor = None
+        if hf_processors is not None:
+            def processor(tokens, logits, _padding=padding):
+                ids = torch.tensor([_padding + tokens], device=input_ids.device)  # [1, L] as HF's loop sees it
+                return hf_processors(ids, logits.to(input_ids.device)).float()
+        stop = None
+        if extra_criteria:
+            def stop(tokens, _padding=padding):
+                ids = torch.tensor([_padding + tokens], device=input_ids.device)  # [1, L]
+                return any(bool(c(ids, None).reshape(-1)[0]) for c in extra_criteria)
+        row_params = SamplingParams(
+            do_sample=params.do_sample, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seeds[row]
+        )
+        requests.append(engine.make_request(prompt, row_params, max_new_tokens, eos_ids, stop, processor))
+
+    streamer = _caller_streamer()  # HF has already put the prompt
+    emitted: list[list[int]] = [[] for _ in range(batch)]
+    row_of = {r.request_id: i for i, r in enumerate(requests)}
+
+    engine.stats.reset()
+    engine.reserve(requests)
+    for r in requests:
+        engine.add(r)
+    try:
+        while engine.has_unfinished:
+            events = engine.step()
+            if streamer is not None:
+                columns = max((len(t) for _, t in events), default=0)
+                for j in range(columns):
+                    col = [pad_id] * batch
+                    for req, toks in events:
+                        if j < len(toks):
+                            col[row_of[req.request_id]] = toks[j]
+                    streamer.put(torch.tensor(col))
+    finally:
+        for r in requests:
+            engine.abort(r)
+        if streamer is not None:
+            streamer.end()
+    assistant.last_stats = engine.stats
+
+    longest = max(r.num_generated for r in requests)
+    new = torch.full((batch, longest), pad_id, dtype=input_ids.dtype)  # [batch, longest]
+    for row, r in enumerate(requests):
+        new[row, : r.num_generated] = torch.tensor(r.output, dtype=input_ids.dtype)
+    sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)  # [batch, width + longest]
+    if generation_config.return_dict_in_generate:
+        if generation_config.output_scores or generation_config.output_logits:
+            logger.warning("specbeam_hf.generate returns sequences only; scores/logits are not collected")
+        return GenerateDecoderOnlyOutput(sequences=sequences)
+    return sequences

@@ -1,0 +1,295 @@
+"""Benchmark: specbeam through HF ``generate`` against HF's own decoding, on the demo pair.
+
+    python benchmarks/bench_hf.py                       # full run, bf16, writes benchmarks/results/
+    python benchmarks/bench_hf.py --quick               # a smoke run (2 prompts, few settings)
+
+Rows (all on the same fixed code prompts, ``--max-new-tokens`` each):
+
+- ``hf``            target-only ``generate`` (greedy or T=0.8 sampling), the baseline;
+- ``hf-assisted``   HF assisted generation (``assistant_model=draft``), batch 1 only (HF refuses
+                    more), constant schedule with ``assistant_confidence_threshold`` 0 and the
+                    default 0.4, and HF's ``heuristic`` schedule;
+- ``specbeam``      ``generate(custom_generate=specbeam_hf.generate, assistant=SpecBeam(draft, γ))``.
+
+Beside each specbeam row: α (acceptance rate), c (draft/target forward cost, single-token
+decode at batch 1 through the same runner), the analytic bound
+``(1 − α^(γ+1)) / ((1 − α)(γc + 1))`` and the share of it reached; ``exact`` says whether greedy
+outputs equal the baseline's token for token. Prints a table, writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import specbeam_hf
+from specbeam_core import build_kv_batch
+from specbeam_hf.runner import HFCausalLM
+
+DEMO = Path(specbeam_hf.__file__).parent / "demo_models"
+RESULTS = Path(__file__).parent / "results"
+
+PROMPTS = [
+    "def fibonacci(n):\n",
+    "class Stack:\n    def __init__(self):\n",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "    def __repr__(self):\n        return",
+    "def read_lines(path):\n    with open(path) as f:\n",
+    "for i in range(10):\n",
+    "class Point:\n    \"\"\"A point in the plane.\"\"\"\n\n    def __init__(self, x, y):\n",
+    "    if not isinstance(value, int):\n        raise",
+]
+
+
+def bound(alpha: float, gamma: int, c: float) -> float:
+    """Expected speed-up of chain speculation (Leviathan et al. 2023)."""
+    if alpha >= 1.0:
+        return (gamma + 1) / (gamma * c + 1)
+    return (1 - alpha ** (gamma + 1)) / ((1 - alpha) * (gamma * c + 1))
+
+
+@torch.inference_mode()
+def decode_cost(model, context: int = 64, runs: int = 60) -> float:
+    """Median seconds of a single-token decode forward at batch 1 through specbeam's runner."""
+    runner = HFCausalLM(model)
+    cache = runner.make_cache(2 + (context + runs + 16) // 16, 16)
+    seq = cache.new_sequence()
+    prompt = torch.randint(1, runner.vocab_size, (1, context))
+    runner.forward(prompt, build_kv_batch(cache, [seq], [context], cache.dtype), 1)
+    times = []
+    for i in range(runs + 5):
+        token = torch.randint(1, runner.vocab_size, (1, 1))
+        t0 = time.perf_counter()
+        runner.forward(token, build_kv_batch(cache, [seq], [1], cache.dtype), 1)
+        if i >= 5:
+            times.append(time.perf_counter() - t0)
+        cache.rollback(seq, 1)
+    cache.free(seq)
+    return statistics.median(times)
+
+
+def encode(tokenizer, prompts, batch: int):
+    """Batches of ``batch`` prompts, left-padded."""
+    tokenizer.padding_side = "left"
+    out = []
+    for i in range(0, len(prompts), batch):
+        out.append(tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True))
+    return out
+
+
+def run(target, batches, max_new: int, repeats: int, **gen_kwargs):
+    """Best-of-``repeats`` wall time over all batches; returns (seconds, new tokens, outputs)."""
+    best, outputs, new_tokens = float("inf"), None, 0
+    for _ in range(repeats):
+        outs, n_new = [], 0
+        t0 = time.perf_counter()
+        for enc in batches:
+            seq = target.generate(**enc, max_new_tokens=max_new, **gen_kwargs)
+            outs.append(seq)
+            n_new += seq.shape[0] * (seq.shape[1] - enc["input_ids"].shape[1])
+        elapsed = time.perf_counter() - t0
+        if elapsed < best:
+            best, outputs, new_tokens = elapsed, outs, n_new
+    return best, new_tokens, outputs
+
+
+def same(a, b) -> bool:
+    return all(x.shape == y.shape and bool((x == y).all()) for x, y in zip(a, b))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default=str(DEMO / "target"))
+    p.add_argument("--draft", default=str(DEMO / "draft"))
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--gammas", default="1,2,3,4,5,6,7,8")
+    p.add_argument("--batch-gammas", default="2,3,4,5,6")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="2 prompts, 32 tokens, a few γ: a smoke run")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = PROMPTS
+    gammas = [int(g) for g in args.gammas.split(",")]
+    batch_gammas = [int(g) for g in args.batch_gammas.split(",")]
+    if args.quick:
+        prompts, gammas, batch_gammas, args.max_new_tokens = PROMPTS[:2], [2, 4], [4], 32
+    dtype = getattr(torch, args.dtype)
+    console = Console()
+    torch.manual_seed(0)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).eval()
+    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    common = dict(pad_token_id=pad, eos_token_id=None)  # fixed lengths: every run makes max_new_tokens per row
+
+    t_target, t_draft = decode_cost(target), decode_cost(draft)
+    c = t_draft / t_target
+    console.print(f"decode cost at batch 1: target {t_target * 1e3:.2f} ms, draft {t_draft * 1e3:.2f} ms, c = {c:.4f}")
+
+    rows: list[dict] = []
+    b1 = encode(tokenizer, prompts, 1)
+    b8 = encode(tokenizer, prompts, 8)
+    max_new = args.max_new_tokens
+
+    def record(name, batch, mode, gamma, secs, n_new, base_secs, extra=None):
+        row = {
+            "method": name, "batch": batch, "mode": mode, "gamma": gamma,
+            "seconds": secs, "new_tokens": n_new, "tokens_per_s": n_new / secs,
+            "speedup": base_secs / secs,
+        }
+        row.update(extra or {})
+        rows.append(row)
+        return row
+
+    # warm-up (allocators, first-call overheads)
+    target.generate(**b1[0], max_new_tokens=4, do_sample=False, **common)
+
+    for mode, batches, batch in (("greedy", b1, 1), ("greedy", b8, 8), ("sample", b1, 1), ("sample", b8, 8)):
+        sampling = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=0.8, top_k=0, top_p=1.0)
+        torch.manual_seed(0)
+        base_secs, base_new, base_out = run(target, batches, max_new, args.repeats, **sampling, **common)
+        record("hf", batch, mode, 0, base_secs, base_new, base_secs)
+        console.print(f"[bold]{mode} batch {batch}[/]: HF target-only {base_new / base_secs:.1f} tok/s")
+
+        if batch == 1:
+            for gamma in gammas:
+                for schedule, threshold in (("constant", 0.0), ("constant", 0.4), ("heuristic", 0.4)):
+                    if schedule == "heuristic" and gamma != gammas[0]:
+                        continue
+                    draft.generation_config.num_assistant_tokens = gamma
+                    draft.generation_config.num_assistant_tokens_schedule = schedule
+                    draft.generation_config.assistant_confidence_threshold = threshold
+                    torch.manual_seed(0)
+                    secs, n_new, out = run(target, batches, max_new, args.repeats, assistant_model=draft, **sampling, **common)
+                    r = record("hf-assisted", batch, mode, gamma, secs, n_new, base_secs,
+                               {"schedule": schedule, "threshold": threshold,
+                                "exact": same(out, base_out) if mode == "greedy" else None})
+                    console.print(f"  hf-assisted γ={gamma} {schedule} thr={threshold}: {r['tokens_per_s']:.1f} tok/s ({r['speedup']:.2f}×)")
+
+        for gamma in gammas if batch == 1 else batch_gammas:
+            assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=gamma)
+            accepted = drafted = steps = 0
+
+            def one(enc):
+                nonlocal accepted, drafted, steps
+                out = target.generate(**enc, max_new_tokens=max_new, custom_generate=specbeam_hf.generate,
+                                      assistant=assistant, **sampling, **common)
+                s = assistant.last_stats
+                accepted, drafted, steps = accepted + s.accepted, drafted + s.drafted, steps + s.row_steps
+                return out
+
+            best = float("inf")
+            for _ in range(args.repeats):
+                accepted = drafted = steps = 0
+                torch.manual_seed(0)
+                t0 = time.perf_counter()
+                outs = [one(enc) for enc in batches]
+                secs = time.perf_counter() - t0
+                if secs < best:
+                    best, best_outs, stats = secs, outs, (accepted, drafted, steps)
+            n_new = sum(o.shape[0] * (o.shape[1] - enc["input_ids"].shape[1]) for o, enc in zip(best_outs, batches))
+            acc, dra, st = stats
+            alpha = acc / dra if dra else 0.0
+            b = bound(alpha, gamma, c)
+            speedup = base_secs / best
+            r = record("specbeam", batch, mode, gamma, best, n_new, base_secs, {
+                "alpha": alpha, "c": c, "bound": b, "of_bound": speedup / b,
+                "mean_accepted_length": (acc + st) / st if st else 0.0,
+                "exact": same(best_outs, base_out) if mode == "greedy" else None,
+            })
+            console.print(
+                f"  specbeam γ={gamma}: {r['tokens_per_s']:.1f} tok/s ({speedup:.2f}×), α={alpha:.3f}, "
+                f"bound {b:.2f}× ({speedup / b:.0%}), exact={r['exact']}"
+            )
+
+    table = Table(title=f"specbeam vs HF generate — demo pair, {args.dtype}, {max_new} new tokens, CPU {torch.get_num_threads()} threads")
+    for col in ("method", "batch", "mode", "γ", "setting", "tok/s", "speed-up", "α", "c", "bound", "of bound", "exact"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        setting = f"{r.get('schedule', '')} {r.get('threshold', '')}".strip()
+        table.add_row(
+            r["method"], str(r["batch"]), r["mode"], str(r["gamma"] or "-"), setting,
+            f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}×",
+            f"{r['alpha']:.3f}" if "alpha" in r else "", f"{r['c']:.4f}" if "c" in r else "",
+            f"{r['bound']:.2f}×" if "bound" in r else "", f"{r['of_bound']:.0%}" if "of_bound" in r else "",
+            "" if r.get("exact") is None else ("yes" if r["exact"] else "NO"),
+        )
+    console.print(table)
+
+    summary = {}
+    for mode in ("greedy", "sample"):
+        for batch in (1, 8):
+            sel = [r for r in rows if r["mode"] == mode and r["batch"] == batch]
+            ours = max((r for r in sel if r["method"] == "specbeam"), key=lambda r: r["tokens_per_s"], default=None)
+            hf_a = max((r for r in sel if r["method"] == "hf-assisted"), key=lambda r: r["tokens_per_s"], default=None)
+            if ours:
+                key = f"{mode}_b{batch}"
+                summary[key] = {"best_gamma": ours["gamma"], "speedup_vs_hf": ours["speedup"],
+                                "of_bound": ours.get("of_bound"),
+                                "vs_hf_assisted_best": ours["tokens_per_s"] / hf_a["tokens_per_s"] if hf_a else None}
+    console.print_json(json.dumps(summary))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "dtype": args.dtype, "max_new_tokens": max_new, "prompts": prompts, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "platform": platform.platform(), "processor": platform.processor(),
+        "decode_ms": {"target": t_target * 1e3, "draft": t_draft * 1e3}, "c": c,
+    }
+    stem = f"bench_hf_{args.dtype}" + ("_quick" if args.quick else "")
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
+    plot(rows, args.out / f"{stem}.png", args.dtype)
+    console.print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
+    return 0
+
+
+def plot(rows, path: Path, dtype: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, batch, style in (("greedy", 1, "o-"), ("sample", 1, "s--"), ("greedy", 8, "^-"), ("sample", 8, "v--")):
+        sel = sorted((r for r in rows if r["method"] == "specbeam" and r["mode"] == mode and r["batch"] == batch), key=lambda r: r["gamma"])
+        if not sel:
+            continue
+        base = next(r for r in rows if r["method"] == "hf" and r["mode"] == mode and r["batch"] == batch)
+        label = f"{mode}, batch {batch}"
+        line = ax1.plot([r["gamma"] for r in sel], [r["tokens_per_s"] for r in sel], style, label=f"specbeam {label}")[0]
+        ax1.axhline(base["tokens_per_s"], color=line.get_color(), linestyle=":", linewidth=1)
+        ax2.plot([r["gamma"] for r in sel], [r["alpha"] for r in sel], style, label=label)
+    assisted = sorted((r for r in rows if r["method"] == "hf-assisted" and r.get("threshold") == 0.0 and r["mode"] == "greedy"), key=lambda r: r["gamma"])
+    if assisted:
+        ax1.plot([r["gamma"] for r in assisted], [r["tokens_per_s"] for r in assisted], "x-.", color="gray", label="HF assisted greedy, batch 1")
+    ax1.set_xlabel("draft length γ")
+    ax1.set_ylabel("new tokens / s (dotted: HF target-only)")
+    ax1.set_title(f"throughput ({dtype})")
+    ax1.legend(fontsize=7)
+    ax2.set_xlabel("draft length γ")
+    ax2.set_ylabel("acceptance rate α")
+    ax2.set_ylim(0, 1)
+    ax2.set_title("acceptance")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -167,7 +167,7 @@ class SpecEngine:
         """Apply the request's own logits processor at each position (``logits`` ``[P, vocab]``)."""
         if request.logits_processor is None:
             return logits
-        base = len(tokens) - logits.shape[0] + 1
+        base = len(request.tokens)  # position i sees the request's tokens + its first i drafts (rows past a short draft: unused)
         return torch.stack([request.logits_processor(tokens[: base + i], logits[i : i + 1])[0] for i in range(logits.shape[0])])
 
     def _verify(self, requests, draft_tokens, num_draft, probs_q, logits) -> VerifyResult:

@@ -44,6 +44,24 @@ def _caller_streamer():
         del frame
 
 
+class _ColumnStreamer:
+    """Feeds a streamer as HF's own loop does: one column per position, a token per row (pad once a
+    row has finished). Rows advance by different numbers of tokens per step, so column ``c`` is put
+    only when every row has its token ``c`` or has finished before it."""
+
+    def __init__(self, streamer, requests: list[Request], pad_id: int) -> None:
+        self.streamer, self.requests, self.pad_id = streamer, requests, pad_id
+        self.next_column = 0
+
+    def __call__(self) -> None:
+        ready = min(r.num_generated if not r.finished else r.max_new_tokens for r in self.requests)
+        longest = max(r.num_generated for r in self.requests)
+        for c in range(self.next_column, min(ready, longest)):
+            column = [r.tokens[len(r.prompt) + c] if c < r.num_generated else self.pad_id for r in self.requests]
+            self.streamer.put(torch.tensor(column))  # [batch]
+        self.next_column = max(self.next_column, min(ready, longest))
+
+
 def _sampling_from_processors(generation_config, logits_processor: LogitsProcessorList | None):
     """Map HF's processors onto core SamplingParams; anything else is applied by HF itself.
 
@@ -94,8 +112,6 @@ def generate(
             f"num_beams={generation_config.num_beams}: speculative beam search is not available in this version; "
             "use num_beams=1"
         )
-    if getattr(generation_config, "num_return_sequences", 1) not in (None, 1):
-        raise ValueError("num_return_sequences > 1 needs do_sample beam/sampling support; use num_return_sequences=1")
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("empty prompt: input_ids must be [batch, length] with length >= 1")
     batch, width = input_ids.shape
@@ -128,9 +144,12 @@ def generate(
         padding = input_ids[row, : width - len(prompt)].tolist() if attention_mask[row, 0] == 0 else []
         processor = None
         if hf_processors is not None:
-            def processor(tokens, logits, _padding=padding):
-                ids = torch.tensor([_padding + tokens], device=input_ids.device)  # [1, L] as HF's loop sees it
-                return hf_processors(ids, logits.to(input_ids.device)).float()
+            def processor(tokens, logits, _padding=padding, _row=row):
+                # HF processors may hold per-row state sized to the batch (e.g. repetition penalty's
+                # prompt_ignore_length), so they are called on a batch-shaped input and read at this row.
+                ids = torch.tensor([_padding + tokens], device=input_ids.device).repeat(batch, 1)  # [batch, L]
+                scores = logits.to(input_ids.device).repeat(batch, 1)  # [batch, vocab]
+                return hf_processors(ids, scores)[_row : _row + 1].float()
         stop = None
         if extra_criteria:
             def stop(tokens, _padding=padding):
@@ -142,8 +161,7 @@ def generate(
         requests.append(engine.make_request(prompt, row_params, max_new_tokens, eos_ids, stop, processor))
 
     streamer = _caller_streamer()  # HF has already put the prompt
-    emitted: list[list[int]] = [[] for _ in range(batch)]
-    row_of = {r.request_id: i for i, r in enumerate(requests)}
+    put_columns = _ColumnStreamer(streamer, requests, pad_id) if streamer is not None else None
 
     engine.stats.reset()
     engine.reserve(requests)
@@ -151,15 +169,9 @@ def generate(
         engine.add(r)
     try:
         while engine.has_unfinished:
-            events = engine.step()
-            if streamer is not None:
-                columns = max((len(t) for _, t in events), default=0)
-                for j in range(columns):
-                    col = [pad_id] * batch
-                    for req, toks in events:
-                        if j < len(toks):
-                            col[row_of[req.request_id]] = toks[j]
-                    streamer.put(torch.tensor(col))
+            engine.step()
+            if put_columns is not None:
+                put_columns()
     finally:
         for r in requests:
             engine.abort(r)

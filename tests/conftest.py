@@ -1,0 +1,128 @@
+"""Shared fixtures: tiny random-weight HF causal LMs (no downloads) and draft/target pairs.
+
+A draft is a perturbed copy of its target (same architecture, every weight plus small Gaussian
+noise), so drafts are often but not always accepted: both the accept and the reject paths run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# keep the suite light on a shared 2-core machine
+torch.set_num_threads(1)
+
+import transformers  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+transformers.logging.set_verbosity_error()
+
+import specbeam_core  # noqa: E402
+
+FAMILIES = ("llama", "gpt2", "opt", "qwen2")
+PAD_ID = 0
+DEMO_DIR = Path(specbeam_core.__file__).resolve().parent.parent / "specbeam_hf" / "demo_models"
+
+
+def build_model(
+    family: str = "llama",
+    vocab_size: int = 96,
+    seed: int = 0,
+    max_positions: int = 128,
+    init: float = 0.1,
+    num_layers: int = 2,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+):
+    """A tiny randomly initialised causal LM; no EOS configured (tests pass ``eos_token_id``)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=None, pad_token_id=PAD_ID, initializer_range=init)
+    if family == "llama":
+        cfg = LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=max_positions, **common,
+        )
+        cls = LlamaForCausalLM
+    elif family == "qwen2":
+        cfg = Qwen2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=max_positions, **common,
+        )
+        cls = Qwen2ForCausalLM
+    elif family == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=num_layers, n_head=4, n_positions=max_positions, **common)
+        cls = GPT2LMHeadModel
+    elif family == "opt":
+        cfg = OPTConfig(
+            hidden_size=32, ffn_dim=64, num_hidden_layers=num_layers, num_attention_heads=4,
+            max_position_embeddings=max_positions, word_embed_proj_dim=32, init_std=init, **common,
+        )
+        cls = OPTForCausalLM
+    else:  # pragma: no cover
+        raise ValueError(family)
+    if attn_implementation is not None:
+        cfg._attn_implementation = attn_implementation
+    model = cls(cfg).eval()
+    return model.to(dtype)
+
+
+def perturbed_copy(model, noise: float = 0.005, seed: int = 1):
+    """The same model with N(0, noise²) added to every parameter (a draft that often agrees)."""
+    draft = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_((noise * torch.randn(p.shape, generator=gen)).to(p.dtype))
+    return draft.eval()
+
+
+def make_pair(family: str = "llama", noise: float = 0.005, **kwargs):
+    target = build_model(family, **kwargs)
+    return target, perturbed_copy(target, noise)
+
+
+def ragged_batch(lengths, vocab_size: int = 96, seed: int = 0, low: int = 3):
+    """Left-padded ``input_ids`` / ``attention_mask`` for prompts of these lengths (no special ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        ids[r, width - n :] = torch.randint(low, vocab_size, (n,), generator=gen)
+        mask[r, width - n :] = 1
+    return ids, mask
+
+
+def assert_pools_free(*caches):
+    """Every block of every pool is back in its free list and no sequence is left."""
+    for cache in caches:
+        if cache is None:
+            continue
+        assert cache.num_sequences == 0, f"{cache.num_sequences} KV sequences left alive"
+        assert cache.num_free_blocks == cache.num_usable_blocks, (
+            f"{cache.num_usable_blocks - cache.num_free_blocks} blocks leaked"
+        )
+        assert all(cache.ref_count(b) == 0 for b in range(1, cache.num_blocks))
+
+
+@pytest.fixture(scope="session")
+def llama_pair():
+    return make_pair("llama")
+
+
+@pytest.fixture(scope="session")
+def family_pairs():
+    return {f: make_pair(f) for f in FAMILIES}

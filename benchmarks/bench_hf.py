@@ -11,7 +11,7 @@ Rows (all on the same fixed code prompts, ``--max-new-tokens`` each):
                     default 0.4, and HF's ``heuristic`` schedule;
 - ``specbeam``      ``generate(custom_generate=specbeam_hf.generate, assistant=SpecBeam(draft, γ))``.
 
-Beside each specbeam row: α (acceptance rate), c (draft/target forward cost, single-token
+Beside each specbeam row: α (per-token acceptance: accepted / judged draft positions), c (draft/target forward cost, single-token
 decode at batch 1 through the same runner), the analytic bound
 ``(1 − α^(γ+1)) / ((1 − α)(γc + 1))`` and the share of it reached; ``exact`` says whether greedy
 outputs equal the baseline's token for token. Prints a table, writes JSON and a PNG plot.
@@ -183,32 +183,34 @@ def main(argv=None) -> int:
 
         for gamma in gammas if batch == 1 else batch_gammas:
             assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=gamma)
-            accepted = drafted = steps = 0
+            accepted = drafted = steps = rejected = 0
 
             def one(enc):
-                nonlocal accepted, drafted, steps
+                nonlocal accepted, drafted, steps, rejected
                 out = target.generate(**enc, max_new_tokens=max_new, custom_generate=specbeam_hf.generate,
                                       assistant=assistant, **sampling, **common)
                 s = assistant.last_stats
                 accepted, drafted, steps = accepted + s.accepted, drafted + s.drafted, steps + s.row_steps
+                rejected += s.recovered
                 return out
 
             best = float("inf")
             for _ in range(args.repeats):
-                accepted = drafted = steps = 0
+                accepted = drafted = steps = rejected = 0
                 torch.manual_seed(0)
                 t0 = time.perf_counter()
                 outs = [one(enc) for enc in batches]
                 secs = time.perf_counter() - t0
                 if secs < best:
-                    best, best_outs, stats = secs, outs, (accepted, drafted, steps)
+                    best, best_outs, stats = secs, outs, (accepted, drafted, steps, rejected)
             n_new = sum(o.shape[0] * (o.shape[1] - enc["input_ids"].shape[1]) for o, enc in zip(best_outs, batches))
-            acc, dra, st = stats
-            alpha = acc / dra if dra else 0.0
+            acc, dra, st, rej = stats
+            # α of the analytic model: per judged draft position (positions after a rejection are never judged)
+            alpha = acc / (acc + rej) if acc + rej else 0.0
             b = bound(alpha, gamma, c)
             speedup = base_secs / best
             r = record("specbeam", batch, mode, gamma, best, n_new, base_secs, {
-                "alpha": alpha, "c": c, "bound": b, "of_bound": speedup / b,
+                "alpha": alpha, "acceptance_rate": acc / dra if dra else 0.0, "c": c, "bound": b, "of_bound": speedup / b,
                 "mean_accepted_length": (acc + st) / st if st else 0.0,
                 "exact": same(best_outs, base_out) if mode == "greedy" else None,
             })
@@ -282,7 +284,7 @@ def plot(rows, path: Path, dtype: str) -> None:
     ax1.set_title(f"throughput ({dtype})")
     ax1.legend(fontsize=7)
     ax2.set_xlabel("draft length γ")
-    ax2.set_ylabel("acceptance rate α")
+    ax2.set_ylabel("per-token acceptance α")
     ax2.set_ylim(0, 1)
     ax2.set_title("acceptance")
     ax2.legend(fontsize=7)

@@ -254,6 +254,43 @@ def grow_model(small, target_layers: int, seed: int):
     return big
 
 
+def shrink_grown(big, stride: int = 3):
+    """The trained shallow model inside a grown one (layers 0, stride, 2*stride, ...): same function,
+    a third of the forward cost, so it is the cheaper distillation teacher."""
+    from transformers import LlamaForCausalLM
+
+    cfg = copy.deepcopy(big.config)
+    n = big.config.num_hidden_layers // stride
+    cfg.num_hidden_layers = n
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = cfg.layer_types[:n]
+    small = LlamaForCausalLM(cfg).to(next(big.parameters()).dtype)
+    small.model.embed_tokens.load_state_dict(big.model.embed_tokens.state_dict())
+    small.model.norm.load_state_dict(big.model.norm.state_dict())
+    for i in range(n):
+        small.model.layers[i].load_state_dict(big.model.layers[stride * i].state_dict())
+    small.tie_weights()
+    return small.eval()
+
+
+def draft_from_target(teacher, num_layers: int = 1):
+    """A draft at the target's width: the target's embeddings (tied head), final norm and first
+    ``num_layers`` trained decoder layers; distillation then teaches it to stand in for the rest."""
+    from transformers import LlamaForCausalLM
+
+    cfg = copy.deepcopy(teacher.config)
+    cfg.num_hidden_layers = num_layers
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = cfg.layer_types[:num_layers]
+    draft = LlamaForCausalLM(cfg).to(next(teacher.parameters()).dtype)
+    draft.model.embed_tokens.load_state_dict(teacher.model.embed_tokens.state_dict())
+    draft.model.norm.load_state_dict(teacher.model.norm.state_dict())
+    for i in range(num_layers):
+        draft.model.layers[i].load_state_dict(teacher.model.layers[i].state_dict())
+    draft.tie_weights()
+    return draft
+
+
 @torch.no_grad()
 def max_logit_diff(a, b, ids: torch.Tensor) -> float:
     a.eval(), b.eval()
@@ -316,7 +353,8 @@ def lm_step(model, opt, batch, amp: bool, clip: float) -> float:
     return loss.item()
 
 
-def distill_step(draft, teacher, opt, batch, amp: bool, clip: float, ce_weight: float, temp: float):
+def distill_step(draft, teacher, opt, batch, amp: bool, clip: float, ce_weight: float, temp: float,
+                 argmax_ce_weight: float = 0.0):
     x, y = batch[:, :-1], batch[:, 1:]
     with torch.no_grad(), _autocast(amp):
         t_logits = teacher(input_ids=x).logits
@@ -329,6 +367,8 @@ def distill_step(draft, teacher, opt, batch, amp: bool, clip: float, ce_weight: 
     loss = kl
     if ce_weight > 0:
         loss = loss + ce_weight * F.cross_entropy(d_logits, y.reshape(-1))
+    if argmax_ce_weight > 0:  # what speculation needs most: the target's top token ranked first
+        loss = loss + argmax_ce_weight * F.cross_entropy(d_logits, t_logp.argmax(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(draft.parameters(), clip)
     opt.step()
@@ -483,6 +523,12 @@ def save_model(model, tokenizer, path: Path):
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def _arch(model) -> dict:
+    c = model.config
+    return {k: getattr(c, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                       "num_key_value_heads", "intermediate_size")}
+
+
 def write_model_card(out_dir: Path, r: dict):
     t, d = r["target"], r["draft"]
     grow_txt = (
@@ -533,9 +579,9 @@ which reproduces it step-for-step on the same software stack.)
 
 | | target | draft |
 |---|---|---|
-| layers | 12 | 1 |
-| hidden / heads / kv heads | 384 / 6 / 6 | 128 / 4 / 4 |
-| MLP (intermediate) | 1024 | 384 |
+| layers | {t['arch']['num_hidden_layers']} | {d['arch']['num_hidden_layers']} |
+| hidden / heads / kv heads | {t['arch']['hidden_size']} / {t['arch']['num_attention_heads']} / {t['arch']['num_key_value_heads']} | {d['arch']['hidden_size']} / {d['arch']['num_attention_heads']} / {d['arch']['num_key_value_heads']} |
+| MLP (intermediate) | {t['arch']['intermediate_size']} | {d['arch']['intermediate_size']} |
 | max positions | 1024 | 1024 |
 | tied embeddings | yes | yes |
 | parameters | {t['params']:,} | {d['params']:,} |
@@ -557,8 +603,8 @@ Target training: AdamW (β = 0.9/0.95, weight decay {r['weight_decay']} on matri
 {r['target_lr']:g} with linear warmup and cosine decay to 10 %, grad clip 1.0, sequence length
 {r['seq_len']}, bf16 autocast on CPU, seed {r['seed']}.
 
-Draft training: distillation from the (bf16-rounded) target, loss = KL(target ‖ draft) at
-temperature 1{f" + {r['ce_weight']} × CE on the data" if r['ce_weight'] > 0 else ""}, AdamW peak lr {r['draft_lr']:g},
+Draft training: {r['draft_init']}; distillation from the (bf16-rounded) target, loss = KL(target ‖ draft) at
+temperature 1{f" + {r['ce_weight']} × CE on the data" if r['ce_weight'] > 0 else ""}{f" + {r['argmax_ce_weight']} × CE towards the target's argmax token" if r['argmax_ce_weight'] > 0 else ""}, AdamW peak lr {r['draft_lr']:g},
 same schedule shape.
 
 Sample greedy continuation of the target for `"def main("` (30 tokens):
@@ -605,6 +651,12 @@ def parse_args(argv=None):
     p.add_argument("--draft-lr", type=float, default=3e-3)
     p.add_argument("--draft-warmup", type=int, default=100)
     p.add_argument("--ce-weight", type=float, default=0.0, help="weight of data CE added to the KL loss")
+    p.add_argument("--argmax-ce-weight", type=float, default=0.0,
+                   help="weight of CE towards the target's argmax token added to the KL loss")
+    p.add_argument("--draft-from-target", action="store_true",
+                   help="draft = 1 layer at the target's width, initialised from the target's embeddings, "
+                        "first trained layer and final norm (default: a fresh 1-layer, 128-wide model)")
+    p.add_argument("--init-draft", type=Path, default=None, help="continue distilling this saved draft folder")
     # eval
     p.add_argument("--agree-positions", type=int, default=20_000)
     p.add_argument("--log-every", type=int, default=100)
@@ -654,8 +706,12 @@ def main(argv=None):
         target = AutoModelForCausalLM.from_pretrained(args.init_target, dtype=torch.float32)
         results["target_meta"] = json.loads((args.init_target / "train_meta.json").read_text()) \
             if (args.init_target / "train_meta.json").exists() else {}
-        small_teacher = target
-        print(f"loaded target from {args.init_target}")
+        small_teacher = shrink_grown(target) if target.config.num_hidden_layers == 12 and \
+            results["target_meta"].get("train_layers", 12) == 4 else target
+        if small_teacher is not target:
+            chk = val_ids[: 2 * S].reshape(2, S)
+            print(f"loaded target from {args.init_target}; trained 4-layer teacher inside it, "
+                  f"max |logit diff| {max_logit_diff(small_teacher, target, chk):.1e}")
     else:
         L = args.target_train_layers
         small = make_model(TARGET_ARCH, args.seed, num_hidden_layers=L)
@@ -697,7 +753,13 @@ def main(argv=None):
     target.eval()
 
     # ---- draft (distillation) --------------------------------------------------
-    draft = make_model(DRAFT_ARCH, args.seed + 100)
+    if args.init_draft is not None:
+        draft = AutoModelForCausalLM.from_pretrained(args.init_draft, dtype=torch.float32)
+        print(f"continuing from the draft in {args.init_draft}")
+    elif args.draft_from_target:
+        draft = draft_from_target(small_teacher.float())
+    else:
+        draft = make_model(DRAFT_ARCH, args.seed + 100)
     draft.train()
     print(f"draft: {n_params(draft):,} params")
     teacher = small_teacher.eval()
@@ -708,7 +770,7 @@ def main(argv=None):
 
     def dstep(m=draft, o=dopt, g=dgen):
         return distill_step(m, teacher, o, sample_batch(train_ids, args.draft_batch, S, g), amp, 1.0,
-                            args.ce_weight, 1.0)
+                            args.ce_weight, 1.0, args.argmax_ce_weight)
 
     if args.draft_steps is None:
         probe = copy.deepcopy(draft)
@@ -755,10 +817,14 @@ def main(argv=None):
         n_train_tokens=train_ids.numel(), n_val_tokens=val_ids.numel(),
         target_train_layers=tm.get("train_layers", 12), grow_max_diff=results.get("grow_max_diff", 0.0),
         weight_decay=args.weight_decay, target_lr=args.target_lr, draft_lr=args.draft_lr, ce_weight=args.ce_weight,
-        target=dict(params=n_params(tgt), mb=folder_mb(out / "target"), steps=tm.get("steps", 0),
+        argmax_ce_weight=args.argmax_ce_weight,
+        draft_init=(f"continued from {args.init_draft}" if args.init_draft is not None else
+                    "initialised from the target (its embeddings / tied head, final norm and first trained "
+                    "decoder layer)" if args.draft_from_target else "trained from a random initialisation"),
+        target=dict(arch=_arch(tgt), params=n_params(tgt), mb=folder_mb(out / "target"), steps=tm.get("steps", 0),
                     batch=tm.get("batch", args.target_batch), minutes=tm.get("minutes", 0.0),
                     val_loss=t_val, decode_ms=t_ms),
-        draft=dict(params=n_params(drf), mb=folder_mb(out / "draft"), steps=d_steps, batch=args.draft_batch,
+        draft=dict(arch=_arch(drf), params=n_params(drf), mb=folder_mb(out / "draft"), steps=d_steps, batch=args.draft_batch,
                    minutes=dsecs / 60, val_loss=d_val, decode_ms=d_ms),
         agreement=agree, agree_positions=npos, cost_ratio=t_ms / d_ms, cpu=cpu, sample=sample,
     )

@@ -17,8 +17,11 @@ def specbeam_drafter_names() -> list[str]:
 def specbeam_make_drafter(name: str, options: dict[str, Any]):
     if name != DraftModelDrafter.name:
         return None
-    if "model" not in options:
-        raise ValueError("the draft_model drafter needs options['model'] (a CausalLM)")
+    if options.get("model") is None:
+        raise ValueError(
+            "the draft_model drafter needs a draft model: pass SpecBeam(draft_model, ...) "
+            "(core: options['model'], a CausalLM)"
+        )
     return DraftModelDrafter(options["model"], block_size=options.get("block_size", 16))
 
 

@@ -74,9 +74,11 @@ class DraftModelDrafter:
         return getattr(self.model, "forward_count", 0)
 
     def reserve(self, num_sequences: int, tokens_per_sequence: int) -> None:
-        needed = num_sequences * (-(-tokens_per_sequence // self.block_size)) + 1
-        if self.cache is None or (self.cache.num_usable_blocks < needed and self.cache.num_sequences == 0):
-            self.cache = self.model.make_cache(needed + 1, self.block_size)
+        needed = num_sequences * (-(-tokens_per_sequence // self.block_size)) + 2
+        if self.cache is None:
+            self.cache = self.model.make_cache(needed, self.block_size)
+        else:
+            self.cache.grow(needed)  # in place: sequences of running requests keep their blocks
 
     def release(self, request: Request) -> None:
         seq = self._seq.pop(request.request_id, None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from typing import Callable, Iterable, Sequence
 
 import pluggy
@@ -38,6 +39,11 @@ def check_draft_length(value, what: str = "num_draft_tokens", allow_zero: bool =
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
     return value
+
+
+def _unregister(pm: pluggy.PluginManager, plugin) -> None:
+    if pm.is_registered(plugin):
+        pm.unregister(plugin)
 
 
 _request_ids = itertools.count()  # unique across engines: drafters may be shared
@@ -67,6 +73,7 @@ class SpecEngine:
         self.pm = plugin_manager or get_plugin_manager()
         self.stats = SpecStats(source=id(self))
         self.pm.register(self.stats)
+        weakref.finalize(self, _unregister, self.pm, self.stats)  # the stats observer leaves with the engine
         self.target_cache: PagedKVCache | None = None
         self._requests: dict[int, Request] = {}
         self._steps = 0
@@ -120,18 +127,23 @@ class SpecEngine:
         return len(request.prompt) + request.max_new_tokens + self.num_draft_tokens + 1
 
     def reserve(self, requests: Sequence[Request]) -> None:
-        """Size the KV pools for these requests; pools only grow while nothing is running."""
-        longest = max(self._tokens_per_sequence(r) for r in requests)
-        blocks = len(requests) * (-(-longest // self.block_size)) + 2
-        cache = self.target_cache
-        if cache is None or (cache.num_usable_blocks < blocks and cache.num_sequences == 0):
+        """Size the KV pools for these requests together with every request already added.
+
+        Pools grow in place (live sequences keep their blocks), so requests can join between steps.
+        """
+        live = list(self._requests.values()) + [r for r in requests if r.request_id not in self._requests]
+        longest = max(self._tokens_per_sequence(r) for r in live)
+        blocks = len(live) * (-(-longest // self.block_size)) + 2
+        if self.target_cache is None:
             self.target_cache = self.target.make_cache(blocks, self.block_size)
+        else:
+            self.target_cache.grow(blocks)
         if self.drafter is not None:
-            self.drafter.reserve(len(requests), longest)
+            self.drafter.reserve(len(live), longest)
 
     def add(self, request: Request) -> Request:
-        if self.target_cache is None:
-            self.reserve([request])
+        """Schedule ``request`` (from :meth:`make_request`); it joins at the next :meth:`step`."""
+        self.reserve([request])
         request.target_seq = self.target_cache.new_sequence()
         self._requests[request.request_id] = request
         return request
@@ -296,8 +308,7 @@ class SpecEngine:
         requests = [
             self.make_request(p, sp, max_new_tokens, eos, stop, logits_processor) for p, sp in zip(prompts, params)
         ]
-        if not self._requests:
-            self.reserve(requests)
+        self.reserve(requests)
         for r in requests:
             self.add(r)
         try:

@@ -126,6 +126,23 @@ class PagedKVCache:
                     hi = mid
             free.insert(lo, block)
 
+    def grow(self, num_blocks: int) -> None:
+        """Enlarge the pool to ``num_blocks`` blocks (no-op if it is that big already).
+
+        Existing blocks keep their ids and contents, so live sequences are untouched; call it between
+        forwards, never while a :class:`KVBatch` built on the old tensors is in use.
+        """
+        old = self.num_blocks
+        if num_blocks <= old:
+            return
+        extra = (num_blocks - old) * self.block_size
+        for tensors in (self.keys, self.values):
+            for i, t in enumerate(tensors):
+                tensors[i] = torch.cat([t, t.new_zeros(t.shape[0], extra, t.shape[2])], dim=1)  # [kv_heads, slots, dim]
+        self._ref_counts.extend([0] * (num_blocks - old))
+        self._free = list(range(num_blocks - 1, old - 1, -1)) + self._free  # new ids are the highest: handed out last
+        self.num_blocks = num_blocks
+
     def _copy_block(self, src: int, dst: int, num_tokens: int) -> None:
         s, d = src * self.block_size, dst * self.block_size
         for k, v in zip(self.keys, self.values):

@@ -27,6 +27,7 @@ class KVBatch:
 
     cache: PagedKVCache
     write_slots: torch.Tensor  # [N * T] flat slot of each new token's K/V (NULL_SLOT for padding)
+    write_start: int | None  # N == 1 and the new slots are consecutive: write slots [write_start, write_start + T)
     read_slots: torch.Tensor | None  # [N, K] flat slots to read, or None when read_start is set
     read_start: int | None  # N == 1 and the sequence is contiguous: read slots [read_start, read_start + K)
     attention_mask: torch.Tensor | None  # [N, 1, T, K] additive (0 or dtype-min), None when nothing is hidden
@@ -42,8 +43,12 @@ class KVBatch:
         """Write the new tokens' ``keys``/``values`` ``[N, heads, T, dim]`` and return the full ones."""
         k_pool, v_pool = self.cache.keys[layer], self.cache.values[layer]
         n, h, t, _ = keys.shape
-        k_pool[:, self.write_slots] = keys.transpose(0, 1).reshape(h, n * t, -1).to(k_pool.dtype)
-        v_pool[:, self.write_slots] = values.transpose(0, 1).reshape(h, n * t, -1).to(v_pool.dtype)
+        if self.write_start is not None:  # one row, consecutive slots: a plain slice copy
+            k_pool[:, self.write_start : self.write_start + t] = keys[0]
+            v_pool[:, self.write_start : self.write_start + t] = values[0]
+        else:
+            k_pool.index_copy_(1, self.write_slots, keys.transpose(0, 1).reshape(h, n * t, -1).to(k_pool.dtype))
+            v_pool.index_copy_(1, self.write_slots, values.transpose(0, 1).reshape(h, n * t, -1).to(v_pool.dtype))
         if self.read_start is not None:
             end = self.read_start + self.kv_length
             return k_pool[None, :, self.read_start : end], v_pool[None, :, self.read_start : end]
@@ -75,10 +80,14 @@ def build_kv_batch(
     t_max = max(num_new)
     num_cached = [cache.length(s) for s in seq_ids]
     write_slots = torch.full((n_rows, t_max), NULL_SLOT, dtype=torch.long)  # [N, T]
+    write_start = None
     done = 0
     try:
         for r, (s, n) in enumerate(zip(seq_ids, num_new)):
-            write_slots[r, t_max - n :] = torch.tensor(cache.append_slots(s, n), dtype=torch.long)
+            slots = cache.append_slots(s, n)
+            write_slots[r, t_max - n :] = torch.tensor(slots, dtype=torch.long)
+            if n_rows == 1 and slots == list(range(slots[0], slots[0] + n)):
+                write_start = slots[0]
             done += 1
     except Exception:
         for s, n in zip(seq_ids[:done], num_new[:done]):
@@ -126,6 +135,7 @@ def build_kv_batch(
     return KVBatch(
         cache=cache,
         write_slots=write_slots.reshape(-1),
+        write_start=write_start,
         read_slots=read_slots,
         read_start=read_start,
         attention_mask=attention_mask,

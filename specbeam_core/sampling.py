@@ -49,6 +49,8 @@ class SamplingParams:
 
 def check_finite(logits: torch.Tensor, what: str = "logits") -> None:
     """Raise a ValueError naming the problem if ``logits`` hold NaN or +inf."""
+    if bool(torch.isfinite(logits).all()):  # the common case: one reduction
+        return
     if torch.isnan(logits).any():
         raise ValueError(f"{what} contain NaN: the model produced invalid scores (check its weights and dtype)")
     if torch.isposinf(logits).any():

@@ -26,10 +26,11 @@ class StepRecord:
 
     @property
     def num_recovered(self) -> int:
-        return sum(1 for d, b in zip(self.num_drafted, self.bonus) if not b)
+        """Rows whose draft was rejected somewhere (their last token is a recovered token)."""
+        return sum(1 for d, b in zip(self.num_drafted, self.bonus) if d > 0 and not b)
 
 
-@dataclass
+@dataclass(eq=False)  # a plugin: compared and hashed by identity, as pluggy needs
 class SpecStats:
     """Running totals; ``acceptance_rate`` = accepted / drafted, ``mean_accepted_length`` = tokens per row-step."""
 
@@ -69,6 +70,13 @@ class SpecStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
+    def per_token_acceptance(self) -> float:
+        """α of the analytic model: accepted / (accepted + rejected) over the draft positions the
+        target actually judged (positions after the first rejection are never judged)."""
+        judged = self.accepted + self.recovered
+        return self.accepted / judged if judged else 0.0
+
+    @property
     def mean_accepted_length(self) -> float:
         """Mean tokens a row gains per target pass (accepted drafts + the recovered/bonus token)."""
         return (self.accepted + self.row_steps) / self.row_steps if self.row_steps else 0.0
@@ -82,6 +90,7 @@ class SpecStats:
             "bonus": self.bonus,
             "emitted": self.emitted,
             "acceptance_rate": self.acceptance_rate,
+            "per_token_acceptance": self.per_token_acceptance,
             "mean_accepted_length": self.mean_accepted_length,
             "target_forwards": self.target_forwards,
             "draft_forwards": self.draft_forwards,

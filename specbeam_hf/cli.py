@@ -354,7 +354,8 @@ def _summary(stats, tokens: int, seconds: float) -> dict[str, Any]:
     summary.update(
         generated_tokens=tokens,
         wall_seconds=seconds,
-        tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+        # decoding time only (the engine's own step time): printing --verbose lines is not generation
+        tokens_per_second=tokens / stats.seconds if stats.seconds > 0 else 0.0,
     )
     return summary
 
@@ -376,7 +377,8 @@ def _summary_table(summary: dict[str, Any], args, finish_reason: str | None, loa
     table.add_column("value", justify="right")
     rows = [
         ("generated tokens", f"{summary['generated_tokens']}"),
-        ("wall time", f"{summary['wall_seconds']:.3f} s"),
+        ("wall time (incl. printing)", f"{summary['wall_seconds']:.3f} s"),
+        ("decoding time", f"{summary['seconds']:.3f} s"),
         ("tokens/s", f"{summary['tokens_per_second']:.1f}"),
         ("acceptance rate", f"{summary['acceptance_rate']:.1%} ({summary['accepted']}/{summary['drafted']} drafts)"),
         ("mean accepted length", f"{summary['mean_accepted_length']:.2f} tokens / target forward"),

@@ -1,0 +1,93 @@
+"""The shipped demo pair, loaded the way users load it (``from_pretrained`` on the folders).
+
+float32: token for token equal to ``target.generate``. bfloat16: equal up to, at most, a divergence
+where the target's own top-2 logits are within rounding of each other (a batched verification and a
+one-token decode reduce in different orders).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import specbeam_hf
+from conftest import DEMO_DIR, assert_pools_free
+from test_bf16 import near_tie
+
+PROMPTS = [
+    "def fibonacci(n):\n",
+    "class Stack:\n    def __init__(self):\n",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "    if not isinstance(value, int):\n        raise",
+]
+
+
+def load(dtype):
+    tok = AutoTokenizer.from_pretrained(DEMO_DIR / "target", padding_side="left")
+    target = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "target", dtype=dtype).eval()
+    draft = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "draft", dtype=dtype).eval()
+    return tok, target, draft
+
+
+@pytest.fixture(scope="module")
+def demo_fp32():
+    return load(torch.float32)
+
+
+def test_demo_pair_shares_a_vocabulary(demo_fp32):
+    tok, target, draft = demo_fp32
+    assert AutoTokenizer.from_pretrained(DEMO_DIR / "draft").get_vocab() == tok.get_vocab()
+    assert target.config.vocab_size == draft.config.vocab_size == len(tok)
+    assert tok.decode(tok("def f(x):\n    return x")["input_ids"], skip_special_tokens=True) == "def f(x):\n    return x"
+
+
+@pytest.mark.parametrize("gamma", [3, 6])
+@pytest.mark.parametrize("prompts", [PROMPTS[1:2], PROMPTS], ids=["batch1", "batch4"])
+def test_demo_pair_float32_greedy_is_exact(demo_fp32, prompts, gamma):
+    tok, target, draft = demo_fp32
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    kwargs = dict(**enc, max_new_tokens=40, do_sample=False)
+    ref = target.generate(**kwargs)
+    assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=gamma)
+    out = target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
+    assert torch.equal(out, ref), tok.batch_decode(out)
+    stats = assistant.last_stats
+    assert stats.mean_accepted_length > 1.3, stats.summary()  # the draft really helps on its own pair
+    assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
+
+
+def test_demo_pair_bf16_greedy_up_to_near_ties():
+    tok, target, draft = load(torch.bfloat16)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    width = enc["input_ids"].shape[1]
+    kwargs = dict(**enc, max_new_tokens=40, do_sample=False)
+    ref = target.generate(return_dict_in_generate=True, output_scores=True, **kwargs)
+    assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=4)
+    out = target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
+    assert out.shape == ref.sequences.shape
+    for row in range(len(PROMPTS)):
+        a, b = out[row, width:].tolist(), ref.sequences[row, width:].tolist()
+        diverged = [j for j in range(len(a)) if a[j] != b[j]]
+        if diverged:
+            j = diverged[0]
+            assert near_tie(ref.scores[j][row]), (
+                f"row {row} diverges at new token {j} where the target's top-2 logits "
+                f"{ref.scores[j][row].float().topk(2).values.tolist()} are not a near-tie"
+            )
+    assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
+
+
+def test_demo_pair_sampling_runs_seeded_and_reproducibly(demo_fp32):
+    tok, target, draft = demo_fp32
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=4)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        outs.append(
+            target.generate(**enc, max_new_tokens=24, do_sample=True, temperature=0.8, top_p=0.95,
+                            custom_generate=specbeam_hf.generate, assistant=assistant)
+        )
+    assert torch.equal(outs[0], outs[1])
+    assert assistant.last_stats.accepted > 0

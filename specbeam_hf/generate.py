@@ -62,6 +62,20 @@ class _ColumnStreamer:
         self.next_column = max(self.next_column, min(ready, longest))
 
 
+def _end_at(engine, requests: list[Request], length: int) -> None:
+    """Without an EOS id HF's loop stops every row at once, when the last row's criterion fires; rows
+    that got further in their last speculative step are cut back to that length."""
+    for r in requests:
+        if r.finished:
+            continue
+        if r.num_generated >= length:
+            del r.tokens[len(r.prompt) + length :]
+            r.finish_reason = "stop"
+            engine.abort(r)
+        else:
+            r.max_new_tokens = length
+
+
 def _sampling_from_processors(generation_config, logits_processor: LogitsProcessorList | None):
     """Map HF's processors onto core SamplingParams; anything else is applied by HF itself.
 
@@ -140,6 +154,7 @@ def generate(
 
     seeds = torch.randint(0, 2**62, (batch,)).tolist() if params.do_sample else [None] * batch  # follows torch.manual_seed
     requests: list[Request] = []
+    first_stop: dict[int, int] = {}  # row -> new tokens when a custom criterion first fired (no EOS id)
     for row, prompt in enumerate(prompts):
         padding = input_ids[row, : width - len(prompt)].tolist() if attention_mask[row, 0] == 0 else []
         processor = None
@@ -152,9 +167,13 @@ def generate(
                 return hf_processors(ids, scores)[_row : _row + 1].float()
         stop = None
         if extra_criteria:
-            def stop(tokens, _padding=padding):
-                ids = torch.tensor([_padding + tokens], device=input_ids.device)  # [1, L]
-                return any(bool(c(ids, None).reshape(-1)[0]) for c in extra_criteria)
+            def stop(tokens, _padding=padding, _row=row, _prompt_len=len(prompt)):
+                ids = torch.tensor([_padding + tokens], device=input_ids.device).repeat(batch, 1)  # [batch, L]
+                hit = any(bool(c(ids, None).reshape(-1)[_row]) for c in extra_criteria)
+                if hit and not eos_ids:  # HF keeps such a row generating until every row has stopped
+                    first_stop.setdefault(_row, len(tokens) - _prompt_len)
+                    return False
+                return hit
         row_params = SamplingParams(
             do_sample=params.do_sample, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seeds[row]
         )
@@ -170,6 +189,8 @@ def generate(
     try:
         while engine.has_unfinished:
             engine.step()
+            if len(first_stop) == batch:
+                _end_at(engine, requests, max(first_stop.values()))
             if put_columns is not None:
                 put_columns()
     finally:

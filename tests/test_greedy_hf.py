@@ -184,17 +184,7 @@ class StopAtLength(StoppingCriteria):
         return torch.full((input_ids.shape[0],), input_ids.shape[-1] >= self.length, dtype=torch.bool)
 
 
-NO_EOS_REASON = (
-    "library divergence from HF: without an EOS id, HF's _sample keeps generating (not padding) rows a custom "
-    "criterion stopped until all rows stop; specbeam_hf.generate ends and pads them at once"
-)
-
-
-@pytest.mark.parametrize(
-    "with_eos",
-    [True, pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=NO_EOS_REASON))],
-    ids=["with_eos", "no_eos"],
-)
+@pytest.mark.parametrize("with_eos", [True, False], ids=["with_eos", "no_eos"])
 def test_custom_stopping_criteria(llama_pair, with_eos):
     """A custom criterion ends rows exactly where HF's loop ends them.
 

@@ -3,6 +3,8 @@
 Imports only torch, numpy and pluggy.
 """
 
+from .beam_search import BeamStats, BeamTreeDrafter, PrefixIndex, SpecBeamSearch
+from .beam_state import BeamSearchState
 from .drafting import Draft, Drafter, DraftModelDrafter
 from .engine import SpecEngine
 from .hookspecs import hookimpl, hookspec
@@ -12,9 +14,16 @@ from .plugins import get_plugin_manager, make_drafter
 from .request import Request
 from .sampling import SamplingParams, probabilities, warp_logits
 from .stats import SpecStats, StepRecord
+from .tree import TokenTree
 from .verification import VerifyResult, verify_greedy, verify_rejection_sampling
 
 __all__ = [
+    "BeamSearchState",
+    "BeamStats",
+    "BeamTreeDrafter",
+    "PrefixIndex",
+    "SpecBeamSearch",
+    "TokenTree",
     "CausalLM",
     "Draft",
     "DraftModelDrafter",

@@ -143,6 +143,21 @@ class PagedKVCache:
         self._free = list(range(num_blocks - 1, old - 1, -1)) + self._free  # new ids are the highest: handed out last
         self.num_blocks = num_blocks
 
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Copy the K/V of flat slots ``src`` into ``dst`` in every layer (moving an accepted tree path
+        into a sequence's own blocks: its K/V is moved, never recomputed)."""
+        if not src:
+            return
+        src_t, dst_t = torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)  # [n], [n]
+        for k, v in zip(self.keys, self.values):
+            k.index_copy_(1, dst_t, k.index_select(1, src_t))
+            v.index_copy_(1, dst_t, v.index_select(1, src_t))
+
+    def ensure_free(self, num_blocks: int) -> None:
+        """Grow the pool so that at least ``num_blocks`` blocks are free."""
+        if self.num_free_blocks < num_blocks:
+            self.grow(self.num_blocks + num_blocks - self.num_free_blocks)
+
     def _copy_block(self, src: int, dst: int, num_tokens: int) -> None:
         s, d = src * self.block_size, dst * self.block_size
         for k, v in zip(self.keys, self.values):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from specbeam_core import SpecEngine, SpecStats, get_plugin_manager, make_drafter
+from specbeam_core import BeamTreeDrafter, SpecBeamSearch, SpecEngine, SpecStats, get_plugin_manager, make_drafter
 
 from .runner import HFCausalLM
 
@@ -18,7 +18,7 @@ class SpecBeam:
     per-step record). The paged KV pools persist between calls and are sized on demand.
     """
 
-    _OPTIONS = {"block_size", "drafter", "plugin_manager"}
+    _OPTIONS = {"block_size", "drafter", "plugin_manager", "tree_depth", "tree_width"}
 
     def __init__(self, draft_model=None, num_draft_tokens: int = 4, **options: Any) -> None:
         unknown = sorted(set(options) - self._OPTIONS)
@@ -32,8 +32,16 @@ class SpecBeam:
         self.pm = options.get("plugin_manager") or get_plugin_manager()
         self.draft = None if draft_model is None else HFCausalLM(draft_model)
         self.drafter = make_drafter(self.pm, self.drafter_name, model=self.draft, block_size=self.block_size)
+        self.tree_depth = options.get("tree_depth", 4)
+        self.tree_width = options.get("tree_width")
         self._engines: "weakref.WeakKeyDictionary[Any, SpecEngine]" = weakref.WeakKeyDictionary()
+        self._beam_searchers: "weakref.WeakKeyDictionary[Any, SpecBeamSearch]" = weakref.WeakKeyDictionary()
+        self._beam_drafter: BeamTreeDrafter | None = None
         self.last_stats: SpecStats | None = None
+        self.last_beam_stats = None
+        for name, value, low in (("tree_depth", self.tree_depth, 1), ("tree_width", self.tree_width or 1, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
     def engine_for(self, target_model) -> SpecEngine:
         """The engine (and its KV pools) that speeds up ``target_model``; made on first use."""
@@ -48,3 +56,16 @@ class SpecBeam:
             )
             self._engines[target_model] = engine
         return engine
+
+    def beam_searcher_for(self, target_model) -> SpecBeamSearch:
+        """The speculative beam search (and its KV pools) for ``target_model``; made on first use."""
+        searcher = self._beam_searchers.get(target_model)
+        if searcher is None:
+            if self._beam_drafter is None and self.draft is not None:
+                self._beam_drafter = BeamTreeDrafter(self.draft, block_size=self.block_size)
+            searcher = SpecBeamSearch(
+                HFCausalLM(target_model), self._beam_drafter, depth=self.tree_depth, tree_width=self.tree_width,
+                block_size=self.block_size,
+            )
+            self._beam_searchers[target_model] = searcher
+        return searcher

@@ -26,6 +26,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from specbeam_core import Request, SamplingParams
 
 from .assistant import SpecBeam
+from .beam import beam_generate
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +122,8 @@ def generate(
         )
     if not isinstance(assistant, SpecBeam):
         raise ValueError(f"assistant must be a specbeam_hf.SpecBeam, got {type(assistant).__name__}")
-    if getattr(generation_config, "num_beams", 1) not in (None, 1):
-        raise ValueError(
-            f"num_beams={generation_config.num_beams}: speculative beam search is not available in this version; "
-            "use num_beams=1"
-        )
+    if (generation_config.num_beams or 1) > 1:
+        return beam_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("empty prompt: input_ids must be [batch, length] with length >= 1")
     batch, width = input_ids.shape

@@ -1,0 +1,69 @@
+"""``model.generate(..., num_beams=B, custom_generate=specbeam_hf.generate, assistant=SpecBeam(draft))``.
+
+HF ``generate`` hands a custom_generate callable beam-expanded inputs (``[batch * B, L]``, every
+prompt repeated ``B`` times), its logits processors and stopping criteria. The core's
+:class:`~specbeam_core.SpecBeamSearch` replays HF's own beam search on target logits taken from
+draft token trees, calling these same processors and criteria on the same tensors HF's loop
+would pass them, so sequences, ``sequences_scores`` and ``beam_indices`` are HF's.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
+
+
+def beam_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs):
+    num_beams = int(generation_config.num_beams)
+    if generation_config.do_sample:
+        raise ValueError(
+            "num_beams > 1 with do_sample=True (beam sampling) is not supported by specbeam_hf.generate; "
+            "use do_sample=False for beam search"
+        )
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError("empty prompt: input_ids must be [batch, length] with length >= 1")
+    if input_ids.shape[0] % num_beams:
+        raise ValueError(f"beam-expanded input_ids has {input_ids.shape[0]} rows, not a multiple of num_beams={num_beams}")
+    padded = input_ids[::num_beams]  # [batch, W] one row per prompt (HF repeats each num_beams times)
+    mask = model_kwargs.get("attention_mask")
+    mask = torch.ones_like(padded) if mask is None else mask[::num_beams]
+    prompts = []
+    for row in range(padded.shape[0]):
+        prompt = padded[row][mask[row].bool()].tolist()
+        if not prompt:
+            raise ValueError(f"empty prompt: row {row} of the batch has no unmasked tokens")
+        prompts.append(prompt)
+
+    pad_token_id = generation_config._pad_token_tensor
+    eos_token_id = generation_config._eos_token_tensor
+    fill = pad_token_id or eos_token_id[0] if eos_token_id is not None else -1  # HF's own expression
+    eos_ids = [] if eos_token_id is None else [int(e) for e in eos_token_id.reshape(-1).tolist()]
+    scores: list[torch.Tensor] | None = [] if generation_config.return_dict_in_generate and generation_config.output_scores else None
+
+    searcher = assistant.beam_searcher_for(model)
+    state = searcher.run(
+        prompts,
+        padded.cpu(),
+        num_beams=num_beams,
+        max_length=int(generation_config.max_length),
+        length_penalty=float(generation_config.length_penalty),
+        early_stopping=generation_config.early_stopping,
+        num_return_sequences=int(generation_config.num_return_sequences),
+        eos_token_ids=eos_ids,
+        fill_value=int(fill),
+        logits_processor=lambda seqs, log_probs: logits_processor(seqs.to(input_ids.device), log_probs.to(input_ids.device)).cpu(),
+        stop=lambda seqs: stopping_criteria(seqs.to(input_ids.device), tuple(scores) if scores is not None else None).cpu(),
+        on_step=None if scores is None else (lambda log_probs: scores.append(log_probs.clone())),
+    )
+    assistant.last_beam_stats = searcher.stats
+    sequences, sequences_scores, beam_indices = state.result()
+    sequences = sequences.to(input_ids.device)
+    if generation_config.return_dict_in_generate:
+        return GenerateBeamDecoderOnlyOutput(
+            sequences=sequences,
+            sequences_scores=sequences_scores if generation_config.output_scores else None,
+            scores=tuple(scores) if scores is not None else None,
+            beam_indices=beam_indices.to(input_ids.device),
+            past_key_values=None,
+        )
+    return sequences

@@ -5,16 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 from .drafting import DraftModelDrafter
+from .drafting_tree import DraftTreeDrafter, MergedTreeDrafter
 from .hookspecs import hookimpl
 
 
 @hookimpl
 def specbeam_drafter_names() -> list[str]:
-    return [DraftModelDrafter.name]
+    return [DraftModelDrafter.name, DraftTreeDrafter.name, MergedTreeDrafter.name]
+
+
+def _tree_drafter(model, options: dict[str, Any]) -> DraftTreeDrafter:
+    return DraftTreeDrafter(
+        model, width=options.get("tree_width", 2), budget=options.get("tree_budget", 8),
+        block_size=options.get("block_size", 16),
+    )
 
 
 @hookimpl(trylast=True)
 def specbeam_make_drafter(name: str, options: dict[str, Any]):
+    if name == DraftTreeDrafter.name:
+        if options.get("model") is None:
+            raise ValueError("the draft_tree drafter needs a draft model: pass SpecBeam(draft_model, drafter='draft_tree')")
+        return _tree_drafter(options["model"], options)
+    if name == MergedTreeDrafter.name:
+        models = options.get("models") or []
+        if len(models) < 1:
+            raise ValueError("the multi_draft drafter needs draft models: pass SpecBeam([draft_a, draft_b], drafter='multi_draft')")
+        return MergedTreeDrafter([_tree_drafter(m, options) for m in models])
     if name != DraftModelDrafter.name:
         return None
     if options.get("model") is None:

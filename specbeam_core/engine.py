@@ -31,6 +31,7 @@ from .plugins import get_plugin_manager
 from .request import LogitsProcessor, Request
 from .sampling import SamplingParams, check_finite, probabilities
 from .stats import SpecStats, StepRecord
+from .tree_verification import verify_tree_greedy, verify_tree_rejection_sampling
 from .verification import VerifyResult, verify_greedy, verify_rejection_sampling
 
 
@@ -211,26 +212,18 @@ class SpecEngine:
             bonus=[parts[r][2] for r in range(n_rows)],
         )
 
-    @torch.inference_mode()
-    def step(self) -> list[tuple[Request, list[int]]]:
-        """One draft → verify → commit step; returns each request's newly emitted tokens."""
-        requests = [r for r in self._requests.values() if not r.finished]
-        if not requests:
-            return []
-        started = time.perf_counter()
-        draft_forwards_before = self.drafter.forward_count if self.drafter is not None else 0
-
-        # draft
-        num_draft = self._draft_lengths(requests)
+    def _chain_pass(self, requests: list[Request], num_draft: list[int]) -> tuple[VerifyResult, list[list[int]]]:
+        """Draft chains, score them in one target pass, verify, roll back the rejected slots."""
         g_max = max(num_draft)
         if g_max > 0:
             draft = self.drafter.propose(requests, num_draft)
             draft_tokens, probs_q = draft.tokens, draft.probs  # [N, G], [N, G, vocab] | None
         else:
             draft_tokens, probs_q = torch.zeros(len(requests), 0, dtype=torch.long), None  # [N, 0]
+        drafted = [draft_tokens[i, : num_draft[i]].tolist() for i in range(len(requests))]
 
         # one target pass over every row's unseen tokens and drafts
-        feeds = [r.tokens[r.target_len :] + draft_tokens[i, : num_draft[i]].tolist() for i, r in enumerate(requests)]
+        feeds = [r.tokens[r.target_len :] + drafted[i] for i, r in enumerate(requests)]
         t_max = max(len(f) for f in feeds)
         tokens = torch.zeros(len(requests), t_max, dtype=torch.long)  # [N, T] left-padded
         for i, f in enumerate(feeds):
@@ -243,20 +236,77 @@ class SpecEngine:
             logits = logits.gather(1, cols[:, :, None].expand(-1, -1, logits.shape[-1]))
         check_finite(logits, "target model logits")
         if any(r.logits_processor is not None for r in requests):
-            logits = torch.stack(
-                [self._process(r, r.tokens + draft_tokens[i, : num_draft[i]].tolist(), logits[i]) for i, r in enumerate(requests)]
-            )
+            logits = torch.stack([self._process(r, r.tokens + drafted[i], logits[i]) for i, r in enumerate(requests)])
 
-        # verify
         result = self._verify(requests, draft_tokens, num_draft, probs_q, logits)
+        for i, r in enumerate(requests):
+            self.target_cache.rollback(r.target_seq, num_draft[i] - result.num_accepted[i])
+            r.target_len = len(r.tokens) + result.num_accepted[i]
+        return result, drafted
+
+    def _tree_pass(self, requests: list[Request], depths: list[int]) -> tuple[VerifyResult, list[list[int]]]:
+        """Draft token trees, score them in one target pass, verify, keep only the accepted path's K/V."""
+        trees = self.drafter.propose_trees(requests, depths)
+        unseen = [r.tokens[r.target_len :] for r in requests]
+        feeds = [u + t.tokens for u, t in zip(unseen, trees)]
+        t_max = max(len(f) for f in feeds)
+        tokens = torch.zeros(len(requests), t_max, dtype=torch.long)  # [N, T] left-padded
+        masks = torch.zeros(len(requests), t_max, t_max, dtype=torch.bool)  # [N, T, T] each row's own order
+        positions = torch.zeros(len(requests), t_max, dtype=torch.long)  # [N, T] each row's own order
+        for i, f in enumerate(feeds):
+            tokens[i, t_max - len(f) :] = torch.tensor(f)
+            masks[i, : len(f), : len(f)] = trees[i].row_mask(len(unseen[i]))
+            positions[i, : len(f)] = trees[i].row_depths(len(unseen[i]))
+        kv = build_kv_batch(
+            self.target_cache, [r.target_seq for r in requests], [len(f) for f in feeds], self.target_cache.dtype,
+            new_token_mask=masks, new_token_depths=positions,
+        )
+        n_max = max(len(t) for t in trees)
+        logits = self.target.forward(tokens, kv, n_max + 1)  # [N, n + 1, vocab]: last unseen token, then nodes
+        check_finite(logits, "target model logits")
+        slots = kv.write_slots.view(len(requests), t_max).tolist()
+
+        accepted, outputs, bonus = [], [], []
+        for i, (r, tree) in enumerate(zip(requests, trees)):
+            n = len(tree)
+            row = logits[i, n_max - n :]  # [n + 1, vocab]: root, then node j at j + 1
+            if r.logits_processor is not None:
+                contexts = [r.tokens] + [r.tokens + list(tree.path_tokens(j)) for j in range(n)]
+                row = torch.stack([r.logits_processor(c, row[k : k + 1])[0] for k, c in enumerate(contexts)])
+            if r.params.greedy:
+                res = verify_tree_greedy(tree, row)
+            else:
+                res = verify_tree_rejection_sampling(tree, probabilities(row, r.params), r.generator)
+            # move the accepted path's K/V next to the sequence (node j of the path -> tree slot j), drop the rest
+            node_slots = slots[i][t_max - n :] if n else []
+            path = res.accepted_nodes
+            self.target_cache.copy_slots([node_slots[j] for j in path], node_slots[: len(path)])
+            self.target_cache.rollback(r.target_seq, n - len(path))
+            r.target_len = len(r.tokens) + len(path)
+            accepted.append(len(path))
+            outputs.append(res.output_tokens)
+            bonus.append(res.bonus)
+        return VerifyResult(num_accepted=accepted, output_tokens=outputs, bonus=bonus), [t.tokens for t in trees]
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, list[int]]]:
+        """One draft → verify → commit step; returns each request's newly emitted tokens."""
+        requests = [r for r in self._requests.values() if not r.finished]
+        if not requests:
+            return []
+        started = time.perf_counter()
+        draft_forwards_before = self.drafter.forward_count if self.drafter is not None else 0
+
+        num_draft = self._draft_lengths(requests)
+        if max(num_draft) > 0 and hasattr(self.drafter, "propose_trees"):
+            result, drafted = self._tree_pass(requests, num_draft)
+        else:
+            result, drafted = self._chain_pass(requests, num_draft)
 
         # commit
         emitted_all: list[list[int]] = []
         events: list[tuple[Request, list[int]]] = []
         for i, r in enumerate(requests):
-            accepted = result.num_accepted[i]
-            self.target_cache.rollback(r.target_seq, num_draft[i] - accepted)
-            r.target_len = len(r.tokens) + accepted
             emitted: list[int] = []
             for token in result.output_tokens[i]:
                 emitted.append(token)
@@ -271,10 +321,10 @@ class SpecEngine:
                 source=id(self),
                 step=self._steps,
                 request_ids=[r.request_id for r in requests],
-                num_drafted=num_draft,
+                num_drafted=[len(d) for d in drafted],
                 num_accepted=result.num_accepted,
-                bonus=[b and g > 0 for b, g in zip(result.bonus, num_draft)],
-                drafted_tokens=[draft_tokens[i, : num_draft[i]].tolist() for i in range(len(requests))],
+                bonus=[b and len(d) > 0 for b, d in zip(result.bonus, drafted)],
+                drafted_tokens=drafted,
                 emitted_tokens=emitted_all,
                 draft_forwards=(self.drafter.forward_count if self.drafter is not None else 0) - draft_forwards_before,
                 target_forwards=1,

@@ -16,9 +16,17 @@ class SpecBeam:
     ``SpecBeam(draft_model, num_draft_tokens=4)``; ``last_stats`` holds the statistics of the
     most recent ``generate`` call (acceptance rate, mean accepted length, forward counts, and a
     per-step record). The paged KV pools persist between calls and are sized on demand.
+
+    Options: ``drafter`` (``"draft_model"``: chains, the default; ``"draft_tree"``: token trees;
+    ``"multi_draft"``: several draft models' trees merged, chosen by default when ``draft_model`` is a
+    list), ``tree_width`` (top tokens offered per tree node, default 2), ``tree_budget`` (tree nodes
+    per request and step, default 8); ``num_draft_tokens`` is the chain length or the tree depth.
+    With ``num_beams > 1``: ``beam_depth`` (beam steps one target pass can cover, default 4) and
+    ``beam_candidates`` (draft candidates per level and prompt, default ``2 * num_beams``);
+    ``last_beam_stats`` then holds steps per target pass. ``block_size``: KV block size (16).
     """
 
-    _OPTIONS = {"block_size", "drafter", "plugin_manager", "tree_depth", "tree_width"}
+    _OPTIONS = {"block_size", "drafter", "plugin_manager", "tree_width", "tree_budget", "beam_depth", "beam_candidates"}
 
     def __init__(self, draft_model=None, num_draft_tokens: int = 4, **options: Any) -> None:
         unknown = sorted(set(options) - self._OPTIONS)
@@ -30,16 +38,23 @@ class SpecBeam:
         self.block_size = int(options.get("block_size", 16))
         self.drafter_name = options.get("drafter", "draft_model")
         self.pm = options.get("plugin_manager") or get_plugin_manager()
-        self.draft = None if draft_model is None else HFCausalLM(draft_model)
-        self.drafter = make_drafter(self.pm, self.drafter_name, model=self.draft, block_size=self.block_size)
-        self.tree_depth = options.get("tree_depth", 4)
-        self.tree_width = options.get("tree_width")
+        drafts = list(draft_model) if isinstance(draft_model, (list, tuple)) else [] if draft_model is None else [draft_model]
+        self.drafts = [HFCausalLM(d) for d in drafts]
+        self.draft = self.drafts[0] if self.drafts else None
+        tree_options = {k: options[k] for k in ("tree_width", "tree_budget") if k in options}
+        if len(self.drafts) > 1 and self.drafter_name == "draft_model":
+            self.drafter_name = "multi_draft"
+        self.drafter = make_drafter(
+            self.pm, self.drafter_name, model=self.draft, models=self.drafts, block_size=self.block_size, **tree_options
+        )
+        self.beam_depth = options.get("beam_depth", 4)
+        self.beam_candidates = options.get("beam_candidates")
         self._engines: "weakref.WeakKeyDictionary[Any, SpecEngine]" = weakref.WeakKeyDictionary()
         self._beam_searchers: "weakref.WeakKeyDictionary[Any, SpecBeamSearch]" = weakref.WeakKeyDictionary()
         self._beam_drafter: BeamTreeDrafter | None = None
         self.last_stats: SpecStats | None = None
         self.last_beam_stats = None
-        for name, value, low in (("tree_depth", self.tree_depth, 1), ("tree_width", self.tree_width or 1, 1)):
+        for name, value, low in (("beam_depth", self.beam_depth, 1), ("beam_candidates", self.beam_candidates or 1, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
@@ -64,7 +79,7 @@ class SpecBeam:
             if self._beam_drafter is None and self.draft is not None:
                 self._beam_drafter = BeamTreeDrafter(self.draft, block_size=self.block_size)
             searcher = SpecBeamSearch(
-                HFCausalLM(target_model), self._beam_drafter, depth=self.tree_depth, tree_width=self.tree_width,
+                HFCausalLM(target_model), self._beam_drafter, depth=self.beam_depth, tree_width=self.beam_candidates,
                 block_size=self.block_size,
             )
             self._beam_searchers[target_model] = searcher

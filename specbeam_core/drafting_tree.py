@@ -1,11 +1,11 @@
 """Drafters that propose token trees instead of chains.
 
-:class:`DraftTreeDrafter` grows a tree per request with a small draft model, best first: at each
-level every frontier node offers its ``width`` most likely tokens, and the request keeps the
-candidates with the highest *cumulative* draft probability while its node ``budget`` lasts, so the
-budget goes where the draft is confident (a dynamic tree, as in EAGLE-2 / Sequoia), and the best
-``width`` new nodes expand at the next level (draft-model beam search of width ``width``, depth
-``depth``). The draft K/V of every expanded node is kept in the draft's paged pool until the next
+:class:`DraftTreeDrafter` grows a tree per request with a draft-model beam search of width ``w``
+and depth ``d``: at each level every frontier node offers its ``w`` most likely tokens, the ``w``
+candidates with the highest *cumulative* draft probability become nodes and the next frontier, and
+growth stops when the request's node ``budget`` is spent. The nodes of a level therefore go where
+the draft is confident (several siblings under an uncertain node, one deep path under confident
+ones: a dynamic tree, as in EAGLE-2); width 1 is a chain. The draft K/V of every expanded node is kept in the draft's paged pool until the next
 step, so whatever the target accepts is never recomputed by the draft.
 
 :class:`MergedTreeDrafter` runs several tree drafters (e.g. two draft models) and merges their trees
@@ -117,10 +117,10 @@ class DraftTreeDrafter:
                     top_lp, top_tok = torch.topk(f[4], self.width)  # [width]
                     cands += [(f[5] + lp, tok, f) for lp, tok in zip(top_lp.tolist(), top_tok.tolist())]
                 cands.sort(key=lambda c: -c[0])
-                for cum, tok, f in cands[: self.budget - len(trees[i])]:
+                for cum, tok, f in cands[: min(self.width, self.budget - len(trees[i]))]:
                     node = trees[i].add(tok, f[1])
                     added.setdefault(i, []).append((f, tok, node, (f[2][0], f[2][1] + (tok,)), cum))
-            expand = [c for i, cs in added.items() for c in cs[: self.width] if depths[i] > level + 1]
+            expand = [c for i, cs in added.items() for c in cs if depths[i] > level + 1]
             if not expand:
                 break
             child_seqs = [self.cache.fork(c[0][3]) for c in expand]

@@ -1,0 +1,145 @@
+"""Token-tree speculative decoding in the engine: greedy exactness, sampling exactness (recursive
+rejection sampling over siblings), merged drafters, and the KV pools.
+
+The sampling test is the one of ``test_sampling.py`` (chi-square with small cells merged, p > 1e-3,
+and total variation under its McDiarmid bound at delta = 1e-4) on trees; a verifier that skips the
+residual update (siblings tried against the unchanged target distribution) must fail it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import specbeam_core.engine
+import specbeam_hf
+from conftest import assert_pools_free, build_model, make_pair, ragged_batch
+from specbeam_core import SamplingParams, SpecEngine, TokenTree
+from specbeam_core.drafting_tree import DraftTreeDrafter, MergedTreeDrafter, merge_trees
+from specbeam_core.tree_verification import verify_tree_greedy, verify_tree_rejection_sampling
+from specbeam_hf import HFCausalLM
+from test_sampling import PROMPT, SAMPLING_CASES, VOCAB, empirical, exact_joint, fit, small_pair  # noqa: F401
+
+
+def spec(target, assistant, **kwargs):
+    return target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
+
+
+@pytest.mark.parametrize("depth", [1, 3, 6])
+@pytest.mark.parametrize("lengths", [[7], [5, 9, 1, 12]], ids=["batch1", "batch4"])
+def test_tree_greedy_equals_hf(llama_pair, lengths, depth):
+    target, draft = llama_pair
+    ids, mask = ragged_batch(lengths, seed=40 + depth)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    ref = target.generate(**kwargs)
+    assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=depth, drafter="draft_tree", tree_budget=6, tree_width=2)
+    out = spec(target, assistant, **kwargs)
+    assert torch.equal(out, ref)
+    stats = assistant.last_stats
+    assert stats.accepted > 0
+    assert all(max(len(t) for t in rec.drafted_tokens) <= 6 for rec in stats.records)
+    assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
+
+
+def test_tree_accepts_more_per_target_pass_than_a_chain(llama_pair):
+    target, draft = llama_pair
+    ids, mask = ragged_batch([6, 9, 4, 7], seed=3)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    chain = specbeam_hf.SpecBeam(draft, num_draft_tokens=4)
+    tree = specbeam_hf.SpecBeam(draft, num_draft_tokens=4, drafter="draft_tree", tree_budget=12, tree_width=3)
+    assert torch.equal(spec(target, chain, **kwargs), spec(target, tree, **kwargs))
+    assert tree.last_stats.mean_accepted_length > chain.last_stats.mean_accepted_length
+
+
+def test_eos_inside_a_tree(llama_pair):
+    target, draft = llama_pair
+    ids, mask = ragged_batch([6, 8], seed=5)
+    free = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    eos = int(free[0, ids.shape[1] + 5])  # a token the target emits mid-sequence
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    ref = target.generate(**kwargs)
+    assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=6, drafter="draft_tree", tree_budget=10)
+    assert torch.equal(spec(target, assistant, **kwargs), ref)
+
+
+def test_merged_drafters_exact_and_deduplicated(llama_pair):
+    target, draft = llama_pair
+    other = make_pair("llama", seed=5)[1]
+    ids, mask = ragged_batch([7, 4], seed=9)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    ref = target.generate(**kwargs)
+    assistant = specbeam_hf.SpecBeam([draft, draft], num_draft_tokens=4, tree_budget=6)  # identical drafts
+    assert isinstance(assistant.drafter, MergedTreeDrafter)
+    assert torch.equal(spec(target, assistant, **kwargs), ref)
+    assert all(max(len(t) for t in rec.drafted_tokens) <= 6 for rec in assistant.last_stats.records)  # deduplicated
+    mixed = specbeam_hf.SpecBeam([draft, other], num_draft_tokens=4, tree_budget=6)
+    assert torch.equal(spec(target, mixed, **kwargs), ref)
+    for d in mixed.drafter.drafters:
+        assert_pools_free(d.cache)
+
+
+def test_merge_trees_shares_prefixes():
+    a = TokenTree([5, 6, 7], [-1, 0, 0])
+    b = TokenTree([5, 6, 9, 8], [-1, 0, 1, -1])
+    merged = merge_trees([a, b])
+    paths = {merged.path_tokens(i) for i in range(len(merged))}
+    assert paths == {(5,), (5, 6), (5, 7), (5, 6, 9), (8,)}
+    assert len(merged) == 5
+
+
+def test_tree_verification_greedy_by_hand():
+    tree = TokenTree([3, 4, 5, 6], [-1, -1, 0, 1])  # 3 -> 5, 4 -> 6
+    logits = torch.full((5, 8), -5.0)
+    logits[0, 4] = 1.0  # root: argmax 4 (second child)
+    logits[2, 6] = 1.0  # after node 1 (token 4): argmax 6 (its child)
+    logits[4, 2] = 1.0  # after node 3 (token 6, a leaf): bonus 2
+    res = verify_tree_greedy(tree, logits)
+    assert res.accepted_nodes == [1, 3] and res.output_tokens == [4, 6, 2] and res.bonus
+    logits[2, 6], logits[2, 7] = -5.0, 1.0  # now the target wants 7 after token 4: recovered
+    res = verify_tree_greedy(tree, logits)
+    assert res.accepted_nodes == [1] and res.output_tokens == [4, 7] and not res.bonus
+
+
+def run_tree_engine(target, draft, params: SamplingParams, n: int = 6000):
+    drafter = DraftTreeDrafter(HFCausalLM(draft), width=3, budget=5)
+    engine = SpecEngine(HFCausalLM(target), drafter, num_draft_tokens=2)
+    per_request = [
+        SamplingParams(do_sample=True, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=i)
+        for i in range(n)
+    ]
+    requests = engine.generate([PROMPT] * n, per_request, max_new_tokens=3)
+    assert all(len(r.output) == 3 for r in requests)
+    assert_pools_free(engine.target_cache, drafter.cache)
+    return [r.output for r in requests], engine.stats
+
+
+@pytest.mark.parametrize("case", ["temperature", "all"])
+def test_tree_sampling_is_exact(small_pair, case):
+    target, draft = small_pair
+    params = SAMPLING_CASES[case]
+    outputs, stats = run_tree_engine(target, draft, params)
+    assert stats.accepted > 500 and stats.recovered > 500  # siblings tried, residuals used
+    pvalue, tv, bound = fit(empirical(outputs, 3, VOCAB), exact_joint(target, PROMPT, 3, params))
+    assert pvalue > 1e-3, f"chi-square p={pvalue:.2e}"
+    assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
+
+
+def test_statistical_test_catches_a_verifier_without_residual_update(small_pair, monkeypatch):
+    target, draft = small_pair
+    params = SAMPLING_CASES["temperature"]
+    wrong = functools.partial(verify_tree_rejection_sampling, update_residual=False)
+    monkeypatch.setattr(specbeam_core.engine, "verify_tree_rejection_sampling", wrong)
+    outputs, _ = run_tree_engine(target, draft, params)
+    pvalue, tv, bound = fit(empirical(outputs, 3, VOCAB), exact_joint(target, PROMPT, 3, params))
+    assert pvalue < 1e-6, f"the wrong verifier went unnoticed: p={pvalue:.2e}"
+    assert tv > bound
+
+
+def test_tree_drafter_rejects_bad_options():
+    model = HFCausalLM(build_model("llama"))
+    with pytest.raises(ValueError, match="tree width"):
+        DraftTreeDrafter(model, width=0)
+    with pytest.raises(ValueError, match="node budget"):
+        DraftTreeDrafter(model, budget=-1)

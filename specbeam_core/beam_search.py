@@ -5,7 +5,7 @@ forward covers several steps:
 
 1. **draft**: from the running beams of every prompt, the draft model runs its own beam search
    ``depth`` levels deep (scores start from the target's running beam scores); at every level the
-   best ``tree_width`` (beam, token) candidates become nodes of a :class:`~specbeam_core.tree.TokenTree`
+   best ``tree_width`` (default ``num_beams + 2``) (beam, token) candidates become nodes of a :class:`~specbeam_core.tree.TokenTree`
    under the running beam they descend from, and the best ``num_beams`` of them that are not EOS
    expand at the next level;
 2. **score**: one target forward over every running beam's unseen tokens and its whole tree
@@ -191,7 +191,8 @@ class BeamStats:
     target_forwards: int = 0
     draft_forwards: int = 0
     tree_nodes: int = 0
-    peak_target_blocks: int = 0
+    peak_target_blocks: int = 0  # blocks in use after a pass, trees included
+    peak_beam_blocks: int = 0  # distinct blocks the running beams hold between passes (shared prefixes once)
     records: list[dict] = field(default_factory=list)
 
     @property
@@ -206,6 +207,7 @@ class BeamStats:
             "tree_nodes": self.tree_nodes,
             "steps_per_target_forward": self.steps_per_target_forward,
             "peak_target_blocks": self.peak_target_blocks,
+            "peak_beam_blocks": self.peak_beam_blocks,
         }
 
 
@@ -217,7 +219,7 @@ class SpecBeamSearch:
         target: CausalLM,
         drafter: BeamTreeDrafter | None,
         *,
-        depth: int = 4,
+        depth: int = 3,
         tree_width: int | None = None,
         block_size: int = 16,
     ) -> None:
@@ -317,10 +319,13 @@ class SpecBeamSearch:
         roots = list(best)
         self.cache.ensure_free(len(roots) * _blocks(self.cache, self.depth + 1))  # tree paths copied into beams
         seqs, unseen = zip(*(self.index.materialize(k, prompts[k[0]]) for k in roots))
+        self.index.clear()  # what the running beams need of the last pass's sequences is now in their own forks
+        held = len({b for s in seqs for b in self.cache.block_table(s)})
+        self.stats.peak_beam_blocks = max(self.stats.peak_beam_blocks, held)
         if self.drafter is not None:
             trees = self.drafter.trees(
                 roots, [best[k] for k in roots], prompts, depth=self.depth,
-                tree_width=self.tree_width or state.beams_to_keep, num_beams=state.num_beams, eos_token_ids=eos,
+                tree_width=self.tree_width or state.num_beams + 2, num_beams=state.num_beams, eos_token_ids=eos,
             )
             self.stats.draft_forwards = self.drafter.forward_count
         else:

@@ -21,8 +21,8 @@ class SpecBeam:
     ``"multi_draft"``: several draft models' trees merged, chosen by default when ``draft_model`` is a
     list), ``tree_width`` (top tokens offered per tree node, default 2), ``tree_budget`` (tree nodes
     per request and step, default 8); ``num_draft_tokens`` is the chain length or the tree depth.
-    With ``num_beams > 1``: ``beam_depth`` (beam steps one target pass can cover, default 4) and
-    ``beam_candidates`` (draft candidates per level and prompt, default ``2 * num_beams``);
+    With ``num_beams > 1``: ``beam_depth`` (beam steps one target pass can cover, default 3) and
+    ``beam_candidates`` (draft candidates per level and prompt, default ``num_beams + 2``);
     ``last_beam_stats`` then holds steps per target pass. ``block_size``: KV block size (16).
     """
 
@@ -47,7 +47,7 @@ class SpecBeam:
         self.drafter = make_drafter(
             self.pm, self.drafter_name, model=self.draft, models=self.drafts, block_size=self.block_size, **tree_options
         )
-        self.beam_depth = options.get("beam_depth", 4)
+        self.beam_depth = options.get("beam_depth", 3)
         self.beam_candidates = options.get("beam_candidates")
         self._engines: "weakref.WeakKeyDictionary[Any, SpecEngine]" = weakref.WeakKeyDictionary()
         self._beam_searchers: "weakref.WeakKeyDictionary[Any, SpecBeamSearch]" = weakref.WeakKeyDictionary()

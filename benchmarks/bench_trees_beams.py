@@ -1,0 +1,218 @@
+"""Benchmark: token trees against chains, several drafters against one, and exact speculative beam
+search against HF beam search, on the demo pair.
+
+    python benchmarks/bench_trees_beams.py            # full run, writes benchmarks/results/bench_trees_beams_<dtype>.{json,png}
+    python benchmarks/bench_trees_beams.py --quick    # a smoke run
+
+Rows:
+
+- ``chain`` / ``tree`` (greedy, batch 1): mean accepted tokens per target pass and tokens/s at the
+  same depth γ; the tree is a draft beam search of width ``--tree-width`` with ``--tree-budget`` nodes;
+- ``multi_draft``: the demo draft plus a second draft (the demo draft with its weights perturbed by
+  ``--second-draft-noise``, a stand-in for a second, differently trained draft), trees merged;
+- ``hf-beam`` / ``specbeam-beam``: ``num_beams`` = B for B in ``--beams``; ``same`` says whether the
+  sequences equal HF's token for token and the largest |Δ sequences_scores|; ``steps/pass`` is beam
+  steps per target forward; ``KV blocks`` is the most blocks the running beams held between passes
+  against the bound ⌈P/16⌉ + B·(⌈G/16⌉ + 1) blocks (P + B·G tokens plus one partly filled block per beam).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import specbeam_hf
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_hf import PROMPTS  # noqa: E402
+
+DEMO = Path(specbeam_hf.__file__).parent / "demo_models"
+RESULTS = Path(__file__).parent / "results"
+
+
+def timed(fn, repeats: int):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        secs = time.perf_counter() - t0
+        if secs < best:
+            best, out = secs, result
+    return best, out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default=str(DEMO / "target"))
+    p.add_argument("--draft", default=str(DEMO / "draft"))
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--gammas", default="3,4,6")
+    p.add_argument("--tree-width", type=int, default=2)
+    p.add_argument("--tree-budget", type=int, default=12)
+    p.add_argument("--second-draft-noise", type=float, default=0.02)
+    p.add_argument("--beams", default="2,4,8")
+    p.add_argument("--beam-depth", type=int, default=4)
+    p.add_argument("--beam-prompts", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gammas = [int(g) for g in args.gammas.split(",")]
+    beams = [int(b) for b in args.beams.split(",")]
+    prompts = PROMPTS
+    if args.quick:
+        prompts, gammas, beams, args.max_new_tokens, args.beam_prompts = PROMPTS[:2], [4], [2, 4], 24, 2
+    console = Console()
+    dtype = getattr(torch, args.dtype)
+    tok = AutoTokenizer.from_pretrained(args.target, padding_side="left")
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).eval()
+    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).eval()
+    second = copy.deepcopy(draft)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in second.parameters():
+            param.add_((args.second_draft_noise * param.float().std() * torch.randn(param.shape, generator=gen)).to(param.dtype))
+    pad = tok.pad_token_id
+    encs = [tok([p_], return_tensors="pt") for p_ in prompts]
+    max_new = args.max_new_tokens
+    common = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=pad, eos_token_id=None)
+    rows: list[dict] = []
+    target.generate(**encs[0], max_new_tokens=4, do_sample=False, pad_token_id=pad)  # warm-up
+
+    # ---------------------------------------------------------------- trees vs chains (greedy, batch 1)
+    base_secs, base_out = timed(lambda: [target.generate(**e, **common) for e in encs], args.repeats)
+    n_new = len(encs) * max_new
+    rows.append({"kind": "decode", "method": "hf", "gamma": 0, "tokens_per_s": n_new / base_secs, "seconds": base_secs})
+    for gamma in gammas:
+        for method, options in (
+            ("chain", {}),
+            ("tree", {"drafter": "draft_tree", "tree_width": args.tree_width, "tree_budget": args.tree_budget}),
+            ("multi_draft", {"tree_width": args.tree_width, "tree_budget": args.tree_budget}),
+        ):
+            drafts = [draft, second] if method == "multi_draft" else draft
+            assistant = specbeam_hf.SpecBeam(drafts, num_draft_tokens=gamma, **options)
+            per_pass = []
+
+            def run():
+                outs = []
+                per_pass.clear()
+                for e in encs:
+                    outs.append(target.generate(**e, custom_generate=specbeam_hf.generate, assistant=assistant, **common))
+                    per_pass.append(assistant.last_stats.mean_accepted_length)
+                return outs
+
+            secs, outs = timed(run, args.repeats)
+            row = {
+                "kind": "decode", "method": method, "gamma": gamma, "tokens_per_s": n_new / secs, "seconds": secs,
+                "speedup": base_secs / secs, "tokens_per_pass": sum(per_pass) / len(per_pass),
+                "exact": all(torch.equal(a, b) for a, b in zip(outs, base_out)),
+            }
+            rows.append(row)
+            console.print(f"γ={gamma} {method}: {row['tokens_per_s']:.1f} tok/s ({row['speedup']:.2f}×), "
+                          f"{row['tokens_per_pass']:.2f} tokens/pass, exact={row['exact']}")
+
+    # ---------------------------------------------------------------- beam search
+    beam_prompts = prompts[: args.beam_prompts]
+    benc = [tok([p_], return_tensors="pt") for p_ in beam_prompts]
+    for b in beams:
+        kwargs = dict(num_beams=b, max_new_tokens=max_new, do_sample=False, pad_token_id=pad, eos_token_id=None,
+                      early_stopping=False, return_dict_in_generate=True, output_scores=True)
+        hf_secs, hf_out = timed(lambda: [target.generate(**e, **kwargs) for e in benc], args.repeats)
+        rows.append({"kind": "beam", "method": "hf-beam", "beams": b, "seconds": hf_secs,
+                     "tokens_per_s": len(benc) * max_new / hf_secs})
+        assistant = specbeam_hf.SpecBeam(draft, beam_depth=args.beam_depth)
+        stats = []
+
+        def run_beam():
+            outs = []
+            stats.clear()
+            for e in benc:
+                outs.append(target.generate(**e, custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs))
+                stats.append(assistant.last_beam_stats)
+            return outs
+
+        secs, outs = timed(run_beam, args.repeats)
+        same = all(torch.equal(a.sequences, r.sequences) for a, r in zip(outs, hf_out))
+        dscore = max(float((a.sequences_scores - r.sequences_scores).abs().max()) for a, r in zip(outs, hf_out)) if same else None
+        prompt_lens = [e["input_ids"].shape[1] for e in benc]
+        bound = max(math.ceil(pl / 16) + b * (math.ceil(max_new / 16) + 1) for pl in prompt_lens)
+        row = {
+            "kind": "beam", "method": "specbeam-beam", "beams": b, "seconds": secs,
+            "tokens_per_s": len(benc) * max_new / secs, "speedup": hf_secs / secs, "same": same,
+            "max_score_diff": dscore,
+            "steps_per_pass": sum(s.steps for s in stats) / sum(s.target_forwards for s in stats),
+            "kv_blocks": max(s.peak_beam_blocks for s in stats), "kv_bound": bound,
+        }
+        rows.append(row)
+        console.print(f"beams={b}: HF {hf_secs:.2f}s, specbeam {secs:.2f}s ({row['speedup']:.2f}×), same={same}, "
+                      f"Δscore={dscore}, {row['steps_per_pass']:.2f} steps/pass, KV blocks {row['kv_blocks']} ≤ {bound}")
+
+    table = Table(title=f"trees, drafters and beams — demo pair, {args.dtype}, {max_new} new tokens, {torch.get_num_threads()} threads")
+    for col in ("kind", "method", "γ / B", "tok/s", "speed-up", "tokens/pass or steps/pass", "exact / same", "KV blocks (bound)"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r["kind"], r["method"], str(r.get("gamma", r.get("beams", ""))), f"{r['tokens_per_s']:.1f}",
+            f"{r['speedup']:.2f}×" if "speedup" in r else "",
+            f"{r['tokens_per_pass']:.2f}" if "tokens_per_pass" in r else (f"{r['steps_per_pass']:.2f}" if "steps_per_pass" in r else ""),
+            "" if r.get("exact", r.get("same")) is None else ("yes" if r.get("exact", r.get("same")) else "NO"),
+            f"{r['kv_blocks']} ({r['kv_bound']})" if "kv_blocks" in r else "",
+        )
+    console.print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_trees_beams_{args.dtype}" + ("_quick" if args.quick else "")
+    meta = {"command": " ".join(["bench_trees_beams.py"] + (argv if argv is not None else sys.argv[1:])),
+            "dtype": args.dtype, "max_new_tokens": max_new, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "platform": platform.platform()}
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot(rows, args.out / f"{stem}.png")
+    console.print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
+    return 0
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for method, style in (("chain", "o-"), ("tree", "s-"), ("multi_draft", "^-")):
+        sel = sorted((r for r in rows if r.get("method") == method), key=lambda r: r["gamma"])
+        if sel:
+            ax1.plot([r["gamma"] for r in sel], [r["tokens_per_pass"] for r in sel], style, label=method)
+    ax1.set_xlabel("depth γ")
+    ax1.set_ylabel("tokens per target pass")
+    ax1.set_title("greedy, batch 1")
+    ax1.legend()
+    hf = sorted((r for r in rows if r["method"] == "hf-beam"), key=lambda r: r["beams"])
+    sb = sorted((r for r in rows if r["method"] == "specbeam-beam"), key=lambda r: r["beams"])
+    if hf:
+        ax2.plot([r["beams"] for r in hf], [r["tokens_per_s"] for r in hf], "x--", label="HF beam search")
+        ax2.plot([r["beams"] for r in sb], [r["tokens_per_s"] for r in sb], "o-", label="specbeam (exact)")
+    ax2.set_xlabel("num_beams B")
+    ax2.set_ylabel("new tokens / s")
+    ax2.set_title("beam search")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

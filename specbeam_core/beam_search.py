@@ -60,8 +60,8 @@ class PrefixIndex:
             prefix = (b, gen[:i])
             if prefix in self.seqs or prefix in self.nodes:
                 break
-        else:
-            return self.cache.new_sequence(), list(prompt) + list(gen)
+        else:  # the prompt ends a block, so beams forked from it never copy its last block
+            return self.cache.new_sequence(end_aligned_at=len(prompt)), list(prompt) + list(gen)
         path_slots = []
         while prefix in self.nodes:
             path_slots.append(self.nodes[prefix])

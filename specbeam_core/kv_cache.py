@@ -37,6 +37,11 @@ class KVCacheExhausted(RuntimeError):
 class _Sequence:
     blocks: list[int] = field(default_factory=list)
     length: int = 0
+    offset: int = 0  # token t lives at position t + offset of the block table (leading slots unused)
+
+    def used(self, tokens: int) -> int:
+        """Positions of the block table that ``tokens`` tokens reach (0 for none)."""
+        return tokens + self.offset if tokens > 0 else 0
 
 
 class PagedKVCache:
@@ -171,10 +176,14 @@ class PagedKVCache:
         except KeyError:
             raise KeyError(f"unknown KV sequence {seq_id}") from None
 
-    def new_sequence(self) -> int:
+    def new_sequence(self, end_aligned_at: int | None = None) -> int:
+        """A new empty sequence. With ``end_aligned_at=n`` its first block is entered at an offset so
+        that token ``n - 1`` ends a block: forks taken at length ``n`` (beams over a prompt) then write
+        their own tokens into blocks of their own instead of copying a shared partly filled block."""
         seq_id = self._next_seq_id
         self._next_seq_id += 1
-        self._sequences[seq_id] = _Sequence()
+        offset = 0 if end_aligned_at is None else (-end_aligned_at) % self.block_size
+        self._sequences[seq_id] = _Sequence(offset=offset)
         return seq_id
 
     def fork(self, seq_id: int) -> int:
@@ -184,6 +193,7 @@ class PagedKVCache:
         child = self._sequences[child_id]
         child.blocks = list(parent.blocks)
         child.length = parent.length
+        child.offset = parent.offset
         for b in parent.blocks:
             self._ref_counts[b] += 1
         return child_id
@@ -207,7 +217,7 @@ class PagedKVCache:
         """
         seq = self._seq(seq_id)
         bs = self.block_size
-        start, end = seq.length, seq.length + num_tokens
+        start, end = seq.used(seq.length) or seq.offset, seq.offset + seq.length + num_tokens  # table positions
         first_block = start // bs
         needed = self.blocks_needed(end) - len(seq.blocks)
         cow = num_tokens > 0 and first_block < len(seq.blocks) and self._ref_counts[seq.blocks[first_block]] > 1
@@ -224,7 +234,7 @@ class PagedKVCache:
             seq.blocks[first_block] = new
         for _ in range(max(needed, 0)):
             seq.blocks.append(self._allocate_block())
-        seq.length = end
+        seq.length += num_tokens
         return [seq.blocks[t // bs] * bs + t % bs for t in range(start, end)]
 
     def rollback(self, seq_id: int, num_tokens: int) -> None:
@@ -233,7 +243,7 @@ class PagedKVCache:
         if num_tokens < 0 or num_tokens > seq.length:
             raise ValueError(f"cannot roll back {num_tokens} tokens of a sequence of length {seq.length}")
         seq.length -= num_tokens
-        keep = self.blocks_needed(seq.length)
+        keep = self.blocks_needed(seq.used(seq.length))
         while len(seq.blocks) > keep:
             self._release_block(seq.blocks.pop())
 
@@ -246,13 +256,14 @@ class PagedKVCache:
         """Flat slot indices of the sequence's first ``length`` tokens.  # [length]"""
         seq = self._seq(seq_id)
         n = seq.length if length is None else length
-        table = torch.tensor(seq.blocks[: self.blocks_needed(n)], dtype=torch.long)
+        table = torch.tensor(seq.blocks[: self.blocks_needed(seq.used(n))], dtype=torch.long)
         slots = (table[:, None] * self.block_size + self._arange_block[None, :]).reshape(-1)  # [blocks * block_size]
-        return slots[:n]
+        return slots[seq.offset : seq.offset + n]
 
     def contiguous_start(self, seq_id: int, length: int) -> int | None:
         """First slot if the sequence's first ``length`` tokens lie in consecutive blocks, else None."""
-        blocks = self._seq(seq_id).blocks[: self.blocks_needed(length)]
+        seq = self._seq(seq_id)
+        blocks = seq.blocks[: self.blocks_needed(seq.used(length))]
         if not blocks:
             return None
         first = blocks[0]
@@ -261,4 +272,4 @@ class PagedKVCache:
         for i, b in enumerate(blocks):
             if b != first + i:
                 return None
-        return first * self.block_size
+        return first * self.block_size + seq.offset

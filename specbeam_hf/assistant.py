@@ -54,7 +54,9 @@ class SpecBeam:
         self._beam_drafter: BeamTreeDrafter | None = None
         self.last_stats: SpecStats | None = None
         self.last_beam_stats = None
-        for name, value, low in (("beam_depth", self.beam_depth, 1), ("beam_candidates", self.beam_candidates or 1, 1)):
+        for name, value, low in (("beam_depth", self.beam_depth, 1), ("beam_candidates", self.beam_candidates, 1)):
+            if name == "beam_candidates" and value is None:  # default: num_beams + 2
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 

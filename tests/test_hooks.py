@@ -308,7 +308,7 @@ def test_custom_drafter_plugin_is_used_and_exact(llama_pair):
     plugin = OraclePlugin(drafter)
     pm.register(plugin)
     names = {n for group in pm.hook.specbeam_drafter_names() for n in group}
-    assert names == {"draft_model", "oracle"}
+    assert names == {"draft_model", "draft_tree", "multi_draft", "oracle"}
     assistant = specbeam_hf.SpecBeam(None, num_draft_tokens=4, drafter="oracle", plugin_manager=pm)
     assert assistant.drafter is drafter and plugin.options == {"model": None, "block_size": 16}
     out = spec(target, assistant, **kwargs)
@@ -332,7 +332,7 @@ def test_custom_drafter_plugin_is_used_and_exact(llama_pair):
 def test_unknown_drafter_lists_plugin_names(llama_pair):
     pm = specbeam_core.get_plugin_manager()
     pm.register(OraclePlugin(OracleDrafter(96, {})))
-    with pytest.raises(ValueError, match="unknown drafter 'nope'; available: draft_model, oracle"):
+    with pytest.raises(ValueError, match="unknown drafter 'nope'; available: draft_model, draft_tree, multi_draft, oracle"):
         specbeam_hf.SpecBeam(llama_pair[1], drafter="nope", plugin_manager=pm)
 
 

@@ -42,10 +42,12 @@ class SpecBeam:
         self.drafts = [HFCausalLM(d) for d in drafts]
         self.draft = self.drafts[0] if self.drafts else None
         tree_options = {k: options[k] for k in ("tree_width", "tree_budget") if k in options}
+        if isinstance(draft_model, (list, tuple)):
+            tree_options["models"] = self.drafts
         if len(self.drafts) > 1 and self.drafter_name == "draft_model":
             self.drafter_name = "multi_draft"
         self.drafter = make_drafter(
-            self.pm, self.drafter_name, model=self.draft, models=self.drafts, block_size=self.block_size, **tree_options
+            self.pm, self.drafter_name, model=self.draft, block_size=self.block_size, **tree_options
         )
         self.beam_depth = options.get("beam_depth", 3)
         self.beam_candidates = options.get("beam_candidates")

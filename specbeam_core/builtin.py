@@ -39,7 +39,10 @@ def specbeam_make_drafter(name: str, options: dict[str, Any]):
             "the draft_model drafter needs a draft model: pass SpecBeam(draft_model, ...) "
             "(core: options['model'], a CausalLM)"
         )
-    return DraftModelDrafter(options["model"], block_size=options.get("block_size", 16))
+    return DraftModelDrafter(
+        options["model"], block_size=options.get("block_size", 16),
+        confidence_threshold=options.get("confidence_threshold", 0.0),
+    )
 
 
 @hookimpl(trylast=True)

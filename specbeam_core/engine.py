@@ -218,6 +218,10 @@ class SpecEngine:
         if g_max > 0:
             draft = self.drafter.propose(requests, num_draft)
             draft_tokens, probs_q = draft.tokens, draft.probs  # [N, G], [N, G, vocab] | None
+            num_draft = [min(g, d) for g, d in zip(num_draft, draft.num_draft)]  # a drafter may stop early
+            g_max = max(num_draft)
+            draft_tokens = draft_tokens[:, :g_max]
+            probs_q = None if probs_q is None else probs_q[:, :g_max]
         else:
             draft_tokens, probs_q = torch.zeros(len(requests), 0, dtype=torch.long), None  # [N, 0]
         drafted = [draft_tokens[i, : num_draft[i]].tolist() for i in range(len(requests))]

@@ -77,6 +77,8 @@ def build_kv_batch(
     n_rows = len(seq_ids)
     if n_rows == 0 or min(num_new) < 1:
         raise ValueError("every row of a KV batch must feed at least one token")
+    if n_rows == 1 and new_token_mask is None:
+        return _single_chain(cache, seq_ids[0], num_new[0], dtype)
     t_max = max(num_new)
     num_cached = [cache.length(s) for s in seq_ids]
     write_slots = torch.full((n_rows, t_max), NULL_SLOT, dtype=torch.long)  # [N, T]
@@ -142,6 +144,28 @@ def build_kv_batch(
         positions=positions,
         num_cached=num_cached,
         num_new=list(num_new),
+    )
+
+
+def _single_chain(cache: PagedKVCache, seq_id: int, n: int, dtype: torch.dtype) -> KVBatch:
+    """The decode hot path (one sequence, a chain of ``n`` new tokens): no padding, a causal mask."""
+    cached = cache.length(seq_id)
+    slots = cache.append_slots(seq_id, n)
+    total = cached + n
+    read_start = cache.contiguous_start(seq_id, total)
+    attention_mask = None
+    if n > 1:  # query i sees keys 0 .. cached + i
+        attention_mask = torch.full((1, 1, n, total), torch.finfo(dtype).min, dtype=dtype).triu(cached + 1)  # [1, 1, n, K]
+    return KVBatch(
+        cache=cache,
+        write_slots=torch.tensor(slots, dtype=torch.long),
+        write_start=slots[0] if slots == list(range(slots[0], slots[0] + n)) else None,
+        read_slots=None if read_start is not None else cache.read_slots(seq_id, total)[None],
+        read_start=read_start,
+        attention_mask=attention_mask,
+        positions=torch.arange(cached, total)[None],
+        num_cached=[cached],
+        num_new=[n],
     )
 
 

@@ -19,14 +19,19 @@ class SpecBeam:
 
     Options: ``drafter`` (``"draft_model"``: chains, the default; ``"draft_tree"``: token trees;
     ``"multi_draft"``: several draft models' trees merged, chosen by default when ``draft_model`` is a
-    list), ``tree_width`` (top tokens offered per tree node, default 2), ``tree_budget`` (tree nodes
+    list), ``confidence_threshold`` (chains: stop a row's draft after a token the draft gives less
+    than this probability, default 0 = always draft ``num_draft_tokens``), ``tree_width`` (top tokens
+    offered per tree node, default 2), ``tree_budget`` (tree nodes
     per request and step, default 8); ``num_draft_tokens`` is the chain length or the tree depth.
     With ``num_beams > 1``: ``beam_depth`` (beam steps one target pass can cover, default 3) and
     ``beam_candidates`` (draft candidates per level and prompt, default ``num_beams + 2``);
     ``last_beam_stats`` then holds steps per target pass. ``block_size``: KV block size (16).
     """
 
-    _OPTIONS = {"block_size", "drafter", "plugin_manager", "tree_width", "tree_budget", "beam_depth", "beam_candidates"}
+    _OPTIONS = {
+        "block_size", "drafter", "plugin_manager", "confidence_threshold", "tree_width", "tree_budget",
+        "beam_depth", "beam_candidates",
+    }
 
     def __init__(self, draft_model=None, num_draft_tokens: int = 4, **options: Any) -> None:
         unknown = sorted(set(options) - self._OPTIONS)
@@ -41,7 +46,7 @@ class SpecBeam:
         drafts = list(draft_model) if isinstance(draft_model, (list, tuple)) else [] if draft_model is None else [draft_model]
         self.drafts = [HFCausalLM(d) for d in drafts]
         self.draft = self.drafts[0] if self.drafts else None
-        tree_options = {k: options[k] for k in ("tree_width", "tree_budget") if k in options}
+        tree_options = {k: options[k] for k in ("tree_width", "tree_budget", "confidence_threshold") if k in options}
         if isinstance(draft_model, (list, tuple)):
             tree_options["models"] = self.drafts
         if len(self.drafts) > 1 and self.drafter_name == "draft_model":

@@ -268,3 +268,23 @@ def test_one_assistant_for_two_targets(llama_pair):
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     for model in (target, other, target):
         assert torch.equal(spec(model, assistant, **kwargs), model.generate(**kwargs))
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.9])
+def test_confidence_threshold_shortens_drafts_and_stays_exact(llama_pair, threshold):
+    target, draft = llama_pair
+    ids, mask = ragged_batch([6, 9, 4], seed=31)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    ref = target.generate(**kwargs)
+    full = specbeam_hf.SpecBeam(draft, num_draft_tokens=6)
+    short = specbeam_hf.SpecBeam(draft, num_draft_tokens=6, confidence_threshold=threshold)
+    assert torch.equal(spec(target, full, **kwargs), ref)
+    assert torch.equal(spec(target, short, **kwargs), ref)
+    assert short.last_stats.drafted < full.last_stats.drafted  # unsure drafts end early
+    assert all(max(rec.num_drafted) <= 6 for rec in short.last_stats.records)
+    assert_pools_free(*pools(short, target))
+
+
+def test_confidence_threshold_out_of_range(llama_pair):
+    with pytest.raises(ValueError, match="confidence_threshold"):
+        specbeam_hf.SpecBeam(llama_pair[1], confidence_threshold=1.5)

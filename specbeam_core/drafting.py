@@ -21,7 +21,7 @@ import torch
 from .kv_cache import PagedKVCache
 from .model import CausalLM, build_kv_batch
 from .request import Request
-from .sampling import check_finite, probabilities, sample
+from .sampling import check_finite, probabilities, probabilities_per_row, sample
 
 
 @dataclass
@@ -130,6 +130,11 @@ class DraftModelDrafter:
             kv = build_kv_batch(self.cache, seqs, [len(feeds[r]) for r in rows], self.model_dtype)
             logits = self.model.forward(tokens, kv, 1)[:, 0]  # [n, vocab]
             check_finite(logits, "draft model logits")
+            sampled_rows = [j for j, r in enumerate(rows) if not requests[r].params.greedy and requests[r].logits_processor is None]
+            q_rows = {}
+            if sampled_rows:  # rows that warp alike in one call
+                q_all = probabilities_per_row(logits[sampled_rows], [requests[rows[j]].params for j in sampled_rows])  # [s, vocab]
+                q_rows = {j: q_all[k] for k, j in enumerate(sampled_rows)}
             for j, r in enumerate(rows):
                 req = requests[r]
                 self._seen[req.request_id].extend(feeds[r])
@@ -141,7 +146,7 @@ class DraftModelDrafter:
                     confident = self.confidence_threshold == 0.0 or float(
                         torch.softmax(row_logits.float(), dim=-1)[token]) >= self.confidence_threshold
                 else:
-                    q = probabilities(row_logits, req.params)  # [vocab]
+                    q = q_rows[j] if j in q_rows else probabilities(row_logits, req.params)  # [vocab]
                     token = int(sample(q[None], req.generator))
                     draft_probs[r, i] = q
                     confident = float(q[token]) >= self.confidence_threshold

@@ -29,7 +29,7 @@ from .kv_cache import PagedKVCache
 from .model import CausalLM, build_kv_batch
 from .plugins import get_plugin_manager
 from .request import LogitsProcessor, Request
-from .sampling import SamplingParams, check_finite, probabilities
+from .sampling import SamplingParams, check_finite, probabilities, probabilities_per_row
 from .stats import SpecStats, StepRecord
 from .tree_verification import verify_tree_greedy, verify_tree_rejection_sampling
 from .verification import VerifyResult, verify_greedy, verify_rejection_sampling
@@ -196,7 +196,7 @@ class SpecEngine:
                 parts[r] = (res.num_accepted[j], res.output_tokens[j], res.bonus[j])
         if sample_rows:
             idx = torch.tensor(sample_rows)
-            target_probs = torch.stack([probabilities(logits[r], requests[r].params) for r in sample_rows])  # [n, G+1, V]
+            target_probs = probabilities_per_row(logits[idx], [requests[r].params for r in sample_rows])  # [n, G+1, V]
             res = verify_rejection_sampling(
                 draft_tokens[idx],
                 [num_draft[r] for r in sample_rows],

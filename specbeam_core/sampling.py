@@ -81,6 +81,27 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.softmax(warp_logits(logits, params), dim=-1)
 
 
+def probabilities_per_row(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """:func:`probabilities` for rows ``logits[r]`` (``[N, ..., vocab]``) that each have their own params;
+    rows that warp alike are processed in one call (in HF ``generate`` that is every row)."""
+    groups: dict[tuple, list[int]] = {}
+    for r, p in enumerate(params):
+        groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(r)
+    if len(groups) == 1:
+        return probabilities(logits, params[0])
+    out = torch.empty(logits.shape, dtype=torch.float32)  # [N, ..., vocab]
+    for rows in groups.values():
+        idx = torch.tensor(rows)
+        out[idx] = probabilities(logits[idx], params[rows[0]])
+    return out
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token per row of ``probs`` ``[rows, vocab]`` → ``[rows]``."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """Draw one token per row of ``probs`` ``[rows, vocab]`` → ``[rows]``.
+
+    Exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. picks token ``i`` with probability
+    ``p_i`` (the Gumbel-max trick in another form), and costs a fraction of ``torch.multinomial``
+    over a large vocabulary."""
+    race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator)  # [rows, vocab]
+    race.clamp_(min=torch.finfo(torch.float32).tiny)  # an exact 0 would turn p = 0 into 0/0
+    return (probs.float() / race).argmax(dim=-1)

@@ -64,35 +64,44 @@ def verify_rejection_sampling(
     draft_probs: torch.Tensor | None,  # [N, G, vocab], None = drafts verified as one-hot
     generators: list[torch.Generator | None],
 ) -> VerifyResult:
-    """Exact speculative sampling: accept with min(1, p/q), else draw from normalise(max(0, p − q))."""
-    accepted_l: list[int] = []
-    outputs: list[list[int]] = []
-    bonus_l: list[bool] = []
+    """Exact speculative sampling: accept with min(1, p/q), else draw from normalise(max(0, p − q)).
+
+    Every row draws its uniforms and its recovered/bonus token from its own generator, exactly
+    ``num_draft[r]`` uniforms then one token, so a seeded row's result does not depend on the batch.
+    """
+    n_rows, g_max = draft_tokens.shape
+    within = torch.arange(g_max)[None, :] < torch.tensor(num_draft)[:, None]  # [N, G]
+    p_draft = target_probs[:, :g_max].gather(2, draft_tokens[:, :, None]).squeeze(2)  # [N, G]
+    if draft_probs is None:
+        q_draft = torch.ones_like(p_draft)  # [N, G] one-hot drafts
+    else:
+        q_draft = draft_probs.gather(2, draft_tokens[:, :, None]).squeeze(2)  # [N, G]
+    uniform = torch.ones(n_rows, g_max, dtype=target_probs.dtype)  # [N, G] (1 past a row's draft: never accepted)
     for r, g in enumerate(num_draft):
-        gen = generators[r]
-        drafts = draft_tokens[r, :g]  # [g]
-        p = target_probs[r, : g + 1]  # [g + 1, vocab]
-        p_draft = p[:g].gather(1, drafts[:, None]).squeeze(1)  # [g]
-        if draft_probs is None:
-            q_draft = torch.ones_like(p_draft)  # [g]
-        else:
-            q_draft = draft_probs[r, :g].gather(1, drafts[:, None]).squeeze(1)  # [g]
-        uniform = torch.rand(g, generator=gen, dtype=p.dtype)  # [g]
-        accept = uniform * q_draft < p_draft  # [g]
-        rejected = (~accept).nonzero()
-        k = int(rejected[0]) if len(rejected) else g
-        if k < g:
-            if draft_probs is None:
-                residual = p[k].clone()
-                residual[drafts[k]] = 0.0
-            else:
-                residual = (p[k] - draft_probs[r, k]).clamp_(min=0.0)
-            if not residual.sum() > 0:  # p == q up to rounding: the residual is p itself
-                residual = p[k]
-            last = int(sample(residual[None], gen))
-        else:
-            last = int(sample(p[g][None], gen))
-        accepted_l.append(k)
-        outputs.append(drafts[:k].tolist() + [last])
-        bonus_l.append(k == g)
-    return VerifyResult(num_accepted=accepted_l, output_tokens=outputs, bonus=bonus_l)
+        if g:
+            uniform[r, :g] = torch.rand(g, generator=generators[r], dtype=target_probs.dtype)
+    accept = (uniform * q_draft < p_draft) & within  # [N, G]
+    num_accepted = accept.int().cumprod(dim=1).sum(dim=1).tolist()  # [N]
+    rows = torch.arange(n_rows)
+    k = torch.tensor(num_accepted)  # [N]
+    p_next = target_probs[rows, k]  # [N, vocab] target distribution at the first rejected (or bonus) position
+    rejected = k < torch.tensor(num_draft)  # [N]
+    if draft_probs is None:
+        residual = p_next.clone()
+        rej_tokens = draft_tokens[rows, k.clamp(max=max(g_max - 1, 0))] if g_max else torch.zeros(n_rows, dtype=torch.long)
+        residual[rows[rejected], rej_tokens[rejected]] = 0.0
+    else:
+        q_next = draft_probs[rows, k.clamp(max=max(g_max - 1, 0))] if g_max else torch.zeros_like(p_next)
+        residual = (p_next - q_next).clamp_(min=0.0)
+    dist = torch.where(rejected[:, None], residual, p_next)  # [N, vocab]
+    empty = ~(dist.sum(dim=1) > 0)  # p == q up to rounding: the residual is p itself
+    dist[empty] = p_next[empty]
+    drafts_l = draft_tokens.tolist()
+    outputs = [
+        drafts_l[r][: num_accepted[r]] + [int(sample(dist[r : r + 1], generators[r]))] for r in range(n_rows)
+    ]
+    return VerifyResult(
+        num_accepted=num_accepted,
+        output_tokens=outputs,
+        bonus=[num_accepted[r] == num_draft[r] for r in range(n_rows)],
+    )

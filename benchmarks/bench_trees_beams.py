@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--tree-budget", type=int, default=12)
     p.add_argument("--second-draft-noise", type=float, default=0.02)
     p.add_argument("--beams", default="2,4,8")
-    p.add_argument("--beam-depth", type=int, default=4)
+    p.add_argument("--beam-depth", type=int, default=3)
     p.add_argument("--beam-prompts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)

@@ -26,6 +26,7 @@ recomputes them either. All blocks return to the pools when :meth:`SpecBeamSearc
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -183,6 +184,40 @@ class BeamTreeDrafter:
         self.log_probs = {}
 
 
+class DepthChooser:
+    """How many levels to draft ahead in each pass: the depth with the fewest measured seconds per
+    beam step, after trying each depth ``trials`` times, deepest first. Depth 0 is plain beam search
+    on the paged cache (one step per pass), so speculation never stays on where it costs more than
+    it saves: how far the draft's trees reach and what a tree token costs on this hardware decide.
+    A measurement runs from one pass to the next (the pass and the steps it covered); the first pass
+    of a search (the prompt's prefill) is not measured."""
+
+    def __init__(self, max_depth: int, trials: int = 2) -> None:
+        self.depths = list(range(max_depth + 1))
+        self.trials = trials
+        self.seconds = {d: 0.0 for d in self.depths}
+        self.steps = {d: 0 for d in self.depths}
+        self.passes = {d: 0 for d in self.depths}
+        self._open: tuple[int, float, int] | None = None  # (depth, started, steps before)
+
+    def begin_search(self) -> None:
+        self._open = None
+
+    def choose(self, now: float, steps_so_far: int, first_pass: bool) -> int:
+        if self._open is not None:
+            d, started, before = self._open
+            self.seconds[d] += now - started
+            self.steps[d] += steps_so_far - before
+            self.passes[d] += 1
+        untried = [d for d in self.depths if self.passes[d] < self.trials]
+        if untried:
+            depth = untried[-1]
+        else:
+            depth = min(self.depths, key=lambda d: self.seconds[d] / max(self.steps[d], 1))
+        self._open = None if first_pass else (depth, now, steps_so_far)
+        return depth
+
+
 @dataclass
 class BeamStats:
     """Target passes against beam steps: ``steps / target_forwards`` is the speed-up in target passes."""
@@ -222,6 +257,7 @@ class SpecBeamSearch:
         depth: int = 3,
         tree_width: int | None = None,
         block_size: int = 16,
+        adaptive: bool = True,
     ) -> None:
         if drafter is not None and drafter.vocab_size != target.vocab_size:
             raise ValueError(
@@ -234,6 +270,7 @@ class SpecBeamSearch:
             raise ValueError(f"tree_width must be an integer >= 1, got {tree_width!r}")
         self.target, self.drafter = target, drafter
         self.depth, self.tree_width = depth, tree_width
+        self.chooser = DepthChooser(depth) if adaptive and drafter is not None else None
         self.cache = target.make_cache(64, block_size)
         self.index = PrefixIndex(self.cache)
         self.logits: dict[Key, torch.Tensor] = {}  # target logits after every scored state [vocab]
@@ -290,6 +327,8 @@ class SpecBeamSearch:
         self.stats = BeamStats()
         if self.drafter is not None:
             self.drafter.forward_count = 0
+        if self.chooser is not None:
+            self.chooser.begin_search()
         try:
             while not state.done:
                 keys = [(b, gen) for b, beams in enumerate(state.running_generated()) for gen in beams]
@@ -317,14 +356,17 @@ class SpecBeamSearch:
         for k, s in zip(keys, scores):  # identical beams (the first step) are scored once
             best[k] = max(s, best.get(k, float("-inf")))
         roots = list(best)
+        depth = self.depth
+        if self.chooser is not None:
+            depth = self.chooser.choose(time.perf_counter(), self.stats.steps, first_pass=self.stats.target_forwards == 0)
         self.cache.ensure_free(len(roots) * _blocks(self.cache, self.depth + 1))  # tree paths copied into beams
         seqs, unseen = zip(*(self.index.materialize(k, prompts[k[0]]) for k in roots))
         self.index.clear()  # what the running beams need of the last pass's sequences is now in their own forks
         held = len({b for s in seqs for b in self.cache.block_table(s)})
         self.stats.peak_beam_blocks = max(self.stats.peak_beam_blocks, held)
-        if self.drafter is not None:
+        if self.drafter is not None and depth > 0:
             trees = self.drafter.trees(
-                roots, [best[k] for k in roots], prompts, depth=self.depth,
+                roots, [best[k] for k in roots], prompts, depth=depth,
                 tree_width=self.tree_width or state.num_beams + 2, num_beams=state.num_beams, eos_token_ids=eos,
             )
             self.stats.draft_forwards = self.drafter.forward_count
@@ -373,4 +415,6 @@ class SpecBeamSearch:
         self.logits = new_logits
         used = self.cache.num_usable_blocks - self.cache.num_free_blocks
         self.stats.peak_target_blocks = max(self.stats.peak_target_blocks, used)
-        self.stats.records.append({"roots": len(roots), "tree_nodes": [len(t) for t in trees], "step": self.stats.steps})
+        self.stats.records.append(
+            {"roots": len(roots), "tree_nodes": [len(t) for t in trees], "step": self.stats.steps, "depth": depth}
+        )

@@ -23,14 +23,16 @@ class SpecBeam:
     than this probability, default 0 = always draft ``num_draft_tokens``), ``tree_width`` (top tokens
     offered per tree node, default 2), ``tree_budget`` (tree nodes
     per request and step, default 8); ``num_draft_tokens`` is the chain length or the tree depth.
-    With ``num_beams > 1``: ``beam_depth`` (beam steps one target pass can cover, default 3) and
-    ``beam_candidates`` (draft candidates per level and prompt, default ``num_beams + 2``);
+    With ``num_beams > 1``: ``beam_depth`` (levels drafted ahead at most, default 3),
+    ``beam_candidates`` (draft candidates per level and prompt, default ``num_beams + 2``) and
+    ``beam_adaptive`` (default True: each pass drafts the depth, 0 .. ``beam_depth``, that has cost
+    the fewest seconds per beam step so far; False: always ``beam_depth``);
     ``last_beam_stats`` then holds steps per target pass. ``block_size``: KV block size (16).
     """
 
     _OPTIONS = {
         "block_size", "drafter", "plugin_manager", "confidence_threshold", "tree_width", "tree_budget",
-        "beam_depth", "beam_candidates",
+        "beam_depth", "beam_candidates", "beam_adaptive",
     }
 
     def __init__(self, draft_model=None, num_draft_tokens: int = 4, **options: Any) -> None:
@@ -56,6 +58,7 @@ class SpecBeam:
         )
         self.beam_depth = options.get("beam_depth", 3)
         self.beam_candidates = options.get("beam_candidates")
+        self.beam_adaptive = bool(options.get("beam_adaptive", True))
         self._engines: "weakref.WeakKeyDictionary[Any, SpecEngine]" = weakref.WeakKeyDictionary()
         self._beam_searchers: "weakref.WeakKeyDictionary[Any, SpecBeamSearch]" = weakref.WeakKeyDictionary()
         self._beam_drafter: BeamTreeDrafter | None = None
@@ -89,7 +92,7 @@ class SpecBeam:
                 self._beam_drafter = BeamTreeDrafter(self.draft, block_size=self.block_size)
             searcher = SpecBeamSearch(
                 HFCausalLM(target_model), self._beam_drafter, depth=self.beam_depth, tree_width=self.beam_candidates,
-                block_size=self.block_size,
+                block_size=self.block_size, adaptive=self.beam_adaptive,
             )
             self._beam_searchers[target_model] = searcher
         return searcher

@@ -207,7 +207,8 @@ def test_self_draft_covers_several_steps_per_pass(llama_pair, self_draft, num_be
     target, _ = llama_pair
     ids, mask = ragged_batch([6, 10], seed=5)
     for depth, at_least in ((None, 2.5), (4, 3.0)):  # the default depth (3: up to 4 steps per pass), and 4
-        assistant = specbeam_hf.SpecBeam(self_draft) if depth is None else specbeam_hf.SpecBeam(self_draft, beam_depth=depth)
+        options = {} if depth is None else {"beam_depth": depth}
+        assistant = specbeam_hf.SpecBeam(self_draft, beam_adaptive=False, **options)
         compare(target, assistant, input_ids=ids, attention_mask=mask, num_beams=num_beams, max_new_tokens=24, num_return_sequences=num_beams)
         stats = assistant.last_beam_stats
         assert stats.steps == 24
@@ -244,7 +245,7 @@ def test_tree_shape_options(llama_pair, self_draft, options, num_beams, self_dra
     ids, mask = ragged_batch([7, 5], seed=3)
     width = options.get("beam_candidates")
     for d in (draft, self_draft):
-        assistant = specbeam_hf.SpecBeam(d, **options)
+        assistant = specbeam_hf.SpecBeam(d, beam_adaptive=False, **options)
         depth = assistant.beam_depth
         assert depth == options.get("beam_depth", depth)
         trees = record_trees(assistant, target)
@@ -425,7 +426,7 @@ def run_without_eos(target, draft, prompt_len, num_beams, new_tokens, block_size
     The last pass's sequences must be released once the new pass's beams are materialized, before
     the trees are drafted and scored (nothing else holds a block then)."""
     ids, mask = ragged_batch([prompt_len], seed=5)
-    assistant = specbeam_hf.SpecBeam(draft, block_size=block_size)
+    assistant = specbeam_hf.SpecBeam(draft, block_size=block_size, beam_adaptive=False)
     searcher = assistant.beam_searcher_for(target)
     beam_peak = track_beam_blocks(searcher)
     kwargs = dict(
@@ -521,3 +522,21 @@ def test_disjoint_beams_pool_within_requirement(llama_pair, num_beams):
     trees = max(sum(r["tree_nodes"]) for r in stats.records)
     assert beam_peak <= blocks(p + b * g, bs) + b + 1, (beam_peak, stats.summary())
     assert stats.peak_target_blocks <= blocks(p + b * g + trees, bs) + b + 1, stats.summary()
+
+
+def test_adaptive_depth_tries_every_depth_and_stays_exact(llama_pair):
+    """The default chooses each pass's depth from measured seconds per beam step: it tries every depth
+    0 .. beam_depth (twice, deepest first) and keeps the output exact whatever it picks."""
+    target, draft = llama_pair
+    ids, mask = ragged_batch([6, 9], seed=12)
+    assistant = specbeam_hf.SpecBeam(draft, beam_depth=2)
+    kwargs = dict(input_ids=ids, attention_mask=mask, num_beams=3, max_new_tokens=24, num_return_sequences=2)
+    compare(target, assistant, **kwargs)
+    compare(target, assistant, **kwargs)  # the measurements carry over between requests
+    chooser = assistant.beam_searcher_for(target).chooser
+    assert all(chooser.passes[d] >= chooser.trials for d in (0, 1, 2))
+    assert all(chooser.seconds[d] > 0 and chooser.steps[d] >= chooser.passes[d] for d in (0, 1, 2))
+    depths = [r["depth"] for r in assistant.last_beam_stats.records]
+    assert set(depths) <= {0, 1, 2}
+    searcher = assistant.beam_searcher_for(target)
+    assert_pools_free(searcher.cache, assistant._beam_drafter.cache)

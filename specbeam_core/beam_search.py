@@ -88,6 +88,20 @@ def _blocks(cache: PagedKVCache, tokens: int) -> int:
     return -(-tokens // cache.block_size) + 2  # + a copied-on-write block + a partly filled one
 
 
+def draft_log_probs(model: CausalLM, cache: PagedKVCache, seqs: list[int], feeds: list[list[int]]) -> torch.Tensor:
+    """One draft forward over ragged feeds (the pool grows if it must); log-probs after each row's
+    last token ``[N, vocab]``."""
+    cache.ensure_free(sum(_blocks(cache, len(f)) for f in feeds))
+    t_max = max(len(f) for f in feeds)
+    tokens = torch.zeros(len(feeds), t_max, dtype=torch.long)  # [N, T] left-padded
+    for i, f in enumerate(feeds):
+        tokens[i, t_max - len(f) :] = torch.tensor(f)
+    kv = build_kv_batch(cache, seqs, [len(f) for f in feeds], cache.dtype)
+    logits = model.forward(tokens, kv, 1)[:, 0]  # [N, vocab]
+    check_finite(logits, "draft model logits")
+    return torch.log_softmax(logits, dim=-1)
+
+
 class BeamTreeDrafter:
     """Draft-model beam search that grows one token tree per running target beam."""
 
@@ -103,17 +117,8 @@ class BeamTreeDrafter:
         self.forward_count = 0
 
     def _forward(self, seqs: list[int], feeds: list[list[int]]) -> torch.Tensor:
-        """One draft forward; returns log-probs after each row's last token ``[N, vocab]``."""
-        self.cache.ensure_free(sum(_blocks(self.cache, len(f)) for f in feeds))
-        t_max = max(len(f) for f in feeds)
-        tokens = torch.zeros(len(feeds), t_max, dtype=torch.long)  # [N, T] left-padded
-        for i, f in enumerate(feeds):
-            tokens[i, t_max - len(f) :] = torch.tensor(f)
-        kv = build_kv_batch(self.cache, seqs, [len(f) for f in feeds], self.cache.dtype)
-        logits = self.model.forward(tokens, kv, 1)[:, 0]  # [N, vocab]
         self.forward_count += 1
-        check_finite(logits, "draft model logits")
-        return torch.log_softmax(logits, dim=-1)
+        return draft_log_probs(self.model, self.cache, seqs, feeds)
 
     def trees(
         self,

@@ -20,10 +20,9 @@ from typing import Sequence
 
 import torch
 
-from .beam_search import PrefixIndex, _blocks
-from .model import CausalLM, build_kv_batch
+from .beam_search import PrefixIndex, draft_log_probs
+from .model import CausalLM
 from .request import Request
-from .sampling import check_finite
 from .tree import TokenTree
 
 
@@ -70,16 +69,8 @@ class DraftTreeDrafter:
             del self.log_probs[key]
 
     def _forward(self, seqs: list[int], feeds: list[list[int]]) -> torch.Tensor:
-        self.cache.ensure_free(sum(_blocks(self.cache, len(f)) for f in feeds))
-        t_max = max(len(f) for f in feeds)
-        tokens = torch.zeros(len(feeds), t_max, dtype=torch.long)  # [N, T] left-padded
-        for i, f in enumerate(feeds):
-            tokens[i, t_max - len(f) :] = torch.tensor(f)
-        kv = build_kv_batch(self.cache, seqs, [len(f) for f in feeds], self.cache.dtype)
-        logits = self.model.forward(tokens, kv, 1)[:, 0]  # [N, vocab]
         self._forwards += 1
-        check_finite(logits, "draft model logits")
-        return torch.log_softmax(logits, dim=-1)
+        return draft_log_probs(self.model, self.cache, seqs, feeds)
 
     @torch.inference_mode()
     def propose_trees(self, requests: list[Request], depths: list[int]) -> list[TokenTree]:

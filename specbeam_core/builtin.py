@@ -16,7 +16,7 @@ def specbeam_drafter_names() -> list[str]:
 
 def _tree_drafter(model, options: dict[str, Any]) -> DraftTreeDrafter:
     return DraftTreeDrafter(
-        model, width=options.get("tree_width", 2), budget=options.get("tree_budget", 8),
+        model, width=options.get("tree_width", 3), budget=options.get("tree_budget"),
         block_size=options.get("block_size", 16),
     )
 

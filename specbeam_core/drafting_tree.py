@@ -35,12 +35,12 @@ def _check_positive(name: str, value) -> int:
 class DraftTreeDrafter:
     name = "draft_tree"
 
-    def __init__(self, model: CausalLM, *, width: int = 2, budget: int = 8, block_size: int = 16) -> None:
+    def __init__(self, model: CausalLM, *, width: int = 3, budget: int | None = None, block_size: int = 16) -> None:
         self.model = model
         self.vocab_size = model.vocab_size
         self.max_positions = model.max_positions
         self.width = _check_positive("tree width", width)
-        self.budget = _check_positive("tree node budget", budget)
+        self.budget = None if budget is None else _check_positive("tree node budget", budget)  # None: width × depth
         self.block_size = block_size
         self.cache = None
         self.index: PrefixIndex | None = None
@@ -52,7 +52,7 @@ class DraftTreeDrafter:
         return self._forwards
 
     def reserve(self, num_sequences: int, tokens_per_sequence: int) -> None:
-        needed = num_sequences * (-(-tokens_per_sequence // self.block_size) + self.budget + 2)
+        needed = num_sequences * (-(-tokens_per_sequence // self.block_size) + (self.budget or 16) + 2)
         if self.cache is None:
             self.cache = self.model.make_cache(needed, self.block_size)
             self.index = PrefixIndex(self.cache)
@@ -74,9 +74,10 @@ class DraftTreeDrafter:
 
     @torch.inference_mode()
     def propose_trees(self, requests: list[Request], depths: list[int]) -> list[TokenTree]:
-        """One tree per request, at most ``depths[r]`` deep and ``budget`` nodes."""
+        """One tree per request, at most ``depths[r]`` deep and ``budget`` (default width × depth) nodes."""
         assert self.index is not None, "reserve() must be called before propose_trees()"
         keys = [(r.request_id, tuple(r.output)) for r in requests]
+        budgets = [self.budget or self.width * d for d in depths]
         trees = [TokenTree() for _ in requests]
         active = [i for i, d in enumerate(depths) if d > 0]
         new_seqs, new_log_probs = {}, {}
@@ -100,7 +101,7 @@ class DraftTreeDrafter:
             added: dict[int, list] = {}
             by_row: dict[int, list] = {}
             for f in frontier:
-                if depths[f[0]] > level and len(trees[f[0]]) < self.budget:
+                if depths[f[0]] > level and len(trees[f[0]]) < budgets[f[0]]:
                     by_row.setdefault(f[0], []).append(f)
             for i, entries in by_row.items():
                 cands = []
@@ -108,7 +109,7 @@ class DraftTreeDrafter:
                     top_lp, top_tok = torch.topk(f[4], self.width)  # [width]
                     cands += [(f[5] + lp, tok, f) for lp, tok in zip(top_lp.tolist(), top_tok.tolist())]
                 cands.sort(key=lambda c: -c[0])
-                for cum, tok, f in cands[: min(self.width, self.budget - len(trees[i]))]:
+                for cum, tok, f in cands[: min(self.width, budgets[i] - len(trees[i]))]:
                     node = trees[i].add(tok, f[1])
                     added.setdefault(i, []).append((f, tok, node, (f[2][0], f[2][1] + (tok,)), cum))
             expand = [c for i, cs in added.items() for c in cs if depths[i] > level + 1]

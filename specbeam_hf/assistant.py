@@ -21,8 +21,8 @@ class SpecBeam:
     ``"multi_draft"``: several draft models' trees merged, chosen by default when ``draft_model`` is a
     list), ``confidence_threshold`` (chains: stop a row's draft after a token the draft gives less
     than this probability, default 0 = always draft ``num_draft_tokens``), ``tree_width`` (top tokens
-    offered per tree node, default 2), ``tree_budget`` (tree nodes
-    per request and step, default 8); ``num_draft_tokens`` is the chain length or the tree depth.
+    offered per tree node, default 3), ``tree_budget`` (tree nodes
+    per request and step, default width × depth); ``num_draft_tokens`` is the chain length or the tree depth.
     With ``num_beams > 1``: ``beam_depth`` (levels drafted ahead at most, default 3),
     ``beam_candidates`` (draft candidates per level and prompt, default ``num_beams + 2``) and
     ``beam_adaptive`` (default True: each pass drafts the depth, 0 .. ``beam_depth``, that has cost

@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     p.add_argument("--gammas", default="1,2,3,4,5,6,7,8")
     p.add_argument("--batch-gammas", default="2,3,4,5,6")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--confidence", type=float, default=0.4, help="specbeam's confidence_threshold rows (γ >= 4)")
+    p.add_argument("--confidence", type=float, default=0.4, help="specbeam's confidence_threshold rows at batch 1 (γ >= 4)")
+    p.add_argument("--batch-confidence", type=float, default=0.7, help="the same at batch 8 (γ >= 3)")
     p.add_argument("--quick", action="store_true", help="2 prompts, 32 tokens, a few γ: a smoke run")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--threads", type=int, default=None)
@@ -207,6 +208,8 @@ def main(argv=None) -> int:
         settings = [(g, 0.0) for g in (gammas if batch == 1 else batch_gammas)]
         if batch == 1:
             settings += [(g, args.confidence) for g in gammas if g >= 4]
+        else:
+            settings += [(g, args.batch_confidence) for g in batch_gammas if g >= 3]
         for gamma, confidence in settings:
             assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=gamma, confidence_threshold=confidence)
             accepted = drafted = steps = rejected = 0

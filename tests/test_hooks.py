@@ -360,3 +360,12 @@ def test_stats_json_round_trip(llama_pair):
     # reset clears the totals and the records
     stats.reset()
     assert json.loads(stats.to_json()) == {"summary": {**summary, **{k: 0 for k in summary}}, "steps": []}
+
+
+def test_core_imports_neither_transformers_nor_vllm():
+    import subprocess
+    import sys
+
+    code = "import sys, specbeam_core; bad = [m for m in ('transformers', 'vllm') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -3,7 +3,8 @@
 A drafter proposes up to ``num_draft[r]`` tokens after each request's current tokens. When it
 samples, it returns the exact probabilities it sampled from (``Draft.probs``), which exact
 rejection sampling needs; deterministic drafters return ``probs=None`` and their drafts are
-verified as one-hot.
+verified as one-hot. A drafter that has ``propose_trees(requests, depths) -> list[TokenTree]``
+instead (:mod:`specbeam_core.drafting_tree`) makes the engine verify token trees.
 
 :class:`DraftModelDrafter` runs a small causal LM on its own paged KV cache. It remembers which
 tokens each request's draft cache holds and, before drafting, keeps the longest prefix that still

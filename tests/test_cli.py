@@ -1,0 +1,60 @@
+"""The ``specbeam generate`` command on the shipped demo pair: output equals the target's greedy
+search, the JSON log, config files with flags overriding them, and one-line errors with status 2."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import DEMO_DIR
+from specbeam_hf.cli import main
+
+PROMPT = "class Stack:\n    def __init__(self):\n"
+
+
+def test_generate_greedy_equals_target_and_writes_json_log(tmp_path, capsys):
+    log = tmp_path / "run.json"
+    assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "12", "--draft-length", "3",
+                 "--dtype", "float32", "--json-log", str(log), "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "accepted" in out and "tokens/s" in out  # the legend and the summary of --verbose
+    data = json.loads(log.read_text())
+    tok = AutoTokenizer.from_pretrained(DEMO_DIR / "target")
+    target = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "target", dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    ref = target.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert data["prompt_token_ids"] == ids[0].tolist()
+    assert data["output_token_ids"] == ref[: len(data["output_token_ids"])]
+    assert len(data["output_token_ids"]) == 12 or data["finish_reason"] == "eos"
+    assert sum(len(s["emitted_tokens"][0]) for s in data["steps"]) == len(data["output_token_ids"])
+    assert data["summary"]["target_forwards"] == len(data["steps"])
+
+
+def test_config_file_and_flags_override_it(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"prompt: {json.dumps(PROMPT)}\nmax-new-tokens: 5\ndraft_length: 2\ndtype: float32\n")
+    log = tmp_path / "run.json"
+    assert main(["generate", "--config", str(cfg), "--max-new-tokens", "7", "--json-log", str(log)]) == 0
+    data = json.loads(log.read_text())
+    assert data["options"]["max_new_tokens"] == 7  # the flag wins
+    assert data["options"]["draft_length"] == 2  # from the file
+    assert len(data["output_token_ids"]) == 7 or data["finish_reason"] == "eos"
+
+
+def test_bad_input_is_one_line_with_status_2(tmp_path, capsys):
+    cases = [
+        (["generate", "--prompt", "x", "--draft-length", "0"], "expected an integer >= 1"),
+        (["generate", "--prompt", ""], "empty prompt"),
+        (["generate"], "no prompt given"),
+        (["generate", "--prompt", "x", "--draft", str(tmp_path)], "no config.json"),
+        (["generate", "--prompt", "x", "--max-new-tokens", "5000"], "position limit"),
+    ]
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("prompt: x\nno_such_option: 1\n")
+    cases.append((["generate", "--config", str(bad_cfg)], "unknown option 'no_such_option'"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("specbeam generate: error:")]
+        assert len(errors) == 1 and message in errors[0], (argv, errors)  # one line (HF's load bars aside)

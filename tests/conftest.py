@@ -7,7 +7,6 @@ noise), so drafts are often but not always accepted: both the accept and the rej
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
@@ -116,6 +115,17 @@ def assert_pools_free(*caches):
             f"{cache.num_usable_blocks - cache.num_free_blocks} blocks leaked"
         )
         assert all(cache.ref_count(b) == 0 for b in range(1, cache.num_blocks))
+
+
+SMALL_VOCAB = 12  # the sampling tests' vocabulary: small enough to enumerate joint distributions
+
+
+@pytest.fixture(scope="session")
+def small_pair():
+    """A 12-token target and a draft that often but not always agrees (sampling exactness tests)."""
+    target = build_model("llama", vocab_size=SMALL_VOCAB, seed=0, init=0.2)
+    draft = perturbed_copy(target, noise=0.03, seed=1)
+    return target, draft
 
 
 @pytest.fixture(scope="session")

@@ -33,22 +33,15 @@ from transformers.generation.logits_process import (
 import specbeam_core
 import specbeam_core.engine
 import specbeam_hf
-from conftest import assert_pools_free, build_model, perturbed_copy
+from conftest import SMALL_VOCAB, assert_pools_free
 from specbeam_core import DraftModelDrafter, SamplingParams, SpecEngine, VerifyResult
 from specbeam_hf import HFCausalLM
 
-VOCAB = 12
+VOCAB = SMALL_VOCAB
 PROMPT = [3, 7, 5, 9]
 N_SAMPLES = 6000
 P_MIN = 1e-3
 DELTA = 1e-4
-
-
-@pytest.fixture(scope="module")
-def small_pair():
-    target = build_model("llama", vocab_size=VOCAB, seed=0, init=0.2)
-    draft = perturbed_copy(target, noise=0.03, seed=1)
-    return target, draft
 
 
 def hf_warpers(params: SamplingParams) -> LogitsProcessorList:

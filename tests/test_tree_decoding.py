@@ -20,7 +20,7 @@ from specbeam_core import SamplingParams, SpecEngine, TokenTree
 from specbeam_core.drafting_tree import DraftTreeDrafter, MergedTreeDrafter, merge_trees
 from specbeam_core.tree_verification import verify_tree_greedy, verify_tree_rejection_sampling
 from specbeam_hf import HFCausalLM
-from test_sampling import PROMPT, SAMPLING_CASES, VOCAB, empirical, exact_joint, fit, small_pair  # noqa: F401
+from test_sampling import PROMPT, SAMPLING_CASES, VOCAB, empirical, exact_joint, fit
 
 
 def spec(target, assistant, **kwargs):

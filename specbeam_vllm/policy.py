@@ -1,0 +1,37 @@
+"""The default draft-length policy under vLLM: draft less as the batch grows, down to nothing.
+
+Speculation trades spare compute for fewer sequential steps. At small batches the target's forward
+is bound by weight reads and verifying γ extra tokens is nearly free; as the batch grows the forward
+becomes compute-bound and every rejected draft token costs real throughput. So the policy drafts
+the full length up to ``full_draft_max_batch`` decoding rows, shrinks it linearly after that, and
+drafts nothing from ``no_draft_min_batch`` rows on, where vLLM then runs plain decoding steps.
+
+It answers the ``specbeam_draft_length`` hook ``trylast``, so any plugin that implements the same
+hook (registered through the ``specbeam`` entry-point group) decides first.
+"""
+
+from __future__ import annotations
+
+from specbeam_core import hookimpl
+
+
+def batch_draft_length(batch: int, default: int, full_max: int, none_min: int) -> int:
+    """Draft length for ``batch`` decoding rows: ``default`` up to ``full_max``, 0 from ``none_min``."""
+    if batch <= full_max:
+        return default
+    if batch >= none_min:
+        return 0
+    span = none_min - full_max
+    return max(0, min(default, round(default * (none_min - batch) / span)))
+
+
+class BatchSizePolicy:
+    """A ``specbeam_draft_length`` plugin: :func:`batch_draft_length` with the proposer's options."""
+
+    def __init__(self, full_draft_max_batch: int, no_draft_min_batch: int) -> None:
+        self.full_max = full_draft_max_batch
+        self.none_min = no_draft_min_batch
+
+    @hookimpl(trylast=True)
+    def specbeam_draft_length(self, requests, default: int) -> int:
+        return batch_draft_length(len(requests), default, self.full_max, self.none_min)

@@ -1,0 +1,281 @@
+"""specbeam as a vLLM speculative proposer (``method: custom_class``).
+
+vLLM constructs the class with its ``VllmConfig`` and, after every step, calls
+``propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)``:
+
+- ``sampled_token_ids``: per batch row, the tokens this step committed (accepted drafts plus the
+  recovered or bonus token); empty for rows still in prefill.
+- ``num_tokens_no_spec`` [max_num_reqs] and ``token_ids_cpu`` [max_num_reqs, max_model_len]: every
+  row's verified tokens.
+
+The draft model runs through :class:`specbeam_core.DraftModelDrafter` on its own paged KV cache.
+Rows are matched to per-request draft states by their tokens (:mod:`specbeam_vllm.rows`); each step
+the drafter keeps the longest prefix of its cache that still agrees with the row (rejected drafts
+roll back, accepted tokens are never recomputed) and feeds only the tokens it has not seen. States
+no row claims for ``UNCLAIMED_STEPS`` steps are freed, and so is a state whose request vLLM reports
+finished (when the runner hook in :mod:`specbeam_vllm.runner_hooks` is installed). The pool is
+bounded; when it is full, idle states are evicted first and rows that still do not fit draft nothing.
+
+Each request gets its own draft generator, seeded from a stream seeded by the configuration (never
+by the process), so every tensor-parallel rank proposes the same drafts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from specbeam_core import DraftModelDrafter, Request, SamplingParams, get_plugin_manager
+from specbeam_core.engine import check_draft_length
+
+from .options import SpecBeamVllmOptions, parse_options
+from .policy import BatchSizePolicy
+from .rows import DraftState, RowMatcher
+
+logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers print ours
+
+UNCLAIMED_STEPS = 2  # free a state after this many steps in which no row claimed it
+
+
+def load_draft(options: SpecBeamVllmOptions, dtype: torch.dtype, target_tokenizer: str | None, target_vocab: int):
+    """Load the draft with transformers' ``from_pretrained`` and check it can draft for the target."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specbeam_hf.runner import HFCausalLM
+
+    if options.dtype is not None:
+        dtype = getattr(torch, options.dtype)
+    model = AutoModelForCausalLM.from_pretrained(options.draft, dtype=dtype).eval()
+    draft = HFCausalLM(model)
+    if draft.vocab_size < target_vocab or draft.vocab_size > target_vocab + 512:
+        raise ValueError(
+            f"draft model {options.draft!r} has a vocabulary of {draft.vocab_size} tokens but the target has "
+            f"{target_vocab}: specbeam needs a draft with the target's vocabulary")
+    if target_tokenizer is not None:
+        try:
+            ours = AutoTokenizer.from_pretrained(options.draft).get_vocab()
+            theirs = AutoTokenizer.from_pretrained(target_tokenizer).get_vocab()
+        except (OSError, ValueError):  # a draft shipped without a tokenizer: the size check stands
+            ours = theirs = None
+        if ours is not None and ours != theirs:
+            differ = sum(1 for tok, i in theirs.items() if ours.get(tok) != i)
+            raise ValueError(
+                f"draft model {options.draft!r} has a different vocabulary from the target's tokenizer "
+                f"({differ} of {len(theirs)} tokens map to other ids)")
+    return draft
+
+
+class SpecBeamProposer:
+    """vLLM ``custom_class`` proposer: a draft model on specbeam_core's paged KV cache."""
+
+    def __init__(self, vllm_config: Any) -> None:
+        spec = vllm_config.speculative_config
+        model_config = vllm_config.model_config
+        self.options = parse_options(getattr(vllm_config, "additional_config", None))
+        self.num_speculative_tokens = check_draft_length(spec.num_speculative_tokens, "num_speculative_tokens")
+        self.max_model_len = int(model_config.max_model_len)
+        self.max_num_seqs = int(vllm_config.scheduler_config.max_num_seqs)
+        self.vocab_size = int(model_config.get_vocab_size())
+        seed = self.options.seed if self.options.seed is not None else (model_config.seed or 0)
+        self._seeds = np.random.default_rng(seed)  # per-request draft seeds; the same on every rank
+        self.pm = get_plugin_manager()
+        self.pm.register(BatchSizePolicy(self.options.full_draft_max_batch, self.options.no_draft_min_batch),
+                         name="specbeam-vllm-batch-policy")
+        draft = load_draft(self.options, model_config.dtype, getattr(model_config, "tokenizer", None), self.vocab_size)
+        if draft.max_positions is not None and draft.max_positions < self.max_model_len:
+            raise ValueError(
+                f"draft model {self.options.draft!r} handles {draft.max_positions} positions but --max-model-len "
+                f"is {self.max_model_len}; lower --max-model-len or use a draft with a longer context")
+        self.drafter = DraftModelDrafter(draft, block_size=self.options.block_size)
+        slots = self.options.draft_kv_tokens or self.max_num_seqs * (self.max_model_len + self.options.block_size)
+        self.drafter.reserve(1, slots)  # one bounded pool of ceil(slots / block_size) + 2 blocks
+        self.cache = self.drafter.cache
+        self.baseline_free_blocks = self.cache.num_free_blocks
+        self.matcher = RowMatcher()
+        self._next_id = 0
+        self.step = 0
+        self.counters = {"proposals": 0, "draft_rows": 0, "drafted_tokens": 0, "states_created": 0,
+                         "states_freed": 0, "rows_skipped_pool_full": 0, "propose_seconds": 0.0}
+        # set by the runner hook before each propose() (specbeam_vllm.runner_hooks), else None
+        self.batch_req_ids: list[str] | None = None
+        self.batch_params: list[SamplingParams] | None = None
+        self._last_draft_probs: torch.Tensor | None = None
+        from .runner_hooks import install as install_runner_hooks
+
+        self.runner_hooks = install_runner_hooks()
+        logger.info("specbeam proposer: draft %s, γ=%d, draft KV pool %d blocks of %d tokens, runner hooks: %s",
+                    self.options.draft, self.num_speculative_tokens, self.cache.num_usable_blocks,
+                    self.options.block_size, self.runner_hooks)
+
+    # vLLM's CPU runner calls load_model(target) on every drafter; the draft was loaded in __init__
+    # so that a bad draft stops start-up with its own message.
+    def load_model(self, target_model: Any = None) -> None:
+        return None
+
+    # ------------------------------------------------------------------ state
+    def _new_state(self, tokens: np.ndarray) -> DraftState:
+        self._next_id += 1
+        seed = int(self._seeds.integers(0, 2**62))
+        request = Request(request_id=self._next_id, prompt=tokens.tolist(), params=SamplingParams(seed=seed),
+                          max_new_tokens=self.max_model_len)
+        state = DraftState(request=request, anchor=tokens.copy(), last_claimed=self.step)
+        self.matcher.add(state)
+        self.counters["states_created"] += 1
+        return state
+
+    def _free(self, state: DraftState) -> None:
+        self.matcher.remove(state)
+        self.drafter.release(state.request)
+        self.counters["states_freed"] += 1
+
+    def finish_requests(self, req_ids) -> None:
+        """Free the states of requests vLLM reports finished or aborted (called by the runner hook)."""
+        if not req_ids:
+            return
+        ids = set(req_ids)
+        for state in self.matcher.states():
+            if state.req_id in ids:
+                self._free(state)
+        self._write_stats()
+
+    def _blocks_short(self, state: DraftState, num_tokens: int) -> int:
+        seq = self.drafter._seq.get(state.request.request_id)
+        have = len(self.cache.block_table(seq)) if seq is not None else 0
+        return max(0, self.cache.blocks_needed(num_tokens) - have)
+
+    def _make_room(self, blocks: int, keep: set[int]) -> bool:
+        """Evict states not claimed this step (oldest first) until ``blocks`` are free."""
+        if self.cache.num_free_blocks >= blocks:
+            return True
+        idle = sorted((s for s in self.matcher.states() if id(s) not in keep), key=lambda s: s.last_claimed)
+        for state in idle:
+            self._free(state)
+            if self.cache.num_free_blocks >= blocks:
+                return True
+        return False
+
+    # ---------------------------------------------------------------- propose
+    @torch.inference_mode()
+    def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec, token_ids_cpu,
+                slot_mappings=None, **_: Any) -> list[list[int]]:
+        started = time.perf_counter()
+        try:
+            return self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        finally:
+            self.counters["propose_seconds"] += time.perf_counter() - started
+            self._write_stats()
+
+    def _propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> list[list[int]]:
+        self.step += 1
+        self._last_draft_probs = None
+        n_rows = len(sampled_token_ids)
+        rows = {i: np.asarray(token_ids_cpu[i, : int(num_tokens_no_spec[i])])
+                for i in range(n_rows) if sampled_token_ids[i]}  # decoding rows -> [num_tokens]
+        matched = self.matcher.match(rows)
+        for state in matched.values():
+            state.last_claimed = self.step
+        for state in self.matcher.states():
+            if self.step - state.last_claimed >= UNCLAIMED_STEPS:
+                self._free(state)  # finished, preempted or aborted without notice
+        proposals: list[list[int]] = [[] for _ in range(n_rows)]
+        if not rows:
+            return proposals
+
+        order = sorted(rows)
+        placeholders = [Request(request_id=-1, prompt=rows[i].tolist(), params=SamplingParams(),
+                                max_new_tokens=1) for i in order]
+        gamma = self.pm.hook.specbeam_draft_length(requests=placeholders, default=self.num_speculative_tokens)
+        gamma = check_draft_length(gamma, "draft length chosen by the specbeam_draft_length hook", allow_zero=True)
+        if gamma == 0:
+            return proposals
+
+        requests, draft_rows, num_draft = [], [], []
+        claimed = {id(s) for s in matched.values()}
+        for i in order:
+            tokens = rows[i]
+            g = min(gamma, self.max_model_len - len(tokens) - 1)
+            if g <= 0:
+                continue
+            state = matched.get(i)
+            if state is None:
+                if not self._make_room(self.cache.blocks_needed(len(tokens) + g), claimed):
+                    self.counters["rows_skipped_pool_full"] += 1
+                    continue
+                state = self._new_state(tokens)
+                claimed.add(id(state))
+            elif not self._make_room(self._blocks_short(state, len(tokens) + g), claimed):
+                self.counters["rows_skipped_pool_full"] += 1
+                continue
+            if self.batch_req_ids is not None and i < len(self.batch_req_ids):
+                state.req_id = self.batch_req_ids[i]
+            request = state.request
+            request.tokens = tokens.tolist()
+            request.params = self._row_params(i, request.params.seed)
+            if not request.params.greedy and request.generator is None:
+                request.generator = request.params.make_generator()
+            requests.append(request)
+            draft_rows.append(i)
+            num_draft.append(g)
+        if not requests:
+            return proposals
+
+        draft = self.drafter.propose(requests, num_draft)
+        tokens_out = draft.tokens.tolist()  # [n, G]
+        for j, i in enumerate(draft_rows):
+            proposals[i] = tokens_out[j][: draft.num_draft[j]]
+        if draft.probs is not None:
+            self._last_draft_probs = self._probs_for_vllm(n_rows, draft_rows, draft)
+        self.counters["proposals"] += 1
+        self.counters["draft_rows"] += len(draft_rows)
+        self.counters["drafted_tokens"] += sum(draft.num_draft)
+        return proposals
+
+    def _row_params(self, row: int, seed: int | None) -> SamplingParams:
+        """The row's sampling parameters for the draft, or greedy where vLLM cannot take draft probs."""
+        if not self.options.sample_drafts or self.batch_params is None or row >= len(self.batch_params):
+            return SamplingParams(seed=seed)
+        p = self.batch_params[row]
+        return SamplingParams(do_sample=p.do_sample, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                              seed=seed)
+
+    def _probs_for_vllm(self, n_rows: int, draft_rows: list[int], draft) -> torch.Tensor:
+        """Draft probabilities in vLLM's row order, [batch_rows, γ, vocab]; one-hot for greedy rows."""
+        g_max = self.num_speculative_tokens
+        probs = torch.zeros(n_rows, g_max, self.vocab_size)  # [batch_rows, γ, vocab]
+        for j, i in enumerate(draft_rows):
+            g = draft.num_draft[j]
+            q = draft.probs[j, :g, : self.vocab_size]  # [g, vocab]
+            if float(q.sum()) == 0.0:  # greedy row: its drafts are argmax tokens, verified as one-hot
+                probs[i, torch.arange(g), draft.tokens[j, :g]] = 1.0
+            else:
+                probs[i, :g] = q
+        return probs
+
+    def take_last_draft_probs(self) -> torch.Tensor | None:
+        """The probabilities of the last proposal's sampled drafts (vLLM's draft-model interface)."""
+        probs, self._last_draft_probs = self._last_draft_probs, None
+        return probs
+
+    # ----------------------------------------------------------------- stats
+    def stats(self) -> dict[str, Any]:
+        used = self.cache.num_usable_blocks - self.cache.num_free_blocks
+        return {"states": len(self.matcher), "used_blocks": used, "free_blocks": self.cache.num_free_blocks,
+                "baseline_free_blocks": self.baseline_free_blocks, "total_blocks": self.cache.num_usable_blocks,
+                "step": self.step, **self.counters}
+
+    def _write_stats(self) -> None:
+        path = self.options.stats_file
+        if not path:
+            return
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".specbeam-stats-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.stats(), fh)
+        os.replace(tmp, path)

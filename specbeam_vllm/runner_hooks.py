@@ -1,0 +1,98 @@
+"""Two small wraps of vLLM's model runner that let the specbeam proposer do more than the bare
+``custom_class`` interface allows. Without them the proposer still works (greedy drafts, verified
+as one-hot; idle states freed a couple of steps later).
+
+- ``propose_draft_token_ids``: before the proposer runs, it is told the batch's request ids and
+  each row's temperature / top-k / top-p (read from the runner's persistent batch), so that it can
+  *sample* drafts for sampled requests; afterwards the probabilities those drafts were sampled from
+  go where vLLM's rejection sampler reads draft probabilities (``_draft_probs``, the same slot
+  vLLM's own draft-model proposer fills through ``take_last_draft_probs``). Exactness holds for any
+  draft distribution as long as the sampler is given the one the drafts came from; acceptance rises
+  because q is close to p rather than one-hot.
+- ``_update_states``: requests the scheduler reports finished or aborted free their draft state at
+  once, so draft KV blocks return to baseline when the server goes idle.
+
+The wraps are installed once per process, only if the runner has the attributes they rely on
+(checked on vLLM 0.32); otherwise :func:`install` says what is missing and leaves vLLM untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from specbeam_core import SamplingParams
+
+logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers print ours
+
+_NEEDED = ("propose_draft_token_ids", "_update_states", "_get_spec_decode_draft_probs")
+_installed: str | None = None
+
+
+def _batch_params(input_batch, num_rows: int) -> list[SamplingParams]:
+    """Each row's sampling parameters, from the runner's persistent batch arrays."""
+    temperature = input_batch.temperature_cpu[:num_rows]
+    top_p = input_batch.top_p_cpu[:num_rows]
+    top_k = input_batch.top_k_cpu[:num_rows]
+    vocab = input_batch.vocab_size
+    params = []
+    for t, p, k in zip(temperature.tolist(), top_p.tolist(), top_k.tolist()):
+        if t <= 0.0:
+            params.append(SamplingParams())
+        else:
+            params.append(SamplingParams(do_sample=True, temperature=float(t),
+                                         top_k=int(k) if 0 < k < vocab else 0, top_p=min(1.0, float(p)) or 1.0))
+    return params
+
+
+def install() -> str:
+    """Wrap the runner methods (idempotent); return a short description of what is active."""
+    global _installed
+    if _installed is not None:
+        return _installed
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError as err:  # pragma: no cover - depends on the vLLM build
+        _installed = f"off (cannot import vLLM's model runner: {err})"
+        return _installed
+    missing = [name for name in _NEEDED if not hasattr(GPUModelRunner, name)]
+    if missing:
+        _installed = (f"off (this vLLM's model runner lacks {', '.join(missing)}: drafts are greedy and "
+                      "verified as one-hot, states are freed when no row claims them)")
+        logger.warning("specbeam: runner hooks %s", _installed)
+        return _installed
+
+    from .proposer import SpecBeamProposer
+
+    propose_orig = GPUModelRunner.propose_draft_token_ids
+    update_orig = GPUModelRunner._update_states
+
+    @functools.wraps(propose_orig)
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+        drafter = getattr(self, "drafter", None)
+        if not isinstance(drafter, SpecBeamProposer):
+            return propose_orig(self, scheduler_output, sampled_token_ids, *args, **kwargs)
+        req_ids = list(self.input_batch.req_ids)
+        drafter.batch_req_ids = req_ids
+        drafter.batch_params = _batch_params(self.input_batch, len(req_ids))
+        try:
+            out = propose_orig(self, scheduler_output, sampled_token_ids, *args, **kwargs)
+        finally:
+            drafter.batch_req_ids = drafter.batch_params = None
+        probs = drafter.take_last_draft_probs()
+        if probs is not None:
+            self._draft_probs = probs  # [batch_rows, γ, vocab], read by _get_spec_decode_draft_probs
+            self._draft_prob_req_ids = req_ids
+        return out
+
+    @functools.wraps(update_orig)
+    def _update_states(self, scheduler_output):
+        drafter = getattr(self, "drafter", None)
+        if isinstance(drafter, SpecBeamProposer):
+            drafter.finish_requests(scheduler_output.finished_req_ids)
+        return update_orig(self, scheduler_output)
+
+    GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
+    GPUModelRunner._update_states = _update_states
+    _installed = "on (sampled drafts with probabilities; states freed at finish)"
+    return _installed

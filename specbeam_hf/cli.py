@@ -508,17 +508,43 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-# name -> (add the subcommand's parser, run it). serve, dashboard and bench will be added here.
+# name -> (add the subcommand's parser, run it)
+def _add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    from specbeam_vllm.serve import add_arguments
+
+    p = subparsers.add_parser(
+        "serve", help="start vLLM's OpenAI-compatible server with specbeam as its speculative proposer",
+        description="Start vLLM's OpenAI-compatible server with specbeam set up. Flags not listed here "
+                    "(--max-model-len, --dtype, --tensor-parallel-size, ...) go to vLLM unchanged.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return add_arguments(p)
+
+
+def _cmd_serve(args) -> int:
+    from specbeam_vllm.serve import SetupError, run
+
+    try:
+        return run(args, args.vllm_args)
+    except SetupError as exc:
+        raise UsageError(str(exc)) from None
+
+
 _COMMANDS: dict[str, tuple[Callable[[Any], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
     "generate": (_add_generate_parser, _cmd_generate),
+    "serve": (_add_serve_parser, _cmd_serve),
 }
+PASS_THROUGH = {"serve"}  # subcommands whose unknown flags belong to another program (vLLM)
 
 
 # --------------------------------------------------------------------------- entry point
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv``; a ``--config`` file supplies defaults that the flags override."""
     parser, subs = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command in PASS_THROUGH:
+        args.vllm_args = unknown
+    elif unknown:
+        subs[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     config = getattr(args, "config", None)
     if config is not None:
         sub = subs[args.command]
@@ -527,7 +553,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except UsageError as exc:
             sub.error(str(exc))
         sub.set_defaults(**values)
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if args.command in PASS_THROUGH:
+            args.vllm_args = unknown
     return args
 
 

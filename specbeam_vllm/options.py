@@ -32,7 +32,15 @@ class SpecBeamVllmOptions(BaseModel):
     seed: int | None = Field(None, description="seed of the per-request draft generators (default: vLLM's --seed)")
     stats_file: str | None = Field(
         None, description="write the proposer's live counters (draft KV blocks, states, drafts) to this JSON file")
-    dtype: str | None = Field(None, description="draft dtype (default: the target's)")
+    dtype: str | None = Field(None, description="draft dtype: float32, bfloat16 or float16 (default: float32 "
+                              "on the CPU, where it is faster for a small draft; the target's elsewhere)")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_known(cls, value: str | None) -> str | None:
+        if value is not None and value not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {value!r}")
+        return value
 
     @field_validator("draft")
     @classmethod

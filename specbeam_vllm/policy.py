@@ -6,8 +6,9 @@ becomes compute-bound and every rejected draft token costs real throughput. So t
 the full length up to ``full_draft_max_batch`` decoding rows, shrinks it linearly after that, and
 drafts nothing from ``no_draft_min_batch`` rows on, where vLLM then runs plain decoding steps.
 
-It answers the ``specbeam_draft_length`` hook ``trylast``, so any plugin that implements the same
-hook (registered through the ``specbeam`` entry-point group) decides first.
+The proposer registers it before loading the ``specbeam`` entry-point plugins, and pluggy calls
+later registrations first, so any plugin that implements the same hook decides before it; it in
+turn answers before the built-in ``trylast`` default (always the configured length).
 """
 
 from __future__ import annotations
@@ -32,6 +33,6 @@ class BatchSizePolicy:
         self.full_max = full_draft_max_batch
         self.none_min = no_draft_min_batch
 
-    @hookimpl(trylast=True)
+    @hookimpl
     def specbeam_draft_length(self, requests, default: int) -> int:
         return batch_draft_length(len(requests), default, self.full_max, self.none_min)

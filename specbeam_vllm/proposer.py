@@ -34,6 +34,7 @@ import torch
 
 from specbeam_core import DraftModelDrafter, Request, SamplingParams, get_plugin_manager
 from specbeam_core.engine import check_draft_length
+from specbeam_core.hookspecs import PROJECT
 
 from .options import SpecBeamVllmOptions, parse_options
 from .policy import BatchSizePolicy
@@ -65,10 +66,10 @@ def load_draft(options: SpecBeamVllmOptions, dtype: torch.dtype, target_tokenize
         except (OSError, ValueError):  # a draft shipped without a tokenizer: the size check stands
             ours = theirs = None
         if ours is not None and ours != theirs:
-            differ = sum(1 for tok, i in theirs.items() if ours.get(tok) != i)
+            differ = len(set(ours.items()) ^ set(theirs.items())) // 2 or abs(len(ours) - len(theirs))
             raise ValueError(
                 f"draft model {options.draft!r} has a different vocabulary from the target's tokenizer "
-                f"({differ} of {len(theirs)} tokens map to other ids)")
+                f"({len(ours)} vs {len(theirs)} tokens; {differ} token/id pairs differ)")
     return draft
 
 
@@ -85,9 +86,10 @@ class SpecBeamProposer:
         self.vocab_size = int(model_config.get_vocab_size())
         seed = self.options.seed if self.options.seed is not None else (model_config.seed or 0)
         self._seeds = np.random.default_rng(seed)  # per-request draft seeds; the same on every rank
-        self.pm = get_plugin_manager()
+        self.pm = get_plugin_manager(load_entrypoints=False)
         self.pm.register(BatchSizePolicy(self.options.full_draft_max_batch, self.options.no_draft_min_batch),
                          name="specbeam-vllm-batch-policy")
+        self.pm.load_setuptools_entrypoints(PROJECT)  # registered later, so called before the batch policy
         on_cpu = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu") == "cpu"
         # a small draft on the CPU runs faster in float32 (bf16 elementwise ops cost more than they save)
         draft = load_draft(self.options, torch.float32 if on_cpu else model_config.dtype, getattr(model_config, "tokenizer", None), self.vocab_size)
@@ -96,6 +98,8 @@ class SpecBeamProposer:
                 f"draft model {self.options.draft!r} handles {draft.max_positions} positions but --max-model-len "
                 f"is {self.max_model_len}; lower --max-model-len or use a draft with a longer context")
         self.drafter = DraftModelDrafter(draft, block_size=self.options.block_size)
+        # a draft with a padded vocabulary must never propose (or put probability on) ids the target lacks
+        self._vocab_mask = None if draft.vocab_size == self.vocab_size else self._mask_padded_ids
         slots = self.options.draft_kv_tokens or self.max_num_seqs * (self.max_model_len + self.options.block_size)
         self.drafter.reserve(1, slots)  # one bounded pool of ceil(slots / block_size) + 2 blocks
         self.cache = self.drafter.cache
@@ -104,7 +108,7 @@ class SpecBeamProposer:
         self._next_id = 0
         self.step = 0
         self.counters = {"proposals": 0, "draft_rows": 0, "drafted_tokens": 0, "states_created": 0,
-                         "states_freed": 0, "rows_skipped_pool_full": 0, "propose_seconds": 0.0}
+                         "states_freed": 0, "rows_skipped_pool_full": 0, "sampled_draft_rows": 0, "propose_seconds": 0.0}
         # set by the runner hook before each propose() (specbeam_vllm.runner_hooks), else None
         self.batch_req_ids: list[str] | None = None
         self.batch_params: list[SamplingParams] | None = None
@@ -195,31 +199,34 @@ class SpecBeamProposer:
                                 max_new_tokens=1) for i in order]
         gamma = self.pm.hook.specbeam_draft_length(requests=placeholders, default=self.num_speculative_tokens)
         gamma = check_draft_length(gamma, "draft length chosen by the specbeam_draft_length hook", allow_zero=True)
+        gamma = min(gamma, self.num_speculative_tokens)  # vLLM takes at most num_speculative_tokens per row
         if gamma == 0:
             return proposals
 
         requests, draft_rows, num_draft = [], [], []
         claimed = {id(s) for s in matched.values()}
+        pending = 0  # blocks the rows taken so far this step will allocate when the drafter runs
         for i in order:
             tokens = rows[i]
             g = min(gamma, self.max_model_len - len(tokens) - 1)
             if g <= 0:
                 continue
             state = matched.get(i)
-            if state is None:
-                if not self._make_room(self.cache.blocks_needed(len(tokens) + g), claimed):
-                    self.counters["rows_skipped_pool_full"] += 1
-                    continue
-                state = self._new_state(tokens)
-                claimed.add(id(state))
-            elif not self._make_room(self._blocks_short(state, len(tokens) + g), claimed):
+            short = self.cache.blocks_needed(len(tokens) + g) if state is None else \
+                self._blocks_short(state, len(tokens) + g)
+            if not self._make_room(pending + short, claimed):
                 self.counters["rows_skipped_pool_full"] += 1
                 continue
+            pending += short
+            if state is None:
+                state = self._new_state(tokens)
+                claimed.add(id(state))
             if self.batch_req_ids is not None and i < len(self.batch_req_ids):
                 state.req_id = self.batch_req_ids[i]
             request = state.request
             request.tokens = tokens.tolist()
             request.params = self._row_params(i, request.params.seed)
+            request.logits_processor = self._vocab_mask
             if not request.params.greedy and request.generator is None:
                 request.generator = request.params.make_generator()
             requests.append(request)
@@ -258,7 +265,14 @@ class SpecBeamProposer:
                 probs[i, torch.arange(g), draft.tokens[j, :g]] = 1.0
             else:
                 probs[i, :g] = q
+                self.counters["sampled_draft_rows"] += 1
         return probs
+
+    def _mask_padded_ids(self, tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Logits processor for a padded draft: ids past the target's vocabulary get -inf."""
+        logits = logits.clone()  # [positions, draft_vocab]
+        logits[..., self.vocab_size:] = float("-inf")
+        return logits
 
     def take_last_draft_probs(self) -> torch.Tensor | None:
         """The probabilities of the last proposal's sampled drafts (vLLM's draft-model interface)."""

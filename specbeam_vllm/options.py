@@ -29,6 +29,9 @@ class SpecBeamVllmOptions(BaseModel):
         4, ge=0, description="default draft-length policy: the full draft length up to this many decoding rows")
     no_draft_min_batch: int = Field(
         12, ge=1, description="default draft-length policy: no drafting from this many decoding rows on")
+    confidence_threshold: float = Field(
+        0.0, ge=0.0, lt=1.0, description="end a row's draft after a token the draft gives less probability "
+        "than this (HF's assistant_confidence_threshold rule): fewer wasted draft forwards")
     seed: int | None = Field(None, description="seed of the per-request draft generators (default: vLLM's --seed)")
     stats_file: str | None = Field(
         None, description="write the proposer's live counters (draft KV blocks, states, drafts) to this JSON file")

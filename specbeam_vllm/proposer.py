@@ -97,7 +97,8 @@ class SpecBeamProposer:
             raise ValueError(
                 f"draft model {self.options.draft!r} handles {draft.max_positions} positions but --max-model-len "
                 f"is {self.max_model_len}; lower --max-model-len or use a draft with a longer context")
-        self.drafter = DraftModelDrafter(draft, block_size=self.options.block_size)
+        self.drafter = DraftModelDrafter(draft, block_size=self.options.block_size,
+                                         confidence_threshold=self.options.confidence_threshold)
         # a draft with a padded vocabulary must never propose (or put probability on) ids the target lacks
         self._vocab_mask = None if draft.vocab_size == self.vocab_size else self._mask_padded_ids
         slots = self.options.draft_kv_tokens or self.max_num_seqs * (self.max_model_len + self.options.block_size)
@@ -195,8 +196,9 @@ class SpecBeamProposer:
             return proposals
 
         order = sorted(rows)
-        placeholders = [Request(request_id=-1, prompt=rows[i].tolist(), params=SamplingParams(),
-                                max_new_tokens=1) for i in order]
+        as_lists = {i: rows[i].tolist() for i in order}
+        placeholders = [Request(request_id=-1, prompt=as_lists[i], params=SamplingParams(), max_new_tokens=1)
+                        for i in order]  # what the draft-length hook sees: one per decoding row
         gamma = self.pm.hook.specbeam_draft_length(requests=placeholders, default=self.num_speculative_tokens)
         gamma = check_draft_length(gamma, "draft length chosen by the specbeam_draft_length hook", allow_zero=True)
         gamma = min(gamma, self.num_speculative_tokens)  # vLLM takes at most num_speculative_tokens per row
@@ -224,7 +226,7 @@ class SpecBeamProposer:
             if self.batch_req_ids is not None and i < len(self.batch_req_ids):
                 state.req_id = self.batch_req_ids[i]
             request = state.request
-            request.tokens = tokens.tolist()
+            request.tokens = as_lists[i]
             request.params = self._row_params(i, request.params.seed)
             request.logits_processor = self._vocab_mask
             if not request.params.greedy and request.generator is None:

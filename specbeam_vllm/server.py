@@ -27,9 +27,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def specbeam_flags(draft: str, num_speculative_tokens: int = 4, **options) -> list[str]:
-    """The two vLLM flags that turn specbeam on."""
-    spec = {"model": "specbeam", "num_speculative_tokens": num_speculative_tokens}
+def specbeam_flags(draft: str, num_speculative_tokens: int = 4, proposer: str = "specbeam", **options) -> list[str]:
+    """The two vLLM flags that turn specbeam on (``proposer``: the plugin's short name or the dotted class path)."""
+    spec = {"model": proposer, "num_speculative_tokens": num_speculative_tokens}
     return ["--speculative-config", json.dumps(spec),
             "--additional-config", json.dumps({"specbeam": {"draft": draft, **options}})]
 

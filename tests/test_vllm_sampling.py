@@ -69,7 +69,8 @@ def spec_off_samples(pair, tmp_path_factory):
 def specbeam_run(pair, tmp_path_factory):
     folder = tmp_path_factory.mktemp("on")
     stats = str(folder / "stats.json")
-    flags = specbeam_flags(pair[1], 3, stats_file=stats, full_draft_max_batch=8, no_draft_min_batch=9)
+    flags = specbeam_flags(pair[1], 3, proposer="specbeam_vllm.proposer.SpecBeamProposer",  # the dotted path works too
+                           stats_file=stats, full_draft_max_batch=8, no_draft_min_batch=9)
     with Server(pair[0], flags + FLAGS, log_path=str(folder / "server.log")) as server:
         samples = sample_outputs(server.url)
         return samples, spec_metrics(server.url), read_stats(stats)

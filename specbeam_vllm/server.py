@@ -55,6 +55,7 @@ class Server:
     log_path: str | None = None
     startup_timeout: float = 240.0
     kv_cache_gib: int | None = 1  # GiB (vLLM reads an integer)
+    env: dict[str, str] = field(default_factory=dict)  # more environment variables for the server
     process: subprocess.Popen | None = None
 
     @property
@@ -70,7 +71,7 @@ class Server:
             self.port = free_port()
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        env=server_env(self.kv_cache_gib), start_new_session=True)
+                                        env={**server_env(self.kv_cache_gib), **self.env}, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from specbeam_core import BeamTreeDrafter, SpecBeamSearch, SpecEngine, SpecStats, get_plugin_manager, make_drafter
 
+from .fast_draft import draft_causal_lm
 from .runner import HFCausalLM
 
 
@@ -46,7 +47,7 @@ class SpecBeam:
         self.drafter_name = options.get("drafter", "draft_model")
         self.pm = options.get("plugin_manager") or get_plugin_manager()
         drafts = list(draft_model) if isinstance(draft_model, (list, tuple)) else [] if draft_model is None else [draft_model]
-        self.drafts = [HFCausalLM(d) for d in drafts]
+        self.drafts = [draft_causal_lm(d) for d in drafts]  # lean forward for llama-shaped drafts
         self.draft = self.drafts[0] if self.drafts else None
         tree_options = {k: options[k] for k in ("tree_width", "tree_budget", "confidence_threshold") if k in options}
         if isinstance(draft_model, (list, tuple)):

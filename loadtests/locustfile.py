@@ -8,8 +8,9 @@ Each request takes the next prompt of ``--dataset`` (JSONL, see ``dataset.py``) 
 Besides Locust's own entry for the HTTP request (time to response headers), every request fires:
 
 - ``TTFT``   — time to the first streamed chunk that carries text (ms);
-- ``ITL``    — one entry per gap between text chunks (ms; a chunk can hold several tokens when
-  drafts are accepted, so ITL >= TPOT under speculative decoding);
+- ``ITL``    — one entry per gap between arrivals of text (ms): an arrival is what one network
+  read returns, one SSE chunk or several; a chunk holds several tokens when drafts are accepted,
+  so ITL >= TPOT under speculative decoding;
 - ``TPOT``   — (e2e - TTFT) / (output tokens - 1) (ms);
 - ``e2e``    — request start to last byte (ms);
 - ``OUT_TOK/S`` — output tokens/s of the request; its "response time" column holds tokens/s, not
@@ -131,12 +132,12 @@ def _fire(env, kind: str, name: str, value: float, length: int = 0) -> None:
                             response_length=length, exception=None, context={})
 
 
-def _sse_lines(raw):
-    """Lines of a streamed body as soon as their bytes arrive.
+def _sse_reads(raw):
+    """Complete lines of a streamed body, one list per network read, as soon as they arrive.
 
     ``requests``' ``iter_lines`` reads fixed-size blocks and would hold a chunk back until the next
     one fills the block, which shifts TTFT/ITL; ``read1`` returns whatever has arrived (chunked
-    transfer encoding included).
+    transfer encoding included). Events that arrive in the same read are one arrival for ITL.
     """
     buf = b""
     while True:
@@ -145,10 +146,11 @@ def _sse_lines(raw):
             break
         buf += data
         *lines, buf = buf.split(b"\n")
-        for line in lines:
-            yield line.rstrip(b"\r")
-    if buf:
-        yield buf
+        lines = [ln.rstrip(b"\r") for ln in lines if ln.strip()]
+        if lines:
+            yield lines
+    if buf.strip():
+        yield [buf]
 
 
 class OpenAIUser(HttpUser):
@@ -255,40 +257,43 @@ class OpenAIUser(HttpUser):
         last = None
         usage_tokens = None
         finished = False
-        for raw in _sse_lines(resp.raw):
+        for lines in _sse_reads(resp.raw):
             if time.perf_counter() - t0 > opts.request_timeout:
                 resp.close()
                 sample["error"] = f"request exceeded {opts.request_timeout} s"
                 return
-            if not raw or not raw.startswith(b"data:"):
-                continue
-            payload = raw[5:].strip()
-            if payload == b"[DONE]":
-                finished = True
-                break
-            data = json.loads(payload)
-            if "error" in data:
-                sample["error"] = f"server error: {str(data['error'])[:200]}"
-                return
-            if data.get("usage"):
-                usage_tokens = data["usage"].get("completion_tokens")
             text = ""
-            for ch in data.get("choices") or []:
-                text += ch.get("text") or (ch.get("delta") or {}).get("content") or ""
-            if not text:
-                continue
-            now = time.perf_counter()
-            if last is None:
-                sample["ttft"] = now - t0
-            else:
-                sample["itl"].append(now - last)
-            last = now
-            chunks += 1
-            if cut_after is not None and chunks >= cut_after:
-                resp.close()  # drop the connection mid-stream: the server must abort the request
-                sample["disconnected"] = True
-                sample["output_tokens"] = chunks
-                return
+            for raw in lines:
+                if not raw.startswith(b"data:"):
+                    continue
+                payload = raw[5:].strip()
+                if payload == b"[DONE]":
+                    finished = True
+                    break
+                data = json.loads(payload)
+                if "error" in data:
+                    sample["error"] = f"server error: {str(data['error'])[:200]}"
+                    return
+                if data.get("usage"):
+                    usage_tokens = data["usage"].get("completion_tokens")
+                for ch in data.get("choices") or []:
+                    text += ch.get("text") or (ch.get("delta") or {}).get("content") or ""
+            if text:
+                # one arrival: every event of this read came in together
+                now = time.perf_counter()
+                if last is None:
+                    sample["ttft"] = now - t0
+                else:
+                    sample["itl"].append(now - last)
+                last = now
+                chunks += 1
+                if cut_after is not None and chunks >= cut_after:
+                    resp.close()  # drop the connection mid-stream: the server must abort the request
+                    sample["disconnected"] = True
+                    sample["output_tokens"] = chunks
+                    return
+            if finished:
+                break
         if not finished:
             sample["error"] = "stream ended without [DONE]"
             return

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -95,6 +96,25 @@ def has_chat_template(model_dir: str) -> bool:
         return False
 
 
+_LOG_PREFIX = re.compile(r"^(\([^)]*\)\s+)?(ERROR|WARNING|INFO|DEBUG|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s*")
+_EXC_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception|Exit)\b:?(\s|$)")
+
+
+def summarize_log(text: str, n_chars: int = 400) -> str:
+    """First and last exception lines of a server log (vLLM's log prefixes stripped), else its tail."""
+    lines = []
+    for raw in text.splitlines():
+        m = _LOG_PREFIX.match(raw)
+        if m and m.group(2) in ("WARNING", "INFO", "DEBUG"):
+            continue
+        line = raw[m.end():].strip() if m else raw.strip()
+        if line:
+            lines.append(line)
+    errs = [ln for ln in lines if _EXC_LINE.match(ln)]
+    pick = list(dict.fromkeys(errs[:1] + errs[-1:])) if errs else lines[-2:]
+    return " | ".join(pick)[:n_chars]
+
+
 @dataclass
 class CommonFlags:
     """vLLM flags shared by every builtin configuration."""
@@ -167,16 +187,13 @@ class ServerProcess:
             time.sleep(0.5)
         return False, f"not healthy after {timeout:.0f} s"
 
-    def log_tail(self, n_chars: int = 600) -> str:
+    def log_tail(self, n_chars: int = 400) -> str:
+        """The most telling lines of the log: the first and last exception lines, else the last lines."""
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-        # the most telling lines: errors first, else the last ones
-        errs = [ln for ln in lines if "Error" in ln or "error" in ln]
-        pick = errs[-3:] if errs else lines[-3:]
-        return " | ".join(pick)[-n_chars:]
+        return summarize_log(text, n_chars)
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM the process group, then SIGKILL after ``grace`` seconds."""

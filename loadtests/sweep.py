@@ -27,6 +27,7 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from loadtests import plots, report
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--disconnect-fraction", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup-requests", type=int, default=2, help="short requests per server before measuring")
     # servers
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--allow-remote", action="store_true", help="allow non-loopback hosts/replicas")
@@ -175,6 +177,23 @@ def run_locust(args, urls: list[str], level: dict, prefix: Path) -> tuple[int, s
         return -9, f"locust killed after {hard:.0f} s"
 
 
+def warmup(urls: list[str], n: int, timeout: float = 60.0) -> str:
+    """``n`` short greedy completions per server before measuring (first-request costs); "" or an error."""
+    for url in urls:
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
+                model = json.load(r)["data"][0]["id"]
+            for _ in range(n):
+                body = json.dumps({"model": model, "prompt": "def main(", "max_tokens": 8, "temperature": 0}).encode()
+                req = urllib.request.Request(f"{url}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    r.read()
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            return f"warm-up against {url} failed: {type(e).__name__}: {e}"
+    return ""
+
+
 def _failed_row(server: str, replicas: int, level: dict, status: str, reason: str) -> dict:
     return {"server": server, "replicas": replicas, "level": level_label(level), "users": level["users"],
             "rate": level["rate"], "status": status, "reason": reason, **summarize([], 0.0),
@@ -217,6 +236,10 @@ def sweep_config(args, spec: ServerSpec, out: Path, log=print) -> list[dict]:
                     return [_failed_row(spec.name, n_rep, lv, "failed_to_start", reason) for lv in args.levels]
             log(f"[{spec.name}] healthy after {time.monotonic() - t0:.1f} s")
             urls = [s.url for s in servers]
+        if args.warmup_requests:
+            why = warmup(urls, args.warmup_requests)
+            if why:
+                log(f"[{spec.name}] {why} (measuring anyway)")
         for level in args.levels:
             dead = [s for s in servers if not s.alive()]
             if dead:

@@ -1,6 +1,7 @@
 """Markdown table from a sweep's ``summary.json``.
 
     python -m loadtests.report runs/load-quick/summary.json
+    python -m loadtests.report loadtests/results/quick/summary.json --update README.md   # README table
 """
 
 from __future__ import annotations
@@ -52,13 +53,36 @@ def render_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def render_block(summary: dict) -> str:
+    """The table with the command and setting that produced it."""
+    m = summary["meta"]
+    setting = (f"{m['date']}, {m['machine']}; {m['run_time_s']} s per level, {m['api']}"
+               f"{' streamed' if m['stream'] else ''}, max_tokens capped at {m['max_tokens_cap']}, "
+               f"ignore_eos {m['ignore_eos']}, temperature {m['temperature']}, "
+               f"{m['num_speculative_tokens']} speculative tokens, whole sweep {m['duration_s']} s")
+    return f"`{m['command']}` ({setting})\n\n{render_table(summary)}"
+
+
+def replace_between_markers(text: str, name: str, block: str) -> str:
+    """Replace what lies between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    i, j = text.find(start), text.find(end)
+    if i == -1 or j == -1 or j < i:
+        raise ValueError(f"markers {start} ... {end} not found")
+    return text[: i + len(start)] + "\n" + block + "\n" + text[j:]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("summary", type=Path)
+    ap.add_argument("--update", type=Path, default=None,
+                    help="write the table into this markdown file between <!-- NAME:start/end --> markers")
+    ap.add_argument("--marker", default="loadtest-quick")
     args = ap.parse_args(argv)
-    summary = json.loads(args.summary.read_text())
-    print(f"`{summary['meta']['command']}` — {summary['meta']['date']}, {summary['meta']['machine']}\n")
-    print(render_table(summary))
+    block = render_block(json.loads(args.summary.read_text()))
+    if args.update:
+        args.update.write_text(replace_between_markers(args.update.read_text(), args.marker, block))
+    print(block)
 
 
 if __name__ == "__main__":

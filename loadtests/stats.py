@@ -85,6 +85,8 @@ def summarize(samples: list[dict], window_s: float | None = None) -> dict:
         "output_tokens_per_s": out_tokens / window_s if window_s > 0 else None,
         "requests_per_s": len(done) / window_s if window_s > 0 else None,
         "mean_request_tokens_per_s": (sum(per_req_tps) / len(per_req_tps)) if per_req_tps else None,
+        "completed_per_replica": {r: sum(1 for s in done if s.get("replica") == r)
+                                  for r in sorted({str(s.get("replica")) for s in samples if s.get("replica")})},
         "errors": sorted({str(s.get("error"))[:200] for s in failed})[:5],
     }
     summary.update(_pcts((s.get("ttft") for s in done), "ttft"))

@@ -286,7 +286,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("; ".join(v) if isinstance(v, list) else v) for k, v in r.items()})
+            w.writerow({k: ("; ".join(v) if isinstance(v, list) else json.dumps(v) if isinstance(v, dict) else v)
+                        for k, v in r.items()})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,6 +195,13 @@ class ServerProcess:
             return ""
         return summarize_log(text, n_chars)
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once (a crash, for fault injection)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM the process group, then SIGKILL after ``grace`` seconds."""
         if self.alive():

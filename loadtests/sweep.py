@@ -26,6 +26,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--disconnect-fraction", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kill-replica-after", type=float, default=None, metavar="S",
+                    help="fault injection: kill replica 0 S seconds into the first level of each configuration")
     ap.add_argument("--warmup-requests", type=int, default=2, help="short requests per server before measuring")
     # servers
     ap.add_argument("--host", default="127.0.0.1")
@@ -97,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-enforce-eager", action="store_true")
     ap.add_argument("--server-args", default="", help="more flags for every builtin vLLM server")
     ap.add_argument("--startup-timeout", type=float, default=None, help="seconds to wait for /health (300)")
+    ap.add_argument("--pythonpath", default=None,
+                    help="prepended to PYTHONPATH of started servers (e.g. a checkout holding specbeam_vllm)")
     ap.add_argument("--kv-cache-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE for started servers")
     return ap
 
@@ -218,7 +223,11 @@ def sweep_config(args, spec: ServerSpec, out: Path, log=print) -> list[dict]:
             for i in range(args.num_replicas):
                 port = free_port(args.host)
                 argv = build_command(spec, ctx, args.host, port, common)
-                env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "HF_HUB_OFFLINE": "1"}
+                env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "HF_HUB_OFFLINE": "1",
+                       "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+                if args.pythonpath:
+                    env["PYTHONPATH"] = os.pathsep.join([args.pythonpath] + (
+                        [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
                 if args.bind_replica_cpus:
                     env["VLLM_CPU_OMP_THREADS_BIND"] = str(i % (os.cpu_count() or 1))
                 log(f"[{spec.name}] starting replica {i} on port {port}: {shlex.join(argv)}")
@@ -250,8 +259,17 @@ def sweep_config(args, spec: ServerSpec, out: Path, log=print) -> list[dict]:
             prefix = out / "locust" / tag
             prefix.parent.mkdir(parents=True, exist_ok=True)
             before = scrape_many(urls)
+            killer = None
+            if args.kill_replica_after is not None and servers and level is args.levels[0]:
+                # fault injection: replica 0 is SIGKILLed (its whole process group) mid-level
+                killer = threading.Timer(args.kill_replica_after, servers[0].kill)
+                killer.start()
             t0 = time.monotonic()
-            rc, err = run_locust(args, urls, level, prefix)
+            try:
+                rc, err = run_locust(args, urls, level, prefix)
+            finally:
+                if killer is not None:
+                    killer.cancel()
             wall = time.monotonic() - t0
             after = scrape_many(urls) if all(s.alive() for s in servers) else None
             samples = read_samples(prefix.with_name(prefix.name + "_samples.jsonl"))

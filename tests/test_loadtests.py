@@ -348,3 +348,21 @@ def test_sweep_refuses_remote_hosts_and_bad_levels(tmp_path, capsys):
     args = sweep.resolve(sweep.build_parser().parse_args(["--quick", "--out", "x", "--run-time", "5"]))
     assert args.run_time == 5 and [lv["users"] for lv in args.levels] == [1, 4]
     assert [s.name for s in args.specs] == ["spec-off", "draft_model", "specbeam"]
+
+
+@needs_locust
+def test_sweep_two_replicas_one_killed_mid_level(tmp_path):
+    from loadtests import sweep
+
+    fake = f"{sys.executable} {FAKE} --port {{port}} --token-delay 0.005"
+    out = tmp_path / "rep"
+    rc = sweep.main(["--out", str(out), "--servers", "fake", "--server", f"fake={fake}", "--num-replicas", "2",
+                     "--concurrency", "4", "--run-time", "3", "--kill-replica-after", "1", "--warmup-requests", "1",
+                     "--startup-timeout", "20"])
+    assert rc == 1  # no level ran clean
+    (row,) = json.loads((out / "summary.json").read_text())["results"]
+    assert row["replicas"] == 2 and row["status"] == "server_died" and "code -9" in row["reason"]
+    per = row["completed_per_replica"]
+    assert len(per) == 2 and all(n > 0 for n in per.values())  # both served before the kill
+    assert row["failed"] > 0  # requests to the killed replica failed, and were counted
+    assert row["acceptance_rate"] is None  # no valid after-scrape from a dead replica

@@ -75,6 +75,8 @@ class _Shared:
     def __init__(self, opts):
         if not 0.0 <= opts.disconnect_fraction <= 1.0:
             raise ValueError("--disconnect-fraction must be in [0, 1]")
+        if not opts.replica_urls and not opts.host:
+            raise ValueError("give --host or --replica-urls")
         urls = (parse_replicas(opts.replica_urls, opts.allow_remote) if opts.replica_urls
                 else [check_url(opts.host.rstrip("/"), opts.allow_remote)])
         self.urls = urls

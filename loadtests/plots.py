@@ -23,6 +23,19 @@ def _xlabel(summary: dict) -> str:
     return "request rate (req/s, Poisson)" if rates else "concurrency (users)"
 
 
+def _xticks(ax, summary: dict) -> None:
+    xs = sorted({r["rate"] if r.get("rate") is not None else r["users"] for r in summary["results"]})
+    if 0 < len(xs) <= 12:
+        ax.set_xticks(xs)
+
+
+def _legend(ax, **kw) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+    else:
+        ax.text(0.5, 0.5, "no successful load level", ha="center", va="center", transform=ax.transAxes)
+
+
 def plot_all(summary: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -36,8 +49,9 @@ def plot_all(summary: dict, out: Path) -> list[Path]:
     ax.set_xlabel(_xlabel(summary))
     ax.set_ylabel("output tokens/s")
     ax.set_title("Throughput")
+    _xticks(ax, summary)
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend(ax)
     fig.tight_layout()
     paths.append(out / "throughput.png")
     fig.savefig(paths[-1], dpi=100)
@@ -52,8 +66,9 @@ def plot_all(summary: dict, out: Path) -> list[Path]:
         ax.set_xlabel(_xlabel(summary))
         ax.set_ylabel("ms")
         ax.set_title(title)
+        _xticks(ax, summary)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax, fontsize=8)
     fig.tight_layout()
     paths.append(out / "latency.png")
     fig.savefig(paths[-1], dpi=100)

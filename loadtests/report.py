@@ -59,7 +59,8 @@ def render_block(summary: dict) -> str:
     setting = (f"{m['date']}, {m['machine']}; {m['run_time_s']} s per level, {m['api']}"
                f"{' streamed' if m['stream'] else ''}, max_tokens capped at {m['max_tokens_cap']}, "
                f"ignore_eos {m['ignore_eos']}, temperature {m['temperature']}, "
-               f"{m['num_speculative_tokens']} speculative tokens, whole sweep {m['duration_s']} s")
+               f"{m['num_speculative_tokens']} speculative tokens, whole sweep {m['duration_s']} s"
+               + (f", load average {m['loadavg_1min'][0]} → {m['loadavg_1min'][1]}" if m.get("loadavg_1min") else ""))
     return f"`{m['command']}` ({setting})\n\n{render_table(summary)}"
 
 

@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    load_before = os.getloadavg()[0]
     rows: list[dict] = []
     for spec in args.specs:
         rows += sweep_config(args, spec, out)
@@ -325,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m loadtests.sweep " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "duration_s": round(time.time() - t_start, 1),
+        # other jobs on a shared machine move the figures: 1-minute load average at start and end
+        "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "servers": [s.name for s in args.specs],
         "levels": args.levels,

@@ -366,3 +366,21 @@ def test_sweep_two_replicas_one_killed_mid_level(tmp_path):
     assert len(per) == 2 and all(n > 0 for n in per.values())  # both served before the kill
     assert row["failed"] > 0  # requests to the killed replica failed, and were counted
     assert row["acceptance_rate"] is None  # no valid after-scrape from a dead replica
+
+
+def test_report_updates_markdown_between_markers(tmp_path):
+    row = {"server": "spec-off", "replicas": 1, "level": "1 users", "users": 1, "rate": None, "status": "ok",
+           "reason": "", **stats.summarize([_sample(0, 1, 11)]), **promscrape.acceptance(None, None)}
+    meta = {"command": "python -m loadtests.sweep --quick --out d", "date": "2026-01-01", "machine": "m",
+            "run_time_s": 20, "api": "completions", "stream": True, "max_tokens_cap": 64, "ignore_eos": True,
+            "temperature": 0.0, "num_speculative_tokens": 4, "duration_s": 1.0, "loadavg_1min": [1.0, 2.0]}
+    summary_path = tmp_path / "summary.json"
+    summary_path.write_text(json.dumps({"meta": meta, "results": [row]}))
+    md = tmp_path / "README.md"
+    md.write_text("intro\n<!-- t:start -->\nold table\n<!-- t:end -->\nafter\n")
+    report.main([str(summary_path), "--update", str(md), "--marker", "t"])
+    text = md.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("<!-- t:end -->\nafter\n")
+    assert "`python -m loadtests.sweep --quick --out d`" in text and "| spec-off | 1 users |" in text
+    with pytest.raises(ValueError):
+        report.replace_between_markers("no markers", "t", "x")

@@ -100,7 +100,7 @@ _LOG_PREFIX = re.compile(r"^(\([^)]*\)\s+)?(ERROR|WARNING|INFO|DEBUG|CRITICAL)\s
 _EXC_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception|Exit)\b:?(\s|$)")
 
 
-def summarize_log(text: str, n_chars: int = 400) -> str:
+def summarize_log(text: str, n_chars: int = 400, errors_only: bool = False) -> str:
     """First and last exception lines of a server log (vLLM's log prefixes stripped), else its tail."""
     lines = []
     for raw in text.splitlines():
@@ -111,7 +111,7 @@ def summarize_log(text: str, n_chars: int = 400) -> str:
         if line:
             lines.append(line)
     errs = [ln for ln in lines if _EXC_LINE.match(ln)]
-    pick = list(dict.fromkeys(errs[:1] + errs[-1:])) if errs else lines[-2:]
+    pick = list(dict.fromkeys(errs[:1] + errs[-1:])) if errs else ([] if errors_only else lines[-2:])
     return " | ".join(pick)[:n_chars]
 
 
@@ -187,13 +187,26 @@ class ServerProcess:
             time.sleep(0.5)
         return False, f"not healthy after {timeout:.0f} s"
 
-    def log_tail(self, n_chars: int = 400) -> str:
+    def log_tail(self, n_chars: int = 400, errors_only: bool = False) -> str:
         """The most telling lines of the log: the first and last exception lines, else the last lines."""
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        return summarize_log(text, n_chars)
+        return summarize_log(text, n_chars, errors_only)
+
+    def exit_reason(self) -> str:
+        """``"exited (code 1): <exception lines>"`` or ``"killed by SIGKILL"`` for a process that ended."""
+        rc = self.proc.returncode
+        if rc is not None and rc < 0:
+            try:
+                why = f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                why = f"killed by signal {-rc}"
+        else:
+            why = f"exited (code {rc})"
+        errs = self.log_tail(errors_only=True)
+        return f"{why}: {errs}" if errs else why
 
     def kill(self) -> None:
         """SIGKILL the whole process group at once (a crash, for fault injection)."""

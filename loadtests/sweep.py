@@ -252,7 +252,7 @@ def sweep_config(args, spec: ServerSpec, out: Path, log=print) -> list[dict]:
         for level in args.levels:
             dead = [s for s in servers if not s.alive()]
             if dead:
-                reason = f"server exited (code {dead[0].proc.returncode}) before this level: {dead[0].log_tail()}"
+                reason = f"server on port {dead[0].port} {dead[0].exit_reason()} before this level"
                 rows.append(_failed_row(spec.name, n_rep, level, "server_died", reason))
                 continue
             tag = f"{spec.name}_{level['mode']}_{level['rate'] if level['rate'] else level['users']}"
@@ -279,7 +279,7 @@ def sweep_config(args, spec: ServerSpec, out: Path, log=print) -> list[dict]:
             died = [s for s in servers if not s.alive()]
             if died:
                 row["status"] = "server_died"
-                row["reason"] = f"server exited (code {died[0].proc.returncode}) during this level: {died[0].log_tail()}"
+                row["reason"] = f"server on port {died[0].port} {died[0].exit_reason()} during this level"
             elif summ["completed"] == 0:
                 row["status"] = "failed"
                 row["reason"] = f"no completed requests (locust rc {rc}): {'; '.join(summ['errors']) or err[-300:]}"

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-replicas", type=int, default=1, help="servers started per configuration")
     ap.add_argument("--bind-replica-cpus", action="store_true",
                     help="CPU vLLM: pin replica i to core i (VLLM_CPU_OMP_THREADS_BIND)")
+    ap.add_argument("--gpus-per-replica", type=int, default=0,
+                    help="GPU node: replica i gets CUDA_VISIBLE_DEVICES i*N..i*N+N-1 (0: leave it alone)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--max-num-seqs", type=int, default=8)
@@ -199,6 +201,21 @@ def warmup(urls: list[str], n: int, timeout: float = 60.0) -> str:
     return ""
 
 
+def replica_env(args, i: int) -> dict[str, str]:
+    """Environment of started server ``i``: offline, no usage stats, its CPU core or GPUs, PYTHONPATH."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    if args.bind_replica_cpus:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = str(i % (os.cpu_count() or 1))
+    if args.gpus_per_replica:
+        n = args.gpus_per_replica
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(i * n, (i + 1) * n))
+    if args.pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([args.pythonpath] + (
+            [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    return env
+
+
 def _failed_row(server: str, replicas: int, level: dict, status: str, reason: str) -> dict:
     return {"server": server, "replicas": replicas, "level": level_label(level), "users": level["users"],
             "rate": level["rate"], "status": status, "reason": reason, **summarize([], 0.0),
@@ -223,13 +240,7 @@ def sweep_config(args, spec: ServerSpec, out: Path, log=print) -> list[dict]:
             for i in range(args.num_replicas):
                 port = free_port(args.host)
                 argv = build_command(spec, ctx, args.host, port, common)
-                env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "HF_HUB_OFFLINE": "1",
-                       "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-                if args.pythonpath:
-                    env["PYTHONPATH"] = os.pathsep.join([args.pythonpath] + (
-                        [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-                if args.bind_replica_cpus:
-                    env["VLLM_CPU_OMP_THREADS_BIND"] = str(i % (os.cpu_count() or 1))
+                env = replica_env(args, i)
                 log(f"[{spec.name}] starting replica {i} on port {port}: {shlex.join(argv)}")
                 try:
                     servers.append(ServerProcess(argv, args.host, port, out / "logs" / f"{spec.name}_{i}.log", env))

@@ -386,3 +386,23 @@ def test_report_updates_markdown_between_markers(tmp_path):
     assert "`python -m loadtests.sweep --quick --out d`" in text and "| spec-off | 1 users |" in text
     with pytest.raises(ValueError):
         report.replace_between_markers("no markers", "t", "x")
+
+
+def test_replica_env_splits_gpus_and_cores():
+    from loadtests import sweep
+
+    args = sweep.resolve(sweep.build_parser().parse_args(
+        ["--out", "x", "--num-replicas", "2", "--gpus-per-replica", "2", "--tensor-parallel-size", "2",
+         "--bind-replica-cpus", "--pythonpath", "/opt/sb"]))
+    e0, e1 = sweep.replica_env(args, 0), sweep.replica_env(args, 1)
+    assert (e0["CUDA_VISIBLE_DEVICES"], e1["CUDA_VISIBLE_DEVICES"]) == ("0,1", "2,3")
+    assert e0["VLLM_CPU_OMP_THREADS_BIND"] != e1["VLLM_CPU_OMP_THREADS_BIND"] or (os.cpu_count() or 1) == 1
+    assert e0["PYTHONPATH"].split(os.pathsep)[0] == "/opt/sb" and e0["VLLM_NO_USAGE_STATS"] == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in sweep.replica_env(
+        sweep.resolve(sweep.build_parser().parse_args(["--out", "x"])), 1)
+    from loadtests.servers import CONFIGS, CommonFlags, Ctx, ServerSpec, build_command
+    argv = build_command(ServerSpec("specbeam", builtin=CONFIGS["specbeam"]), Ctx("T", "D", 4), "127.0.0.1", 9,
+                         CommonFlags(tensor_parallel_size=2, extra=["--seed", "1"]))
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2" and argv[-2:] == ["--seed", "1"]
+    assert json.loads(argv[argv.index("--speculative-config") + 1])["num_speculative_tokens"] == 4
+    assert argv[argv.index("--port") + 1] == "9"

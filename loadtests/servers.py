@@ -53,11 +53,9 @@ def _draft_model(c: Ctx) -> list[str]:
 
 
 def _specbeam(c: Ctx) -> list[str]:
-    spec = {"model": "specbeam_vllm.proposer.SpecBeamProposer", "num_speculative_tokens": c.k}
-    return [c.python, *VLLM_SERVER, "--model", c.target, "--speculative-config", json.dumps(spec),
-            "--additional-config", json.dumps({"specbeam": {"draft": c.draft}})]
-    # once `specbeam serve` lands:
-    # return ["specbeam", "serve", "--target", c.target, "--draft", c.draft, "--num-speculative-tokens", str(c.k)]
+    # `specbeam serve` checks the setup, then execs vLLM's API server with specbeam's two flags
+    return [c.python, "-m", "specbeam_hf.cli", "serve", "--target", c.target, "--draft", c.draft,
+            "--num-speculative-tokens", str(c.k)]
 
 
 CONFIGS: dict[str, Callable[[Ctx], list[str]]] = {

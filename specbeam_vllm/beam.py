@@ -105,9 +105,10 @@ class HFDraftModel:
         tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)  # [N, T]
         for i, s in enumerate(seqs):
             tokens[i, : len(s)] = torch.tensor(s)
-        logits = self.model(input_ids=tokens).logits  # [N, T, vocab]
-        last = logits[torch.arange(len(seqs)), lengths - 1]  # [N, vocab]
-        return torch.log_softmax(last.float(), dim=-1)
+        hidden = self.model.get_decoder()(input_ids=tokens).last_hidden_state  # [N, T, hidden]
+        last = hidden[torch.arange(len(seqs)), lengths - 1]  # [N, hidden]
+        logits = self.model.get_output_embeddings()(last)  # [N, vocab]: the head on last positions only
+        return torch.log_softmax(logits.float(), dim=-1)
 
 
 _DRAFTS: dict[str, HFDraftModel] = {}
@@ -215,10 +216,15 @@ def draft_paths(
     depths: list[int],
     cfg: SearchConfig,
     draft_width: int,
+    known: dict[tuple[int, ...], dict | None] | None = None,
 ) -> list[list[tuple[int, ...]]]:
     """Per prompt, the draft paths to score: the draft model's beam search (vLLM's step rules on
     draft log-probs, ``draft_width`` beams kept per level) ``depths[i]`` levels from the running
-    beams; every tree node without a kept child (running beams included) is one path."""
+    beams; every tree node without a kept child (running beams included) is one path.
+
+    ``known``: target top-K lists already scored (the last pass's); a node that has one takes its
+    candidates from it (the target's own, exact) instead of from the draft."""
+    known = known or {}
     trees: list[list[DraftNode]] = []
     frontiers: list[list[DraftNode]] = []
     for search in searches:
@@ -230,17 +236,14 @@ def draft_paths(
         if not grow:
             break
         nodes = [n for i in grow for n in frontiers[i]]
-        log_probs = draft.next_log_probs([n.tokens for n in nodes])  # [N, vocab]
-        top_lp, top_tok = torch.topk(log_probs, cfg.num_logprobs, dim=-1)  # [N, K] each
-        row = 0
+        lists = _candidate_lists(draft, nodes, known, cfg.num_logprobs)
         for i in grow:
             candidates = []
             for node in frontiers[i]:
-                for lp, tok in zip(top_lp[row].tolist(), top_tok[row].tolist()):
+                for tok, lp in lists[node.tokens]:
                     if tok == cfg.eos_token_id and not cfg.ignore_eos:
                         continue  # a finished candidate needs no next-token list
                     candidates.append((node, DraftNode(node.tokens + (tok,), node.cum_logprob + lp)))
-                row += 1
             candidates.sort(key=lambda c: cfg.sort_key(_Scored(c[1])), reverse=True)
             frontiers[i] = []
             for parent, child in candidates[:draft_width]:
@@ -248,6 +251,25 @@ def draft_paths(
                 frontiers[i].append(child)
                 trees[i].append(child)
     return [[n.tokens for n in tree if not n.has_child] for tree in trees]
+
+
+def _candidate_lists(
+    draft: HFDraftModel, nodes: list[DraftNode], known: dict[tuple[int, ...], dict | None], k: int
+) -> dict[tuple[int, ...], list[tuple[int, float]]]:
+    """Each node's top-K (token, log-prob) candidates: the target's where ``known`` has them, else
+    the draft model's (one forward over the rest)."""
+    lists: dict[tuple[int, ...], list[tuple[int, float]]] = {}
+    for node in nodes:
+        top = known.get(node.tokens)
+        if top is not None:
+            lists[node.tokens] = [(tok, lp.logprob) for tok, lp in top.items()]
+    rest = [n for n in nodes if n.tokens not in lists]
+    if rest:
+        log_probs = draft.next_log_probs([n.tokens for n in rest])  # [N, vocab]
+        top_lp, top_tok = torch.topk(log_probs, k, dim=-1)  # [N, K] each
+        for n, lps, toks in zip(rest, top_lp.tolist(), top_tok.tolist()):
+            lists[n.tokens] = list(zip(toks, lps))
+    return lists
 
 
 @dataclass
@@ -269,21 +291,38 @@ class _Scored:
 # scoring and replay
 
 
-def score_paths(llm: Any, paths: list[tuple[int, ...]], roots: list[int], k: int) -> dict[tuple[int, ...], dict | None]:
+def score_paths(
+    llm: Any,
+    paths: list[tuple[int, ...]],
+    roots: list[int],
+    k: int,
+    read_prefix_cache: bool = True,
+    stats: SpecBeamStats | None = None,
+) -> dict[tuple[int, ...], dict | None]:
     """One engine call over every draft path; the target's top-K list (sample format) after every
-    scored prefix, from each path's root beam (``roots[i]`` tokens) to its end."""
+    scored prefix, from each path's root beam (``roots[i]`` tokens) to its end.
+
+    ``read_prefix_cache``: let the requests read the prefix cache (vLLM turns that off for
+    prompt-log-prob requests by default). The prompt log-probs of the ``num_cached_tokens`` cached
+    positions are then never computed (their rows are left unfilled), so prefixes that end inside
+    the cached part are left out: a long prompt is not recomputed for every path."""
     from vllm import SamplingParams, TokensPrompt
 
     params = SamplingParams(
-        max_tokens=1, temperature=0.0, logprobs=k, prompt_logprobs=k, detokenize=False, skip_clone=True
+        max_tokens=1, temperature=0.0, logprobs=k, prompt_logprobs=k, detokenize=False, skip_clone=True,
+        skip_reading_prefix_cache=not read_prefix_cache,
     )
     outputs = llm.generate(
         [TokensPrompt(prompt_token_ids=list(p)) for p in paths], sampling_params=params, use_tqdm=False
     )
     scored: dict[tuple[int, ...], dict | None] = {}
+    if stats is not None:
+        stats.cached_tokens += sum(out.num_cached_tokens or 0 for out in outputs)
     for path, root_len, out in zip(paths, roots, outputs):
         scored[path] = out.outputs[0].logprobs[0]  # the real sample list after the whole path
-        for j in range(root_len, len(path)):
+        # prompt_logprobs[j] comes from the hidden state at position j - 1: computed iff j > cached
+        first = max(root_len, (out.num_cached_tokens or 0) + 1 if read_prefix_cache else 0)
+        for j in range(first, len(path)):
             prefix = path[:j]
             if scored.get(prefix) is None:  # a real or unambiguous list wins over an ambiguous one
                 scored[prefix] = sampled_format(out.prompt_logprobs[j], k)
@@ -310,6 +349,7 @@ class SpecBeamStats:
     passes: int = 0
     beam_steps: int = 0  # beam steps replayed, summed over prompts
     scored_paths: int = 0  # requests sent (draft paths)
+    cached_tokens: int = 0  # prompt tokens of those requests read from the prefix cache
     plain_steps: int = 0  # prompts that ran an ordinary step after an ambiguous or missed prefix
     engine_calls: int = 0
     engine_steps: int = 0
@@ -346,6 +386,7 @@ def beam_search(
     skip_special_tokens: bool = True,
     num_draft_steps: int = 4,
     draft_width: int | None = None,
+    read_prefix_cache: bool = True,
     stats: SpecBeamStats | None = None,
 ) -> list[Any]:
     """The beams ``llm.beam_search(prompts, BeamSearchParams(beam_width, max_tokens, ...))`` returns
@@ -354,7 +395,8 @@ def beam_search(
 
     ``prompts``: strings, ``{"prompt": ...}`` or ``{"prompt_token_ids": [...]}`` as for vLLM.
     ``num_draft_steps``: draft tree depth (beam steps one pass can cover); ``draft_width``: draft
-    beams kept per prompt per level (default ``2 * beam_width``). ``stats`` is filled if given.
+    beams kept per prompt per level (default ``2 * beam_width``). ``read_prefix_cache``: scoring
+    requests reuse cached prefix blocks (see :func:`score_paths`). ``stats`` is filled if given.
     """
     from vllm.entrypoints.generate.beam_search.utils import (
         BeamSearchInstance,
@@ -388,6 +430,7 @@ def beam_search(
     searches = [PromptSearch(BeamSearchInstance(inp, lora_request=None, logprobs=None)) for inp in engine_inputs]
     max_len = llm.llm_engine.vllm_config.model_config.max_model_len
 
+    known: dict[tuple[int, ...], dict | None] = {}  # the last pass's scored top-K lists
     with count_engine_calls(llm) as counter:
         while True:
             live = [s for s in searches if s.running(cfg)]
@@ -400,7 +443,7 @@ def beam_search(
                 depths.append(max(0, min(depth, max_len - 1 - longest)))
             t_draft = time.perf_counter()
             forwards = draft_model.forward_count
-            paths_per_prompt = draft_paths(draft_model, live, depths, cfg, width)
+            paths_per_prompt = draft_paths(draft_model, live, depths, cfg, width, known)
             stats.draft_forwards += draft_model.forward_count - forwards
             stats.draft_seconds += time.perf_counter() - t_draft
 
@@ -409,7 +452,8 @@ def beam_search(
                 root_len = len(s.instance.beams[0].tokens)  # every running beam has the same length
                 paths.extend(prompt_paths)
                 roots.extend([root_len] * len(prompt_paths))
-            scored = score_paths(llm, paths, roots, cfg.num_logprobs)
+            scored = score_paths(llm, paths, roots, cfg.num_logprobs, read_prefix_cache, stats)
+            known = scored
             stats.passes += 1
             stats.scored_paths += len(paths)
 

@@ -34,9 +34,12 @@ from specbeam_vllm.beam import (  # noqa: E402
 TARGET = str(DEMO_DIR / "target")
 DRAFT = str(DEMO_DIR / "draft")
 PROMPTS = ["def main(", "import os\nclass "]
+# longer than one KV block (128 tokens on CPU): scoring requests read its cached blocks
+LONG_PROMPT = "import os\nimport sys\n\n" + "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(24))
 
 # (beam_width, max_tokens, length_penalty, ignore_eos)
 CASES = [(2, 12, 1.0, False), (4, 12, 1.0, False), (4, 14, 0.5, False), (2, 10, 2.0, True)]
+LONG_CASE = (2, 8, 1.0, False)
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +69,37 @@ def runs(llm):
     return results
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-N{c[1]}-lp{c[2]}-ignore_eos{c[3]}")
-def test_same_beams_as_vllm(runs, case):
-    ref, _, out, _ = runs[case]
-    assert len(out) == len(ref) == len(PROMPTS)
+def _assert_same(ref, out, beam_width):
+    assert len(out) == len(ref)
     for r, o in zip(ref, out):
-        assert len(o.sequences) == len(r.sequences) == case[0]
+        assert len(o.sequences) == len(r.sequences) == beam_width
         for rs, os_ in zip(r.sequences, o.sequences):
             assert os_.tokens == rs.tokens
             assert os_.cum_logprob == pytest.approx(rs.cum_logprob, rel=0, abs=1e-9)
             assert os_.text == rs.text
             assert os_.logprobs == rs.logprobs  # the same top-K list at every step
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-N{c[1]}-lp{c[2]}-ignore_eos{c[3]}")
+def test_same_beams_as_vllm(runs, case):
+    ref, _, out, _ = runs[case]
+    assert len(out) == len(PROMPTS)
+    _assert_same(ref, out, case[0])
+
+
+def test_long_prompt_reads_prefix_cache(llm):
+    """A prompt over one KV block: the scoring requests read its cached blocks (prompt log-probs of
+    cached positions are never computed) and the beams still match."""
+    beam_width, max_tokens, length_penalty, ignore_eos = LONG_CASE
+    prompts = [LONG_PROMPT, "def main("]
+    assert len(llm.get_tokenizer()(LONG_PROMPT)["input_ids"]) > 140
+    with count_engine_calls(llm) as counter:
+        ref = llm.beam_search(prompts, BeamSearchParams(beam_width=beam_width, max_tokens=max_tokens))
+    stats = SpecBeamStats()
+    out = beam_search(llm, prompts, beam_width, max_tokens, DRAFT, stats=stats)
+    _assert_same(ref, out, beam_width)
+    assert stats.cached_tokens > 0
+    assert stats.engine_calls < counter.calls
 
 
 def test_eos_finishes_beams(runs, llm):

@@ -55,6 +55,7 @@ def run_specbeam(llm, prompts, beam_width: int, max_tokens: int, draft: str, dep
     return out, {
         "engine_calls": stats.engine_calls, "engine_steps": stats.engine_steps, "seconds": stats.wall_seconds,
         "draft_seconds": stats.draft_seconds, "scored_paths": stats.scored_paths, "plain_steps": stats.plain_steps,
+        "top_ties": stats.top_ties, "cached_tokens": stats.cached_tokens,
         "beam_steps_per_pass": stats.steps_per_pass,
     }
 
@@ -73,9 +74,9 @@ def main(argv=None) -> None:
     ap.add_argument("--target", default=os.path.join(DEMO, "target"))
     ap.add_argument("--draft", default=os.path.join(DEMO, "draft"))
     ap.add_argument("--beam-widths", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--num-prompts", type=int, default=4)
-    ap.add_argument("--draft-configs", nargs="+", default=["4x2", "6x4"],
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--num-prompts", type=int, default=6)
+    ap.add_argument("--draft-configs", nargs="+", default=["4x2", "8x2"],
                     help="DEPTHxMULT: draft tree depth (num_draft_steps) and draft beams kept per level "
                          "(draft_width = MULT * beam_width)")
     ap.add_argument("--repeats", type=int, default=2)

@@ -23,12 +23,14 @@ candidates ending in EOS go to the finished list, and the best ``beam_width`` of
 Every decision uses target log-probs only; the draft decides how many beam steps one engine call
 covers. The replayed numbers are the ones vLLM's loop sees: prompt and sample log-probs both come
 from ``Sampler.compute_logprobs`` (``log_softmax`` in float32 of the same logits) and the same
-``topk``; the sample top-K list of a greedy request is the top-K in rank order (the argmax first),
-which is what :func:`sampled_format` rebuilds from a prompt top-K list. The one case where the
-rebuilt order is unknown is an exact tie at the top (which of the tied tokens the greedy kernel
-picks decides the dict order): such a prefix is marked **ambiguous** and never replayed; a prompt
-whose next step is ambiguous runs an ordinary step (its running beams scored as they are, which
-gives the real sampled lists) in the next pass.
+``topk``; the sample top-K list of a greedy request is the top-K in rank order with the greedy pick
+first, which is what :func:`sampled_format` rebuilds from a prompt top-K list. That the two paths
+give bit-identical numbers is checked, not assumed: the tests compare every returned top-K list and
+cumulative log-prob with ``LLM.beam_search``'s. The greedy pick is known except on an exact tie at
+the top: with a 16-bit target it is the lowest tied token id (the CPU greedy kernel returns the first
+maximum, and bf16/fp16 logits tie exactly when their log-probs do); otherwise the prefix is marked
+**ambiguous** and never replayed, and a prompt whose next step is ambiguous runs an ordinary step
+(its running beams scored as they are, which gives the real sampled lists) in the next pass.
 
 Only what vLLM's loop supports at temperature 0 without structured outputs, LoRA or multi-modal
 inputs is supported (greedy top-K lists are deterministic; sampled ones are not replayable).
@@ -182,17 +184,27 @@ def replay_step(search: PromptSearch, top_lists: list[dict], cfg: SearchConfig) 
     search.steps += 1
 
 
-def sampled_format(prompt_top: dict, k: int) -> dict | None:
+def sampled_format(prompt_top: dict, k: int, resolve_top_ties: bool = False) -> dict | None:
     """The sample-log-prob top-K list a greedy request would return after this prefix, rebuilt from
-    its prompt-log-prob list (``{prompt token, top-K...}``, the prompt token first); ``AMBIGUOUS``
-    when the top two log-probs tie (then the greedy pick, listed first, is unknown)."""
+    its prompt-log-prob list (``{prompt token, top-K...}``, the prompt token first): the greedy pick
+    first, then the top-K in rank order (vLLM's dict keeps a token where it first appears, with its
+    top-K rank).
+
+    The greedy pick is the rank-1 token unless the top log-probs tie. On a tie it is the lowest token
+    id of the tied set (vLLM's CPU ``greedy_argmax`` and ``torch.argmax`` return the first maximum)
+    when ``resolve_top_ties`` and the tied set is all inside the list; otherwise the list is
+    ``AMBIGUOUS`` (never replayed)."""
     from vllm.logprobs import Logprob
 
     top = sorted((lp.rank, tok, lp.logprob) for tok, lp in prompt_top.items() if lp.rank <= k)
     if len(top) < k or [r for r, _, _ in top] != list(range(1, k + 1)):
         return AMBIGUOUS  # not a full top-K list (should not happen): never replay it
-    if k > 1 and top[0][2] == top[1][2]:
-        return AMBIGUOUS
+    tied = [tok for _, tok, lp in top if lp == top[0][2]]
+    if len(tied) > 1:
+        if not resolve_top_ties or len(tied) == k:  # the tied set may go on past the list
+            return AMBIGUOUS
+        first = min(tied)
+        top = [t for t in top if t[1] == first] + [t for t in top if t[1] != first]
     return {tok: Logprob(logprob=lp, rank=rank, decoded_token=None) for rank, tok, lp in top}
 
 
@@ -217,14 +229,17 @@ def draft_paths(
     cfg: SearchConfig,
     draft_width: int,
     known: dict[tuple[int, ...], dict | None] | None = None,
+    draft_lists: dict[tuple[int, ...], list[tuple[int, float]]] | None = None,
 ) -> list[list[tuple[int, ...]]]:
     """Per prompt, the draft paths to score: the draft model's beam search (vLLM's step rules on
     draft log-probs, ``draft_width`` beams kept per level) ``depths[i]`` levels from the running
     beams; every tree node without a kept child (running beams included) is one path.
 
     ``known``: target top-K lists already scored (the last pass's); a node that has one takes its
-    candidates from it (the target's own, exact) instead of from the draft."""
+    candidates from it (the target's own, exact) instead of from the draft. ``draft_lists``: the
+    draft's top-K per node already computed (filled in here)."""
     known = known or {}
+    draft_lists = {} if draft_lists is None else draft_lists
     trees: list[list[DraftNode]] = []
     frontiers: list[list[DraftNode]] = []
     for search in searches:
@@ -236,7 +251,7 @@ def draft_paths(
         if not grow:
             break
         nodes = [n for i in grow for n in frontiers[i]]
-        lists = _candidate_lists(draft, nodes, known, cfg.num_logprobs)
+        lists = _candidate_lists(draft, nodes, known, cfg.num_logprobs, draft_lists)
         for i in grow:
             candidates = []
             for node in frontiers[i]:
@@ -254,21 +269,28 @@ def draft_paths(
 
 
 def _candidate_lists(
-    draft: HFDraftModel, nodes: list[DraftNode], known: dict[tuple[int, ...], dict | None], k: int
+    draft: HFDraftModel,
+    nodes: list[DraftNode],
+    known: dict[tuple[int, ...], dict | None],
+    k: int,
+    draft_lists: dict[tuple[int, ...], list[tuple[int, float]]],
 ) -> dict[tuple[int, ...], list[tuple[int, float]]]:
     """Each node's top-K (token, log-prob) candidates: the target's where ``known`` has them, else
-    the draft model's (one forward over the rest)."""
+    the draft model's, from ``draft_lists`` (kept across passes: next pass's trees regrow from this
+    pass's nodes) or one forward over the rest."""
     lists: dict[tuple[int, ...], list[tuple[int, float]]] = {}
     for node in nodes:
         top = known.get(node.tokens)
         if top is not None:
             lists[node.tokens] = [(tok, lp.logprob) for tok, lp in top.items()]
+        elif node.tokens in draft_lists:
+            lists[node.tokens] = draft_lists[node.tokens]
     rest = [n for n in nodes if n.tokens not in lists]
     if rest:
         log_probs = draft.next_log_probs([n.tokens for n in rest])  # [N, vocab]
         top_lp, top_tok = torch.topk(log_probs, k, dim=-1)  # [N, K] each
         for n, lps, toks in zip(rest, top_lp.tolist(), top_tok.tolist()):
-            lists[n.tokens] = list(zip(toks, lps))
+            lists[n.tokens] = draft_lists[n.tokens] = list(zip(toks, lps))
     return lists
 
 
@@ -298,6 +320,7 @@ def score_paths(
     k: int,
     read_prefix_cache: bool = True,
     stats: SpecBeamStats | None = None,
+    resolve_top_ties: bool = False,
 ) -> dict[tuple[int, ...], dict | None]:
     """One engine call over every draft path; the target's top-K list (sample format) after every
     scored prefix, from each path's root beam (``roots[i]`` tokens) to its end.
@@ -325,8 +348,18 @@ def score_paths(
         for j in range(first, len(path)):
             prefix = path[:j]
             if scored.get(prefix) is None:  # a real or unambiguous list wins over an ambiguous one
-                scored[prefix] = sampled_format(out.prompt_logprobs[j], k)
+                scored[prefix] = sampled_format(out.prompt_logprobs[j], k, resolve_top_ties)
+                if stats is not None and _top_tied(scored[prefix]):
+                    stats.top_ties += 1
     return scored
+
+
+def _top_tied(top_list: dict | None) -> bool:
+    """Whether a rebuilt top-K list has a tie at the top (its greedy pick came from the tie rule)."""
+    if top_list is None or len(top_list) < 2:
+        return False
+    first, second = list(top_list.values())[:2]
+    return first.logprob == second.logprob
 
 
 def replay(search: PromptSearch, scored: dict[tuple[int, ...], dict | None], cfg: SearchConfig) -> int:
@@ -350,6 +383,7 @@ class SpecBeamStats:
     beam_steps: int = 0  # beam steps replayed, summed over prompts
     scored_paths: int = 0  # requests sent (draft paths)
     cached_tokens: int = 0  # prompt tokens of those requests read from the prefix cache
+    top_ties: int = 0  # scored prefixes whose top log-probs tie (greedy pick by the tie rule)
     plain_steps: int = 0  # prompts that ran an ordinary step after an ambiguous or missed prefix
     engine_calls: int = 0
     engine_steps: int = 0
@@ -387,6 +421,7 @@ def beam_search(
     num_draft_steps: int = 4,
     draft_width: int | None = None,
     read_prefix_cache: bool = True,
+    resolve_top_ties: bool | None = None,
     stats: SpecBeamStats | None = None,
 ) -> list[Any]:
     """The beams ``llm.beam_search(prompts, BeamSearchParams(beam_width, max_tokens, ...))`` returns
@@ -396,7 +431,10 @@ def beam_search(
     ``prompts``: strings, ``{"prompt": ...}`` or ``{"prompt_token_ids": [...]}`` as for vLLM.
     ``num_draft_steps``: draft tree depth (beam steps one pass can cover); ``draft_width``: draft
     beams kept per prompt per level (default ``2 * beam_width``). ``read_prefix_cache``: scoring
-    requests reuse cached prefix blocks (see :func:`score_paths`). ``stats`` is filled if given.
+    requests reuse cached prefix blocks (see :func:`score_paths`). ``resolve_top_ties``: rebuild the
+    greedy pick of a tied top from token ids (see :func:`sampled_format`); default: on for 16-bit
+    targets, whose logits (bf16/fp16 values) tie exactly when their float32 log-probs do, off for
+    others (a tie in log-probs may then hide distinct logits). ``stats`` is filled if given.
     """
     from vllm.entrypoints.generate.beam_search.utils import (
         BeamSearchInstance,
@@ -428,9 +466,13 @@ def beam_search(
         if inp.get("type") != "token" or not inp.get("prompt_token_ids"):
             raise ValueError("only non-empty text or token prompts are supported")
     searches = [PromptSearch(BeamSearchInstance(inp, lora_request=None, logprobs=None)) for inp in engine_inputs]
-    max_len = llm.llm_engine.vllm_config.model_config.max_model_len
+    model_config = llm.llm_engine.vllm_config.model_config
+    max_len = model_config.max_model_len
+    if resolve_top_ties is None:
+        resolve_top_ties = model_config.dtype in (torch.bfloat16, torch.float16)
 
     known: dict[tuple[int, ...], dict | None] = {}  # the last pass's scored top-K lists
+    draft_lists: dict[tuple[int, ...], list[tuple[int, float]]] = {}  # the draft's, this search
     with count_engine_calls(llm) as counter:
         while True:
             live = [s for s in searches if s.running(cfg)]
@@ -443,7 +485,7 @@ def beam_search(
                 depths.append(max(0, min(depth, max_len - 1 - longest)))
             t_draft = time.perf_counter()
             forwards = draft_model.forward_count
-            paths_per_prompt = draft_paths(draft_model, live, depths, cfg, width, known)
+            paths_per_prompt = draft_paths(draft_model, live, depths, cfg, width, known, draft_lists)
             stats.draft_forwards += draft_model.forward_count - forwards
             stats.draft_seconds += time.perf_counter() - t_draft
 
@@ -452,7 +494,9 @@ def beam_search(
                 root_len = len(s.instance.beams[0].tokens)  # every running beam has the same length
                 paths.extend(prompt_paths)
                 roots.extend([root_len] * len(prompt_paths))
-            scored = score_paths(llm, paths, roots, cfg.num_logprobs, read_prefix_cache, stats)
+            scored = score_paths(
+                llm, paths, roots, cfg.num_logprobs, read_prefix_cache, stats, resolve_top_ties
+            )
             known = scored
             stats.passes += 1
             stats.scored_paths += len(paths)

@@ -77,7 +77,8 @@ def _assert_same(ref, out, beam_width):
             assert os_.tokens == rs.tokens
             assert os_.cum_logprob == pytest.approx(rs.cum_logprob, rel=0, abs=1e-9)
             assert os_.text == rs.text
-            assert os_.logprobs == rs.logprobs  # the same top-K list at every step
+            # the same top-K list at every step, in the same order (dict equality ignores order)
+            assert [list(d.items()) for d in os_.logprobs] == [list(d.items()) for d in rs.logprobs]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-N{c[1]}-lp{c[2]}-ignore_eos{c[3]}")
@@ -100,6 +101,18 @@ def test_long_prompt_reads_prefix_cache(llm):
     _assert_same(ref, out, beam_width)
     assert stats.cached_tokens > 0
     assert stats.engine_calls < counter.calls
+
+
+def test_same_beams_through_top_ties(llm):
+    """More prompts and steps, so that scored prefixes with a tie at the top occur (bf16 logits tie
+    often): their greedy pick comes from the tie rule, and the beams still match."""
+    prompts = PROMPTS + ["    for i in range(", "# Copyright", "def parse_args(argv):", "class Config:"]
+    ref = llm.beam_search(prompts, BeamSearchParams(beam_width=4, max_tokens=24))
+    stats = SpecBeamStats()
+    out = beam_search(llm, prompts, 4, 24, DRAFT, stats=stats)
+    _assert_same(ref, out, 4)
+    assert stats.top_ties > 0
+    assert stats.plain_steps == 0  # every tie was resolved, none forced an ordinary step
 
 
 def test_eos_finishes_beams(runs, llm):
@@ -162,9 +175,28 @@ def test_sampled_format_rebuilds_rank_order():
     assert list(lst) == [3, 7]
 
 
-def test_sampled_format_marks_top_tie_ambiguous():
-    assert sampled_format(_prompt_list([(3, -0.7, 1), (7, -0.7, 2), (9, -2.0, 3)]), 3) is AMBIGUOUS
+def test_sampled_format_top_ties():
+    tie = _prompt_list([(9, -2.0, 3), (7, -0.7, 1), (3, -0.7, 2)])
+    assert sampled_format(tie, 3) is AMBIGUOUS
+    lst = sampled_format(tie, 3, resolve_top_ties=True)  # the lowest tied id is the greedy pick
+    assert list(lst) == [3, 7, 9] and [v.rank for v in lst.values()] == [2, 1, 3]
+    all_tied = _prompt_list([(3, -0.7, 1), (7, -0.7, 2)])  # more tied tokens may lie past the list
+    assert sampled_format(all_tied, 2, resolve_top_ties=True) is AMBIGUOUS
     assert sampled_format(_prompt_list([(3, -0.7, 1), (7, -0.9, 2)]), 3) is AMBIGUOUS  # short list
+
+
+def test_greedy_kernel_picks_first_maximum():
+    """What ``resolve_top_ties`` relies on: vLLM's CPU greedy kernel returns the first maximum."""
+    import vllm._C  # noqa: F401
+
+    logits = torch.zeros(3, 4096)  # [rows, vocab]
+    logits[0, [100, 4000]] = 1.0
+    logits[1, [4095, 17, 18]] = 2.0
+    logits[2, 5] = 3.0
+    greedy = getattr(torch.ops._C, "greedy_argmax", None)
+    if greedy is None:
+        pytest.skip("no CPU greedy kernel in this vLLM build")
+    assert greedy(logits).tolist() == [100, 17, 5]
 
 
 class _FixedDraft:

@@ -64,10 +64,11 @@ class EngineCounter:
 @contextmanager
 def count_engine_calls(llm: Any) -> Iterator[EngineCounter]:
     """Count ``llm``'s engine calls and engine steps inside the ``with`` block (instance wrappers,
-    removed on exit)."""
+    removed on exit; counters nest)."""
     counter = EngineCounter()
     engine = llm.llm_engine
     run_engine, step = llm._run_engine, engine.step
+    wrapped_run, wrapped_step = "_run_engine" in vars(llm), "step" in vars(engine)  # by an outer counter
 
     def counted_run_engine(*args, **kwargs):
         counter.calls += 1
@@ -81,7 +82,14 @@ def count_engine_calls(llm: Any) -> Iterator[EngineCounter]:
     try:
         yield counter
     finally:
-        del llm._run_engine, engine.step  # back to the class methods
+        if wrapped_run:
+            llm._run_engine = run_engine
+        else:
+            del llm._run_engine  # back to the class method
+        if wrapped_step:
+            engine.step = step
+        else:
+            del engine.step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,6 +342,7 @@ def score_paths(
     params = SamplingParams(
         max_tokens=1, temperature=0.0, logprobs=k, prompt_logprobs=k, detokenize=False, skip_clone=True,
         skip_reading_prefix_cache=not read_prefix_cache,
+        flat_logprobs=True,  # flat lists: no dict per prompt position until one is read
     )
     outputs = llm.generate(
         [TokensPrompt(prompt_token_ids=list(p)) for p in paths], sampling_params=params, use_tqdm=False

@@ -136,7 +136,11 @@ def test_fewer_engine_calls(runs):
 def test_counter_restores_engine(llm):
     with count_engine_calls(llm) as counter:
         llm.generate(["x = "], vllm.SamplingParams(max_tokens=1), use_tqdm=False)
-    assert counter.calls == 1 and counter.steps >= 1
+        with count_engine_calls(llm) as inner:
+            llm.generate(["y = "], vllm.SamplingParams(max_tokens=1), use_tqdm=False)
+        llm.generate(["z = "], vllm.SamplingParams(max_tokens=1), use_tqdm=False)
+    assert inner.calls == 1 and inner.steps >= 1
+    assert counter.calls == 3 and counter.steps >= 3
     assert "_run_engine" not in vars(llm) and "step" not in vars(llm.llm_engine)
 
 

@@ -243,7 +243,7 @@ def draft_paths(
     draft log-probs, ``draft_width`` beams kept per level) ``depths[i]`` levels from the running
     beams; every tree node without a kept child (running beams included) is one path.
 
-    ``known``: target top-K lists already scored (the last pass's); a node that has one takes its
+    ``known``: target top-K lists already scored (earlier passes'); a node that has one takes its
     candidates from it (the target's own, exact) instead of from the draft. ``draft_lists``: the
     draft's top-K per node already computed (filled in here)."""
     known = known or {}
@@ -363,6 +363,18 @@ def score_paths(
     return scored
 
 
+def merge_scored(
+    known: dict[tuple[int, ...], dict | None], scored: dict[tuple[int, ...], dict | None]
+) -> dict[tuple[int, ...], dict | None]:
+    """Earlier passes' top-K lists updated with this pass's; a list never gives way to ``AMBIGUOUS``
+    (both are the target's numbers for the same prefix: they can differ only in being rebuilt)."""
+    merged = dict(known)
+    for key, lst in scored.items():
+        if lst is not None or key not in merged:
+            merged[key] = lst
+    return merged
+
+
 def _top_tied(top_list: dict | None) -> bool:
     """Whether a rebuilt top-K list has a tie at the top (its greedy pick came from the tie rule)."""
     if top_list is None or len(top_list) < 2:
@@ -480,7 +492,7 @@ def beam_search(
     if resolve_top_ties is None:
         resolve_top_ties = model_config.dtype in (torch.bfloat16, torch.float16)
 
-    known: dict[tuple[int, ...], dict | None] = {}  # the last pass's scored top-K lists
+    known: dict[tuple[int, ...], dict | None] = {}  # scored top-K lists still ahead of some beam
     draft_lists: dict[tuple[int, ...], list[tuple[int, float]]] = {}  # the draft's, this search
     with count_engine_calls(llm) as counter:
         while True:
@@ -506,18 +518,20 @@ def beam_search(
             scored = score_paths(
                 llm, paths, roots, cfg.num_logprobs, read_prefix_cache, stats, resolve_top_ties
             )
-            known = scored
+            known = merge_scored(known, scored)
             stats.passes += 1
             stats.scored_paths += len(paths)
 
             taken = 0
             for s in live:
                 stats.plain_steps += s.plain_next
-                steps = replay(s, scored, cfg)
+                steps = replay(s, known, cfg)
                 s.plain_next = steps == 0
                 taken += steps
             stats.beam_steps += taken
             stats.steps_per_pass.append(taken)
+            shortest = min((len(s.instance.beams[0].tokens) for s in searches if s.running(cfg)), default=0)
+            known = {key: lst for key, lst in known.items() if len(key) >= shortest}  # the rest is behind every beam
     stats.engine_calls += counter.calls
     stats.engine_steps += counter.steps
 

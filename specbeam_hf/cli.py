@@ -558,8 +558,9 @@ def _add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gammas", type=_int_list, default=None, metavar="LIST", help="γ sweep values ('' for none; default 1,2,3,4,6,8)")
     p.add_argument("--tree-widths", type=_int_list, default=None, metavar="LIST", help="tree sweep widths (default 2,3)")
     p.add_argument("--tree-budgets", type=_int_list, default=None, metavar="LIST", help="tree sweep node budgets ('' for none; default 4,8,12)")
-    p.add_argument("--repeats", type=_positive_int, default=None, help="timing: best of this many passes per mode (default 1)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--repeats", type=_positive_int, default=None, help="timing: best of this many passes per mode (default 2; quick 1)")
+    p.add_argument("--threads", type=_non_negative_int, default=None,
+                   help="torch threads (default 1: steadier on a shared machine; 0: torch's default)")
     p.add_argument("--out", default="runs/eval", metavar="DIR", help="folder for eval[_quick].json and the PNG plots")
     p.add_argument("--track", "--wandb", dest="track", action="store_true",
                    help="also log to Weights & Biases, offline (needs pip install wandb; nothing is sent)")

@@ -219,6 +219,7 @@ class Dashboard:
         return {
             "step": record.step,
             "drafted": len(drafted),
+            "num_accepted": k,
             "accepted": [self.token(t) for t in emitted[:k]],
             "recovered": [] if bonus else [self.token(t) for t in last],
             "bonus": [self.token(t) for t in last] if bonus else [],

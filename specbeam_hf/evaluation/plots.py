@@ -18,7 +18,8 @@ def _plt():
 def plot_modes(results: dict[str, Any], path: Path) -> None:
     plt = _plt()
     rows = results["modes"]
-    labels = [r["label"].replace(" ", "\n", 1) for r in rows]
+    short = {"gamma": "γ", "num_beams": "B", "tree_width": "w", "tree_budget": "n"}
+    labels = [r["mode"] + "\n" + ",".join(f"{short[k]}={r[k]}" for k in short if k in r) for r in rows]
     panels = [("tokens_per_s", "new tokens / s"), ("bleu", "BLEU vs reference"), ("rougeL", "ROUGE-L F1"),
               ("perplexity", "perplexity under the target")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))

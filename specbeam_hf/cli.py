@@ -542,11 +542,10 @@ def _add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
             "distinct-n and self-BLEU across beams; plus a γ sweep and a tree-shape sweep. Prints tables, writes "
             "JSON and PNG plots to --out. Unset options take the defaults below, or with --quick a CI-sized run's."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--target", default=str(DEMO_TARGET), help="target model: a local folder or a model-hub name")
-    p.add_argument("--draft", default=str(DEMO_DRAFT), help="draft model: a local folder or a model-hub name")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype both models are loaded in")
+    p.add_argument("--target", default=str(DEMO_TARGET), help="target model: a local folder or a model-hub name (default: the demo target)")
+    p.add_argument("--draft", default=str(DEMO_DRAFT), help="draft model: a local folder or a model-hub name (default: the demo draft)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype both models are loaded in (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 prompts, 12 tokens, 2 beams, small sweeps")
     p.add_argument("--num-prompts", type=_positive_int, default=None, metavar="N", help="held-out prompts (default 8; quick 2)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=None, metavar="N", help="tokens per prompt (default 40; quick 12)")
@@ -561,10 +560,10 @@ def _add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=None, help="timing: best of this many passes per mode (default 2; quick 1)")
     p.add_argument("--threads", type=_non_negative_int, default=None,
                    help="torch threads (default 1: steadier on a shared machine; 0: torch's default)")
-    p.add_argument("--out", default="runs/eval", metavar="DIR", help="folder for eval[_quick].json and the PNG plots")
+    p.add_argument("--out", default="runs/eval", metavar="DIR", help="folder for eval[_quick].json and the PNG plots (default: %(default)s)")
     p.add_argument("--track", "--wandb", dest="track", action="store_true",
                    help="also log to Weights & Biases, offline (needs pip install wandb; nothing is sent)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar (default: on)")
     p.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of these options; command-line flags override it")
     return p
 

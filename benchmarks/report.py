@@ -1,6 +1,7 @@
 """Markdown tables from the benchmark JSON files (what BENCHMARKS.md quotes).
 
     python benchmarks/report.py benchmarks/results/bench_hf_bfloat16.json benchmarks/results/bench_trees_beams_*.json
+    python benchmarks/report.py benchmarks/results/eval.json     # specbeam evaluate --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def main(paths: list[str]) -> int:
     for path in paths:
         data = json.loads(Path(path).read_text())
         print(f"### {Path(path).name}\n")
+        if "modes" in data:  # specbeam evaluate's output: its own tables
+            from specbeam_hf.evaluation.report import main as eval_report
+
+            eval_report([path])
+            continue
         print(hf_table(data) if "summary" in data else trees_beams_table(data))
         print()
     return 0

@@ -3,6 +3,8 @@
     specbeam generate --prompt "def fibonacci(n):" --draft-length 4 --max-new-tokens 64
     specbeam generate --prompt "import os" --mode sample --temperature 0.8 --seed 1 --verbose
     specbeam generate --config examples/config.yaml --json-log run.json
+    specbeam evaluate [--quick] [--out runs/eval]      # modes compared, γ and tree sweeps: JSON + PNG
+    specbeam dashboard [--host 127.0.0.1] [--port 8765] # watch iterations in a browser, browse runs
 
 Without ``--target``/``--draft`` the shipped demo pair (``specbeam_hf/demo_models``) is used. A
 ``--target``/``--draft`` that is a local folder is loaded from there; any other value is taken as a
@@ -14,7 +16,7 @@ underscores); flags given on the command line override the file. Exit status: 0 
 for bad input (options, prompt, model folders, config), 1 when generation itself fails.
 
 Each subcommand is one ``_add_<name>_parser`` + ``_cmd_<name>`` pair registered in
-``_COMMANDS``; ``serve``, ``dashboard`` and ``bench`` are meant to join the same way.
+``_COMMANDS``; ``serve`` and ``bench`` are meant to join the same way.
 """
 
 from __future__ import annotations
@@ -396,7 +398,7 @@ def _json_log(args, prompt_ids, request, tokenizer, engine, summary, text: str) 
         step["emitted_strings"] = [[_token_text(tokenizer, t) for t in row] for row in record.emitted_tokens]
         parts = _classify(record)
         step["kinds"] = [{kind: [_token_text(tokenizer, t) for t in toks] for kind, toks in parts.items()}]
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "_handler")}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "_handler", "_argv")}
     return {
         "specbeam_version": _version(),
         "command": "generate",
@@ -508,7 +510,167 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-# name -> (add the subcommand's parser, run it)
+# --------------------------------------------------------------------------- evaluate
+def _int_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers >= 1 ("" for none)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _mode_list(text: str) -> tuple[str, ...]:
+    from specbeam_hf.evaluation.modes import MODES
+
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in values if v not in MODES]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"expected modes from {', '.join(MODES)}, got {text!r}")
+    return values
+
+
+def _add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="compare greedy, beam, speculative, speculative beam and tree decoding (speed, acceptance, quality, diversity)",
+        description=(
+            "Evaluate the decoding modes on a reference task built from the demo models' held-out stdlib files: "
+            "tokens/s, acceptance, perplexity under the target, BLEU/ROUGE against the reference continuations, "
+            "distinct-n and self-BLEU across beams; plus a γ sweep and a tree-shape sweep. Prints tables, writes "
+            "JSON and PNG plots to --out. Unset options take the defaults below, or with --quick a CI-sized run's."
+        ),
+    )
+    p.add_argument("--target", default=str(DEMO_TARGET), help="target model: a local folder or a model-hub name (default: the demo target)")
+    p.add_argument("--draft", default=str(DEMO_DRAFT), help="draft model: a local folder or a model-hub name (default: the demo draft)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype both models are loaded in (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 2 prompts, 12 tokens, 2 beams, small sweeps")
+    p.add_argument("--num-prompts", type=_positive_int, default=None, metavar="N", help="held-out prompts (default 8; quick 2)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None, metavar="N", help="tokens per prompt (default 40; quick 12)")
+    p.add_argument("--modes", type=_mode_list, default=None, metavar="LIST", help="comma-separated modes (default all five)")
+    p.add_argument("--gamma", type=_positive_int, default=None, help="draft length of speculative chains, depth of trees (default 4)")
+    p.add_argument("--num-beams", type=_positive_int, default=None, metavar="B", help="beams of the beam modes (default 4; quick 2)")
+    p.add_argument("--tree-width", type=_positive_int, default=None, metavar="W", help="tree width of the tree mode (default 3)")
+    p.add_argument("--tree-budget", type=_positive_int, default=None, metavar="N", help="tree nodes of the tree mode (default width × depth)")
+    p.add_argument("--gammas", type=_int_list, default=None, metavar="LIST", help="γ sweep values ('' for none; default 1,2,3,4,6,8)")
+    p.add_argument("--tree-widths", type=_int_list, default=None, metavar="LIST", help="tree sweep widths (default 2,3)")
+    p.add_argument("--tree-budgets", type=_int_list, default=None, metavar="LIST", help="tree sweep node budgets ('' for none; default 4,8,12)")
+    p.add_argument("--repeats", type=_positive_int, default=None, help="timing: best of this many passes per mode (default 2; quick 1)")
+    p.add_argument("--threads", type=_non_negative_int, default=None,
+                   help="torch threads (default 1: steadier on a shared machine; 0: torch's default)")
+    p.add_argument("--out", default="runs/eval", metavar="DIR", help="folder for eval[_quick].json and the PNG plots (default: %(default)s)")
+    p.add_argument("--track", "--wandb", dest="track", action="store_true",
+                   help="also log to Weights & Biases, offline (needs pip install wandb; nothing is sent)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar (default: on)")
+    p.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of these options; command-line flags override it")
+    return p
+
+
+def _eval_config(args):
+    from specbeam_hf.evaluation import EvalConfig
+
+    fields = ("num_prompts", "max_new_tokens", "modes", "gamma", "num_beams", "tree_width", "tree_budget", "gammas",
+              "tree_widths", "tree_budgets", "repeats", "threads")
+    given = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    common = dict(target=args.target, draft=args.draft, dtype=args.dtype, out=Path(args.out).expanduser(), track=args.track,
+                  extra={"argv": list(getattr(args, "_argv", []))})
+    config = EvalConfig.quick_defaults(**common, **given) if args.quick else EvalConfig(**common, **given)
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return config
+
+
+def _cmd_evaluate(args) -> int:
+    from rich.console import Console
+
+    from specbeam_hf.evaluation import evaluate
+    from specbeam_hf.evaluation.report import rich_tables
+    from specbeam_hf.evaluation.tracking import TrackingUnavailable
+
+    config = _eval_config(args)
+    for role, name, default in (("target", config.target, str(DEMO_TARGET)), ("draft", config.draft, str(DEMO_DRAFT))):
+        _check_model_location(name, role, default)
+    try:
+        config.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out: cannot create {config.out}: {exc.strerror or exc}") from None
+    try:
+        results = evaluate(config, progress=args.progress)
+    except TrackingUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    console = Console(highlight=False)
+    for table in rich_tables(results):
+        console.print(table)
+    files = [results["files"]["json"], *results["files"]["plots"]]
+    console.print(f"wrote {', '.join(files)} ({results['meta']['seconds']:.0f} s)", style="dim")
+    return 0
+
+
+# --------------------------------------------------------------------------- dashboard
+def _add_dashboard_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "dashboard",
+        help="a web page to watch speculative decoding step by step and browse saved runs and plots",
+        description=(
+            "Serve a dashboard: pick a prompt and a mode and watch every iteration (accepted, corrected, bonus and "
+            "rejected draft tokens in colour) with acceptance statistics; browse saved JSON runs and benchmark plots."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only by default)")
+    p.add_argument("--port", type=_int_at_least(0), default=8765, help="TCP port (0: any free port)")
+    p.add_argument("--target", default=str(DEMO_TARGET), help="target model: a local folder or a model-hub name")
+    p.add_argument("--draft", default=str(DEMO_DRAFT), help="draft model: a local folder or a model-hub name")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype both models are loaded in")
+    p.add_argument("--runs-dir", action="append", default=None, metavar="DIR",
+                   help="folders of saved JSON runs and PNG plots to browse (repeatable; default: benchmarks/results and runs/)")
+    p.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of these options; command-line flags override it")
+    return p
+
+
+def _cmd_dashboard(args) -> int:
+    for role, name, default in (("target", args.target, str(DEMO_TARGET)), ("draft", args.draft, str(DEMO_DRAFT))):
+        _check_model_location(name, role, default)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UsageError("the dashboard needs fastapi and uvicorn: pip install 'specbeam[dashboard]'") from None
+    from specbeam_hf.dashboard.app import create_app, default_runs_dirs
+
+    runs_dirs = [Path(d).expanduser() for d in args.runs_dir] if args.runs_dir else default_runs_dirs()
+    app = create_app(args.target, args.draft, dtype=args.dtype, runs_dirs=runs_dirs)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"specbeam dashboard: warning: listening on {args.host}, not only on loopback; anyone who can reach it can run generations",
+              file=sys.stderr)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(config)
+
+    async def announce_and_serve():
+        # print the bound address once the socket is open (--port 0 picks a free port)
+        import asyncio
+
+        task = asyncio.ensure_future(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            port = server.servers[0].sockets[0].getsockname()[1]
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"specbeam dashboard: serving on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
+        await task
+
+    import asyncio
+
+    asyncio.run(announce_and_serve())
+    return 0
+
+
+# name -> (add the subcommand's parser, run it). serve and bench will be added here.
+# --------------------------------------------------------------------------- serve
 def _add_serve_parser(subparsers) -> argparse.ArgumentParser:
     from specbeam_vllm.serve import add_arguments
 
@@ -531,6 +693,8 @@ def _cmd_serve(args) -> int:
 
 _COMMANDS: dict[str, tuple[Callable[[Any], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
     "generate": (_add_generate_parser, _cmd_generate),
+    "evaluate": (_add_evaluate_parser, _cmd_evaluate),
+    "dashboard": (_add_dashboard_parser, _cmd_dashboard),
     "serve": (_add_serve_parser, _cmd_serve),
 }
 PASS_THROUGH = {"serve"}  # subcommands whose unknown flags belong to another program (vLLM)
@@ -545,6 +709,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.vllm_args = unknown
     elif unknown:
         subs[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    args._argv = list(sys.argv[1:] if argv is None else argv)
     config = getattr(args, "config", None)
     if config is not None:
         sub = subs[args.command]
@@ -556,6 +721,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args, unknown = parser.parse_known_args(argv)
         if args.command in PASS_THROUGH:
             args.vllm_args = unknown
+        args._argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
 

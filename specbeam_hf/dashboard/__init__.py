@@ -1,0 +1,1 @@
+"""``specbeam dashboard``: watch speculative decoding iteration by iteration in a browser."""

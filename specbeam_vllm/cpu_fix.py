@@ -21,6 +21,7 @@ import torch
 logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers print ours
 
 AFFECTED_VERSIONS = ("0.32.0",)
+_replaced = None  # vLLM's own kernel, kept once install() has replaced it
 
 
 def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):  # noqa: N803
@@ -30,6 +31,13 @@ def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_t
     values = torch.where(input_val == replace_from, torch.full_like(input_val, replace_to), input_val)  # [batch]
     total = int(ends[-1]) if len(ends) else 0
     output[:total] = torch.repeat_interleave(values, counts).to(output.dtype)  # [num_tokens]
+
+
+def vllm_expand_kernel():
+    """vLLM's own CPU expand kernel, whether or not :func:`install` has replaced it in this process."""
+    from vllm.utils import cpu_triton_utils
+
+    return _replaced if _replaced is not None else cpu_triton_utils._expand_kernel_impl
 
 
 def vllm_version() -> str | None:
@@ -60,7 +68,9 @@ def install(force: bool = False) -> bool:
         return False
     from vllm.utils import cpu_triton_utils
 
+    global _replaced
     if cpu_triton_utils._expand_kernel_impl is not expand_kernel_impl:
+        _replaced = cpu_triton_utils._expand_kernel_impl
         cpu_triton_utils._expand_kernel_impl = expand_kernel_impl
         try:  # overrides registered already in this process (a plugin loaded late): register ours again
             from vllm.triton_utils import dispatcher

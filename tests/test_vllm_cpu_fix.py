@@ -19,11 +19,8 @@ def vllm_cpu_expand():
     if not current_platform.is_cpu() or cpu_fix.vllm_version() not in cpu_fix.AFFECTED_VERSIONS:
         pytest.skip("the mend is for the CPU platform of vLLM 0.32")
     current_platform.import_kernels()
-    from vllm.utils import cpu_triton_utils
-
-    original = cpu_triton_utils._expand_kernel_impl
-    if original is cpu_fix.expand_kernel_impl:  # the plugin already ran in this process
-        pytest.skip("vLLM's kernel was already replaced in this process")
+    original = cpu_fix.vllm_expand_kernel()  # vLLM's, even if the plugin ran in this process
+    assert original is not cpu_fix.expand_kernel_impl
     return original
 
 
@@ -50,8 +47,10 @@ def test_mend_is_installed_where_needed(vllm_cpu_expand):
     from vllm.utils import cpu_triton_utils
 
     assert cpu_fix.needs_mend()
+    before = cpu_triton_utils._expand_kernel_impl
     try:
         assert cpu_fix.install()
         assert cpu_triton_utils._expand_kernel_impl is cpu_fix.expand_kernel_impl
+        assert cpu_fix.vllm_expand_kernel() is vllm_cpu_expand
     finally:
-        cpu_triton_utils._expand_kernel_impl = vllm_cpu_expand
+        cpu_triton_utils._expand_kernel_impl = before

@@ -27,14 +27,14 @@ PROMPTS = [
 ]
 
 
-def configs(draft: str, gamma: int) -> dict[str, list[str]]:
+def configs(draft: str, gamma: int, specbeam_options: dict) -> dict[str, list[str]]:
     return {
         "spec-off": [],
         "vllm-draft_model": ["--speculative-config", json.dumps(
             {"method": "draft_model", "model": draft, "num_speculative_tokens": gamma})],
         "vllm-ngram": ["--speculative-config", json.dumps(
             {"method": "ngram", "num_speculative_tokens": gamma, "prompt_lookup_max": 4, "prompt_lookup_min": 2})],
-        "specbeam": specbeam_flags(draft, gamma),
+        "specbeam": specbeam_flags(draft, gamma, **specbeam_options),
     }
 
 
@@ -64,11 +64,12 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--configs", default="spec-off,vllm-draft_model,vllm-ngram,specbeam")
+    ap.add_argument("--specbeam-options", default="{}", help="JSON object of specbeam options for the specbeam server")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "vllm.json"))
     ap.add_argument("--log-dir", default="/tmp")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
-    table = configs(os.path.abspath(args.draft), args.gamma)
+    table = configs(os.path.abspath(args.draft), args.gamma, json.loads(args.specbeam_options))
     common = ["--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", str(max(levels)),
               "--seed", "0"]
     results: dict = {"args": vars(args), "configs": {}}

@@ -26,9 +26,9 @@ class SpecBeamVllmOptions(BaseModel):
         True, description="sample drafts of sampled requests from the draft's warped distribution and hand "
         "vLLM's rejection sampler their probabilities (needs the specbeam plugin); off: greedy drafts, one-hot")
     full_draft_max_batch: int = Field(
-        4, ge=0, description="default draft-length policy: the full draft length up to this many decoding rows")
+        1, ge=0, description="default draft-length policy: the full draft length up to this many decoding rows")
     no_draft_min_batch: int = Field(
-        12, ge=1, description="default draft-length policy: no drafting from this many decoding rows on")
+        3, ge=1, description="default draft-length policy: no drafting from this many decoding rows on")
     confidence_threshold: float = Field(
         0.0, ge=0.0, lt=1.0, description="end a row's draft after a token the draft gives less probability "
         "than this (HF's assistant_confidence_threshold rule): fewer wasted draft forwards")

@@ -197,26 +197,25 @@ class SpecBeamProposer:
         n_rows = len(sampled_token_ids)
         rows = {i: np.asarray(token_ids_cpu[i, : int(num_tokens_no_spec[i])])
                 for i in range(n_rows) if sampled_token_ids[i]}  # decoding rows -> [num_tokens]
+        proposals: list[list[int]] = [[] for _ in range(n_rows)]
+        order = sorted(rows)
+        as_lists = {i: rows[i].tolist() for i in order}
+        if rows:
+            placeholders = [Request(request_id=-1, prompt=as_lists[i], params=SamplingParams(), max_new_tokens=1)
+                            for i in order]  # what the draft-length hook sees: one per decoding row
+            gamma = self.pm.hook.specbeam_draft_length(requests=placeholders, default=self.num_speculative_tokens)
+            gamma = check_draft_length(gamma, "draft length chosen by the specbeam_draft_length hook", allow_zero=True)
+            gamma = min(gamma, self.num_speculative_tokens)  # vLLM takes at most num_speculative_tokens per row
+            if gamma == 0:
+                return proposals  # plain decoding this step; states stay as they are (no matching cost)
         matched = self.matcher.match(rows)
         for state in matched.values():
             state.last_claimed = self.step
         for state in self.matcher.states():
             if self.step - state.last_claimed >= UNCLAIMED_STEPS:
                 self._free(state)  # finished, preempted or aborted without notice
-        proposals: list[list[int]] = [[] for _ in range(n_rows)]
         if not rows:
             return proposals
-
-        order = sorted(rows)
-        as_lists = {i: rows[i].tolist() for i in order}
-        placeholders = [Request(request_id=-1, prompt=as_lists[i], params=SamplingParams(), max_new_tokens=1)
-                        for i in order]  # what the draft-length hook sees: one per decoding row
-        gamma = self.pm.hook.specbeam_draft_length(requests=placeholders, default=self.num_speculative_tokens)
-        gamma = check_draft_length(gamma, "draft length chosen by the specbeam_draft_length hook", allow_zero=True)
-        gamma = min(gamma, self.num_speculative_tokens)  # vLLM takes at most num_speculative_tokens per row
-        if gamma == 0:
-            return proposals
-
         requests, draft_rows, num_draft = [], [], []
         claimed = {id(s) for s in matched.values()}
         pending = 0  # blocks the rows taken so far this step will allocate when the drafter runs

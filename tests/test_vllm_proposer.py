@@ -61,7 +61,14 @@ def vllm_config(draft, *, gamma=GAMMA, max_model_len=MAX_LEN, max_num_seqs=MAX_R
 
 
 def make_proposer(folders, **kwargs):
+    """A proposer that drafts the full length for every batch size unless the test sets the policy."""
     kwargs.setdefault("tokenizer", folders[0])
+    full_length = {"full_draft_max_batch": MAX_REQS, "no_draft_min_batch": MAX_REQS + 1}
+    section = (kwargs.get("additional") or {}).get("specbeam")
+    if isinstance(section, dict):
+        kwargs["additional"] = {"specbeam": {**full_length, **section}}
+    elif "full_draft_max_batch" not in kwargs and "no_draft_min_batch" not in kwargs:
+        kwargs.update(full_length)
     return SpecBeamProposer(vllm_config(folders[1], **kwargs))
 
 

@@ -46,7 +46,9 @@ def reference(tmp_path_factory):
 def specbeam_server(tmp_path_factory, reference):
     folder = tmp_path_factory.mktemp("specbeam")
     stats = str(folder / "stats.json")
-    server = Server(TARGET, specbeam_flags(DRAFT, 4, stats_file=stats) + COMMON_FLAGS, log_path=str(folder / "server.log"))
+    # full drafting at every batch size, so rows join, leave and reorder while drafts run
+    flags = specbeam_flags(DRAFT, 4, stats_file=stats, full_draft_max_batch=8, no_draft_min_batch=9)
+    server = Server(TARGET, flags + COMMON_FLAGS, log_path=str(folder / "server.log"))
     server.stats_file = stats
     with server:
         yield server

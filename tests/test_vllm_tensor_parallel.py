@@ -30,7 +30,8 @@ def reference(tmp_path_factory):
 
 def test_two_ranks_propose_alike_and_greedy_is_exact(tmp_path, reference):
     stats = str(tmp_path / "stats-rank{rank}.json")
-    flags = specbeam_flags(DRAFT, 4, stats_file=stats) + COMMON_FLAGS + ["--tensor-parallel-size", "2"]
+    flags = specbeam_flags(DRAFT, 4, stats_file=stats, full_draft_max_batch=8, no_draft_min_batch=9) + \
+        COMMON_FLAGS + ["--tensor-parallel-size", "2"]
     server = Server(TARGET, flags, log_path=str(tmp_path / "server.log"), startup_timeout=300,
                     env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})  # one core per rank (vLLM asks for NUMA nodes otherwise)
     with server:

@@ -101,6 +101,12 @@ class DraftModelDrafter:
         if seq is not None and self.cache is not None:
             self.cache.free(seq)
 
+    def blocks_short(self, request: Request, num_tokens: int) -> int:
+        """Blocks the draft cache must still allocate to hold ``num_tokens`` tokens of ``request``."""
+        seq = self._seq.get(request.request_id)
+        have = len(self.cache.block_table(seq)) if seq is not None else 0
+        return max(0, self.cache.blocks_needed(num_tokens) - have)
+
     def _sync(self, request: Request) -> list[int]:
         """Roll the draft cache back to what still agrees with the request; return the unseen tokens."""
         rid = request.request_id

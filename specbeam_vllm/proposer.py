@@ -164,11 +164,6 @@ class SpecBeamProposer:
                 self._free(state)
         self._write_stats()
 
-    def _blocks_short(self, state: DraftState, num_tokens: int) -> int:
-        seq = self.drafter._seq.get(state.request.request_id)
-        have = len(self.cache.block_table(seq)) if seq is not None else 0
-        return max(0, self.cache.blocks_needed(num_tokens) - have)
-
     def _make_room(self, blocks: int, keep: set[int]) -> bool:
         """Evict states not claimed this step (oldest first) until ``blocks`` are free."""
         if self.cache.num_free_blocks >= blocks:
@@ -226,7 +221,7 @@ class SpecBeamProposer:
                 continue
             state = matched.get(i)
             short = self.cache.blocks_needed(len(tokens) + g) if state is None else \
-                self._blocks_short(state, len(tokens) + g)
+                self.drafter.blocks_short(state.request, len(tokens) + g)
             if not self._make_room(pending + short, claimed):
                 self.counters["rows_skipped_pool_full"] += 1
                 continue

@@ -45,6 +45,11 @@ def supports(model: PreTrainedModel) -> str | None:
     return None
 
 
+# rotary variants whose cos/sin depend on the position alone (not on the sequence length), so one
+# table built once serves every forward
+STATIC_ROPE = {"default", "linear", "llama3"}
+
+
 class FastLlamaDraft(HFCausalLM):
     """``HFCausalLM`` with a direct forward for llama-shaped models (drafts only)."""
 
@@ -54,13 +59,34 @@ class FastLlamaDraft(HFCausalLM):
             raise ValueError(f"FastLlamaDraft cannot run {type(model).__name__}: {reason}")
         super().__init__(model)
         self.scaling = self.head_dim ** -0.5
+        rotary = model.model.rotary_emb
+        self._static_rope = getattr(rotary, "rope_type", None) in STATIC_ROPE
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, head_dim]
+        self._rope_key: tuple | None = None
+
+    # --------------------------------------------------------------- rotary table
+    def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, T, head_dim] for ``positions`` [N, T]: rows of a table built once per length."""
+        rotary = self.model.model.rotary_emb
+        if not self._static_rope:
+            return rotary(x, positions)
+        need = int(positions.max()) + 1
+        key = (x.dtype, x.device, rotary.inv_freq.data_ptr())
+        if self._rope_table is None or self._rope_key != key or need > self._rope_table[0].shape[0]:
+            have = 0 if self._rope_table is None or self._rope_key != key else self._rope_table[0].shape[0]
+            length = max(need, 2 * have, 256)
+            grid = torch.arange(length, device=x.device)[None]  # [1, length]
+            cos, sin = rotary(x[:1, :1], grid)  # [1, length, head_dim] each, exactly as per forward
+            self._rope_table, self._rope_key = (cos[0], sin[0]), key
+        cos, sin = self._rope_table
+        return cos[positions], sin[positions]
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv: KVBatch, num_logits: int) -> torch.Tensor:
         inner = self.model.model
         n, t = tokens.shape
         x = inner.embed_tokens(tokens)  # [N, T, hidden]
-        cos, sin = inner.rotary_emb(x, kv.positions)  # [N, T, head_dim] each
+        cos, sin = self._cos_sin(x, kv.positions)  # [N, T, head_dim] each
         cos, sin = cos[:, None], sin[:, None]  # [N, 1, T, head_dim]
         mask = kv.attention_mask  # [N, 1, T, K] additive, or None
         if mask is not None:

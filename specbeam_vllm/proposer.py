@@ -37,6 +37,7 @@ from specbeam_core import DraftModelDrafter, Request, SamplingParams, get_plugin
 from specbeam_core.engine import check_draft_length
 from specbeam_core.hookspecs import PROJECT
 
+from .cpu_gemm import use_vllm_cpu_gemm
 from .options import SpecBeamVllmOptions, parse_options
 from .policy import BatchSizePolicy
 from .rows import DraftState, RowMatcher
@@ -46,7 +47,8 @@ logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers
 UNCLAIMED_STEPS = 2  # free a state after this many steps in which no row claimed it
 
 
-def load_draft(options: SpecBeamVllmOptions, dtype: torch.dtype, target_tokenizer: str | None, target_vocab: int):
+def load_draft(options: SpecBeamVllmOptions, dtype: torch.dtype, target_tokenizer: str | None, target_vocab: int,
+               on_cpu: bool = False):
     """Load the draft with transformers' ``from_pretrained`` and check it can draft for the target."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,6 +57,8 @@ def load_draft(options: SpecBeamVllmOptions, dtype: torch.dtype, target_tokenize
     if options.dtype is not None:
         dtype = getattr(torch, options.dtype)
     model = AutoModelForCausalLM.from_pretrained(options.draft, dtype=dtype).eval()
+    if on_cpu and options.vllm_cpu_gemm:
+        use_vllm_cpu_gemm(model)
     draft = draft_causal_lm(model)
     if draft.vocab_size < target_vocab or draft.vocab_size > target_vocab + 512:
         raise ValueError(
@@ -102,7 +106,8 @@ class SpecBeamProposer:
         self.pm.load_setuptools_entrypoints(PROJECT)  # registered later, so called before the batch policy
         on_cpu = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu") == "cpu"
         # a small draft on the CPU runs faster in float32 (bf16 elementwise ops cost more than they save)
-        draft = load_draft(self.options, torch.float32 if on_cpu else model_config.dtype, getattr(model_config, "tokenizer", None), self.vocab_size)
+        draft = load_draft(self.options, torch.float32 if on_cpu else model_config.dtype, getattr(model_config, "tokenizer", None), self.vocab_size,
+                           on_cpu=on_cpu)
         if draft.max_positions is not None and draft.max_positions < self.max_model_len:
             raise ValueError(
                 f"draft model {self.options.draft!r} handles {draft.max_positions} positions but --max-model-len "

@@ -102,6 +102,22 @@ def test_fast_draft_matches_hf(model):
     assert pair.fast.forward_count == pair.hf.forward_count == 10
 
 
+def test_rotary_table_grows_past_its_first_length():
+    """cos/sin come from a table built for 256 positions at first; longer sequences rebuild it."""
+    m = build_model("llama", vocab_size=VOCAB, seed=6, init=0.2, max_positions=600)
+    runner = FastLlamaDraft(m)
+    tokens = torch.randint(3, VOCAB, (300,), generator=torch.Generator().manual_seed(2)).tolist()
+    cache = runner.make_cache(80, 8)
+    seq = cache.new_sequence()
+    kv = build_kv_batch(cache, [seq], [200], cache.dtype)
+    runner.forward(torch.tensor([tokens[:200]]), kv, 1)
+    assert runner._rope_table[0].shape[0] == 256
+    kv = build_kv_batch(cache, [seq], [100], cache.dtype)
+    got = runner.forward(torch.tensor([tokens[200:]]), kv, 100)[0]
+    assert runner._rope_table[0].shape[0] >= 300
+    check_close(got, full_logits(m, tokens)[200:])
+
+
 def test_draft_causal_lm_picks_the_runner(model):
     assert supports(model) is None
     assert type(draft_causal_lm(model)) is FastLlamaDraft

@@ -18,7 +18,7 @@ from model_folders import save, small_vocab_pair, tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from specbeam_core import SamplingParams, hookimpl
+from specbeam_core import SamplingParams, build_kv_batch, hookimpl
 from specbeam_vllm.cpu_fix import expand_kernel_impl
 from specbeam_vllm.policy import batch_draft_length
 from specbeam_vllm.proposer import UNCLAIMED_STEPS, SpecBeamProposer
@@ -663,6 +663,30 @@ def test_stats_file_and_load_model(folders, tmp_path):
     assert written["states"] == 2 and written["proposals"] == 1 and written["draft_rows"] == 2
     assert written["drafted_tokens"] == 2 * GAMMA and written["step"] == 1
     assert written["used_blocks"] + written["free_blocks"] == written["total_blocks"]
+
+
+def test_draft_linears_run_on_vllm_cpu_gemm(folders, draft_hf):
+    """On the CPU the draft's linear layers use vLLM's prepacked GEMM (option ``vllm_cpu_gemm``, on by
+    default); its logits match the plain HF draft's to float rounding, and the option turns it off."""
+    pytest.importorskip("vllm")
+    packed = make_proposer(folders)
+    def linears(proposer):
+        return [m for m in proposer.drafter.model.model.modules() if isinstance(m, torch.nn.Linear)]
+
+    runner = packed.drafter.model
+    assert len(linears(packed)) == 7 * runner.num_layers + 1 and all(
+        hasattr(m, "cpu_linear") and "forward" in vars(m) for m in linears(packed))
+    plain = make_proposer(folders, vllm_cpu_gemm=False)
+    assert not any("forward" in vars(m) for m in linears(plain))
+    tokens = prompts(1, np.random.default_rng(15), low=20, high=21)[0]
+    with torch.no_grad():
+        ref = draft_hf(torch.tensor([tokens])).logits[0].float()  # [20, vocab]
+    for proposer in (packed, plain):  # the runner's own forward, over its paged cache
+        runner = proposer.drafter.model
+        cache = runner.make_cache(8, 16)
+        kv = build_kv_batch(cache, [cache.new_sequence()], [len(tokens)], cache.dtype)
+        got = runner.forward(torch.tensor([tokens]), kv, len(tokens))[0]  # [20, vocab]
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
 
 
 # ----------------------------------------------------------------------------- cpu_fix expand kernel

@@ -65,13 +65,15 @@ def main(argv=None) -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--configs", default="spec-off,vllm-draft_model,vllm-ngram,specbeam")
     ap.add_argument("--specbeam-options", default="{}", help="JSON object of specbeam options for the specbeam server")
+    ap.add_argument("--extra-flags", default="[]",
+                    help='JSON list of more vLLM flags for every server, e.g. \'["--no-async-scheduling"]\'')
     ap.add_argument("--out", default=os.path.join(HERE, "results", "vllm.json"))
     ap.add_argument("--log-dir", default="/tmp")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     table = configs(os.path.abspath(args.draft), args.gamma, json.loads(args.specbeam_options))
     common = ["--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", str(max(levels)),
-              "--seed", "0"]
+              "--seed", "0", *json.loads(args.extra_flags)]
     results: dict = {"args": vars(args), "configs": {}}
     for name in args.configs.split(","):
         log = os.path.join(args.log_dir, f"bench-vllm-{name}.log")

@@ -68,7 +68,7 @@ class FastLlamaDraft(HFCausalLM):
     def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [N, T, head_dim] for ``positions`` [N, T]: rows of a table built once per length."""
         rotary = self.model.model.rotary_emb
-        if not self._static_rope:
+        if not self._static_rope or x.device.type != "cpu":  # elsewhere the max below would sync the device
             return rotary(x, positions)
         need = int(positions.max()) + 1
         key = (x.dtype, x.device, rotary.inv_freq.data_ptr())

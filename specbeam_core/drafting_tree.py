@@ -1,11 +1,13 @@
 """Drafters that propose token trees instead of chains.
 
 :class:`DraftTreeDrafter` grows a tree per request with a draft-model beam search of width ``w``
-and depth ``d``: at each level every frontier node offers its ``w`` most likely tokens, the ``w``
-candidates with the highest *cumulative* draft probability become nodes and the next frontier, and
-growth stops when the request's node ``budget`` is spent. The nodes of a level therefore go where
-the draft is confident (several siblings under an uncertain node, one deep path under confident
-ones: a dynamic tree, as in EAGLE-2); width 1 is a chain. The draft K/V of every expanded node is kept in the draft's paged pool until the next
+and depth ``d``: at each level every frontier node offers its ``w`` most likely tokens, and the ``w``
+offers with the highest *cumulative* draft probability (plus the draft's greedy chain) are expanded
+into the next frontier. The tree is then the greedy chain plus the most probable other offers, of
+any depth, until the request's node ``budget`` is spent. The nodes therefore go where the draft is
+confident (several siblings under an uncertain node, one deep path under confident ones: a dynamic
+tree with EAGLE-2's reranking), and a tree never accepts fewer tokens than the chain it holds; width
+1 is a chain. The draft K/V of every expanded node is kept in the draft's paged pool until the next
 step, so whatever the target accepts is never recomputed by the draft.
 
 :class:`MergedTreeDrafter` runs several tree drafters (e.g. two draft models) and merges their trees
@@ -51,6 +53,10 @@ class DraftTreeDrafter:
     def forward_count(self) -> int:
         return self._forwards
 
+    def max_tree_nodes(self, depth: int) -> int:
+        """The most nodes a tree of this depth can have."""
+        return self.budget or self.width * depth
+
     def reserve(self, num_sequences: int, tokens_per_sequence: int) -> None:
         needed = num_sequences * (-(-tokens_per_sequence // self.block_size) + (self.budget or 16) + 2)
         if self.cache is None:
@@ -95,33 +101,55 @@ class DraftTreeDrafter:
             new_seqs[keys[i]] = (roots[i][0], len(requests[i].tokens))
             new_log_probs[keys[i]] = root_log_probs[i]
 
-        # frontier entries: (request row, node or -1, key, draft sequence, log-probs, cumulative log-prob)
+        # Every offered node is a candidate: (cumulative log-prob, depth, token, parent candidate or -1).
+        # A level expands its `width` most probable candidates and the draft's greedy chain (one draft
+        # forward for all rows). The tree is the greedy chain, then the most probable other candidates
+        # of any depth until the budget is spent (EAGLE-2's reranking). Holding the chain, a tree
+        # never accepts less than the chain would; a child's cumulative log-prob never exceeds its
+        # parent's, so the chosen candidates always form a tree.
+        cands: dict[int, list[tuple[float, int, int, int]]] = {i: [] for i in active}
+        chain: dict[int, list[int]] = {i: [] for i in active}  # candidate indices of the greedy chain
+        # frontier entries: (request row, candidate index or -1, key, draft sequence, log-probs, cumulative log-prob)
         frontier = [(i, -1, keys[i], roots[i][0], root_log_probs[i], 0.0) for i in active]
         for level in range(max(depths, default=0)):
-            added: dict[int, list] = {}
+            expand = []
             by_row: dict[int, list] = {}
             for f in frontier:
-                if depths[f[0]] > level and len(trees[f[0]]) < budgets[f[0]]:
+                if depths[f[0]] > level:
                     by_row.setdefault(f[0], []).append(f)
             for i, entries in by_row.items():
-                cands = []
+                offered = []
                 for f in entries:
                     top_lp, top_tok = torch.topk(f[4], self.width)  # [width]
-                    cands += [(f[5] + lp, tok, f) for lp, tok in zip(top_lp.tolist(), top_tok.tolist())]
-                cands.sort(key=lambda c: -c[0])
-                for cum, tok, f in cands[: min(self.width, budgets[i] - len(trees[i]))]:
-                    node = trees[i].add(tok, f[1])
-                    added.setdefault(i, []).append((f, tok, node, (f[2][0], f[2][1] + (tok,)), cum))
-            expand = [c for i, cs in added.items() for c in cs if depths[i] > level + 1]
+                    for k, (lp, tok) in enumerate(zip(top_lp.tolist(), top_tok.tolist())):
+                        cands[i].append((f[5] + lp, level + 1, tok, f[1]))
+                        offered.append((len(cands[i]) - 1, f))
+                        if k == 0 and f[1] == (chain[i][-1] if chain[i] else -1):
+                            chain[i].append(len(cands[i]) - 1)
+                if depths[i] > level + 1:
+                    offered.sort(key=lambda c: -cands[i][c[0]][0])
+                    chosen = offered[: self.width]
+                    if all(ci != chain[i][-1] for ci, _ in chosen):
+                        chosen += [c for c in offered if c[0] == chain[i][-1]]
+                    expand += [(i, ci, f) for ci, f in chosen]
             if not expand:
                 break
-            child_seqs = [self.cache.fork(c[0][3]) for c in expand]
-            out = self._forward(child_seqs, [[c[1]] for c in expand])  # [n, vocab]
+            child_seqs = [self.cache.fork(f[3]) for _, _, f in expand]
+            out = self._forward(child_seqs, [[cands[i][ci][2]] for i, ci, _ in expand])  # [n, vocab]
             frontier = []
-            for j, (f, tok, node, key, cum) in enumerate(expand):
-                frontier.append((f[0], node, key, child_seqs[j], out[j], cum))
-                new_seqs[key] = (child_seqs[j], len(requests[f[0]].prompt) + len(key[1]))
+            for j, (i, ci, f) in enumerate(expand):
+                key = (f[2][0], f[2][1] + (cands[i][ci][2],))
+                frontier.append((i, ci, key, child_seqs[j], out[j], cands[i][ci][0]))
+                new_seqs[key] = (child_seqs[j], len(requests[i].prompt) + len(key[1]))
                 new_log_probs[key] = out[j]
+        for i in active:
+            in_chain = set(chain[i])
+            rest = sorted((c for c in range(len(cands[i])) if c not in in_chain), key=lambda c: (-cands[i][c][0], cands[i][c][1]))
+            order = (chain[i] + rest)[: budgets[i]]
+            node_of: dict[int, int] = {}
+            for c in sorted(order, key=lambda c: cands[i][c][1]):  # shallower first: parents before children
+                _, _, tok, parent = cands[i][c]
+                node_of[c] = trees[i].add(tok, -1 if parent < 0 else node_of[parent])
         for key, value in kept.items():
             new_seqs[key] = value
         stale = [k for k in self.index.seqs if k not in kept]
@@ -167,6 +195,10 @@ class MergedTreeDrafter:
     @property
     def forward_count(self) -> int:
         return sum(d.forward_count for d in self.drafters)
+
+    def max_tree_nodes(self, depth: int) -> int:
+        """The most nodes a merged tree of this depth can have (no prefix shared)."""
+        return sum(d.max_tree_nodes(depth) for d in self.drafters)
 
     def reserve(self, num_sequences: int, tokens_per_sequence: int) -> None:
         for d in self.drafters:

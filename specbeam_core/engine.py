@@ -125,7 +125,10 @@ class SpecEngine:
         return request
 
     def _tokens_per_sequence(self, request: Request) -> int:
-        return len(request.prompt) + request.max_new_tokens + self.num_draft_tokens + 1
+        # a pass appends the drafts (a chain of num_draft_tokens, or every node of a tree) and one more
+        max_nodes = getattr(self.drafter, "max_tree_nodes", None)
+        drafted = max(self.num_draft_tokens, max_nodes(self.num_draft_tokens) if max_nodes else 0)
+        return len(request.prompt) + request.max_new_tokens + drafted + 1
 
     def reserve(self, requests: Sequence[Request]) -> None:
         """Size the KV pools for these requests together with every request already added.

@@ -64,6 +64,5 @@ def beam_generate(model, input_ids, logits_processor, stopping_criteria, generat
             sequences_scores=sequences_scores if generation_config.output_scores else None,
             scores=tuple(scores) if scores is not None else None,
             beam_indices=beam_indices.to(input_ids.device),
-            past_key_values=None,
-        )
+        )  # no cache returned (HF's field is `cache` from 5.24, `past_key_values` before; both default to None)
     return sequences

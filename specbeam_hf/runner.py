@@ -1,12 +1,14 @@
 """Runs a HuggingFace causal LM as a ``specbeam_core.CausalLM`` on the core's paged KV cache.
 
-Transformers models call ``past_key_values.update(keys, values, layer_idx)`` in every attention
+Transformers models call ``cache.update(keys, values, layer_idx)`` (``past_key_values`` before 5.24) in every attention
 layer and take a prepared 4D attention mask as-is, so a ``Cache`` subclass that forwards
 ``update`` to :meth:`specbeam_core.KVBatch.update` is all the plumbing needed: no model code is
 patched, and every attention implementation (eager, sdpa) works unchanged.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from transformers import PreTrainedModel
@@ -58,6 +60,9 @@ class HFCausalLM:
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         self.forward_count = 0
+        # transformers >= 5.24 names the cache argument `cache` (`past_key_values` is deprecated, to be removed in 5.40)
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -88,8 +93,8 @@ class HFCausalLM:
             input_ids=tokens.to(device),
             position_ids=kv.positions.to(device),
             attention_mask=mask.to(device),
-            past_key_values=PagedCache(kv),
             use_cache=True,
+            **{self._cache_arg: PagedCache(kv)},
             logits_to_keep=num_logits,
         )
         self.forward_count += 1

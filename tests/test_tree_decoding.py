@@ -17,6 +17,7 @@ import specbeam_core.engine
 import specbeam_hf
 from conftest import assert_pools_free, build_model, make_pair, ragged_batch
 from specbeam_core import SamplingParams, SpecEngine, TokenTree
+from specbeam_core.request import Request
 from specbeam_core.drafting_tree import DraftTreeDrafter, MergedTreeDrafter, merge_trees
 from specbeam_core.tree_verification import verify_tree_greedy, verify_tree_rejection_sampling
 from specbeam_hf import HFCausalLM
@@ -143,3 +144,63 @@ def test_tree_drafter_rejects_bad_options():
         DraftTreeDrafter(model, width=0)
     with pytest.raises(ValueError, match="node budget"):
         DraftTreeDrafter(model, budget=-1)
+
+
+def offered_paths(draft, prompt: list[int], width: int, depth: int):
+    """What DraftTreeDrafter offers, from full (uncached) draft forwards: every level offers the
+    top-``width`` children of the previous level's ``width`` most probable offers and of the greedy
+    chain's node. Returns {path: cumulative draft log-probability} and the greedy chain's paths."""
+
+    def log_probs(path):
+        with torch.no_grad():
+            return torch.log_softmax(draft(torch.tensor([prompt + list(path)])).logits[0, -1].float(), -1)  # [vocab]
+
+    offered: dict[tuple[int, ...], float] = {}
+    chain: list[tuple[int, ...]] = []
+    frontier = [((), 0.0)]
+    for level in range(depth):
+        level_offers = []
+        for path, cum in frontier:
+            top_lp, top_tok = torch.topk(log_probs(path), width)  # [width]
+            level_offers += [(path + (t,), cum + lp) for lp, t in zip(top_lp.tolist(), top_tok.tolist())]
+            if path == (chain[-1] if chain else ()):
+                chain.append(path + (top_tok[0].item(),))
+        offered.update(level_offers)
+        frontier = sorted(level_offers, key=lambda c: -c[1])[:width]
+        if all(p != chain[-1] for p, _ in frontier):
+            frontier.append((chain[-1], offered[chain[-1]]))
+    return offered, chain
+
+
+@pytest.mark.parametrize("width,depth,budget", [(2, 3, 4), (3, 3, 7), (4, 4, 10), (3, 5, 9)])
+def test_tree_is_the_chain_and_the_most_probable_offers(llama_pair, width, depth, budget):
+    """The tree holds the draft's greedy chain (so it never accepts less than the chain), and the rest
+    of the budget goes to the most probable offers of any depth (EAGLE-2's reranking), not an even
+    share per level."""
+    _, draft = llama_pair
+    prompt = [5, 17, 3, 9, 22, 4]
+    drafter = DraftTreeDrafter(HFCausalLM(draft), width=width, budget=budget)
+    drafter.reserve(1, 64)
+    request = Request(request_id=0, prompt=prompt, params=SamplingParams(), max_new_tokens=8)
+    (tree,) = drafter.propose_trees([request], [depth])
+    offered, chain = offered_paths(draft, prompt, width, depth)
+    chosen = {tree.path_tokens(i) for i in range(len(tree))}
+    assert len(chosen) == len(tree) == budget and chosen <= offered.keys()
+    assert set(chain) <= chosen and len(chain) == depth
+    # the rest: the most probable offers (up to float rounding between cached and full forwards)
+    rest = chosen - set(chain)
+    if rest:
+        assert min(offered[p] for p in rest) >= max(offered[p] for p in offered.keys() - chosen) - 1e-5
+    drafter.release(request)
+    assert_pools_free(drafter.cache)
+
+
+def test_large_tree_budget_fits_the_pools(llama_pair):
+    """A tree pass appends every node to the target cache: the pools are sized for the budget, not γ."""
+    target, draft = llama_pair
+    ids, mask = ragged_batch([6, 9], seed=8)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=3, drafter="draft_tree", tree_width=8, tree_budget=40)
+    assert torch.equal(spec(target, assistant, **kwargs), target.generate(**kwargs))
+    assert max(len(t) for rec in assistant.last_stats.records for t in rec.drafted_tokens) > 16
+    assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)

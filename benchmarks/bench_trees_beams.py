@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--second-draft-noise", type=float, default=0.02)
     p.add_argument("--beams", default="2,4,8")
     p.add_argument("--beam-depth", type=int, default=3)
+    p.add_argument("--beam-candidates", type=int, default=None, help="tree nodes per level and prompt (default: B + 2)")
+    p.add_argument("--no-beam-adaptive", action="store_true", help="always draft --beam-depth levels (no per-depth timing)")
     p.add_argument("--beam-prompts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    gammas = [int(g) for g in args.gammas.split(",")]
+    gammas = [int(g) for g in args.gammas.split(",") if g]  # --gammas "": beam search only
     beams = [int(b) for b in args.beams.split(",")]
     prompts = PROMPTS
     if args.quick:
@@ -135,7 +137,8 @@ def main(argv=None) -> int:
         hf_secs, hf_out = timed(lambda: [target.generate(**e, **kwargs) for e in benc], args.repeats)
         rows.append({"kind": "beam", "method": "hf-beam", "beams": b, "seconds": hf_secs,
                      "tokens_per_s": len(benc) * max_new / hf_secs})
-        assistant = specbeam_hf.SpecBeam(draft, beam_depth=args.beam_depth)
+        assistant = specbeam_hf.SpecBeam(draft, beam_depth=args.beam_depth, beam_candidates=args.beam_candidates,
+                                         beam_adaptive=not args.no_beam_adaptive)
         stats = []
 
         def run_beam():

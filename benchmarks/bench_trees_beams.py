@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     gammas = [int(g) for g in args.gammas.split(",") if g]  # --gammas "": beam search only
-    beams = [int(b) for b in args.beams.split(",")]
+    beams = [int(b) for b in args.beams.split(",") if b]  # --beams "": trees and chains only
     prompts = PROMPTS
     if args.quick:
         prompts, gammas, beams, args.max_new_tokens, args.beam_prompts = PROMPTS[:2], [4], [2, 4], 24, 2

@@ -79,13 +79,25 @@ def decode_cost(model, context: int = 64, runs: int = 60) -> float:
     return statistics.median(times)
 
 
-def encode(tokenizer, prompts, batch: int):
-    """Batches of ``batch`` prompts, left-padded."""
+def encode(tokenizer, prompts, batch: int, device: str = "cpu"):
+    """Batches of ``batch`` prompts, left-padded, on ``device``."""
     tokenizer.padding_side = "left"
     out = []
     for i in range(0, len(prompts), batch):
-        out.append(tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True))
+        out.append(tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True).to(device))
     return out
+
+
+def sync() -> None:
+    """Wait for queued device work before reading a clock (a no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def describe(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU {torch.get_num_threads()} threads"
 
 
 def run(target, batches, max_new: int, repeats: int, **gen_kwargs):
@@ -98,6 +110,7 @@ def run(target, batches, max_new: int, repeats: int, **gen_kwargs):
             seq = target.generate(**enc, max_new_tokens=max_new, **gen_kwargs)
             outs.append(seq)
             n_new += seq.shape[0] * (seq.shape[1] - enc["input_ids"].shape[1])
+        sync()
         elapsed = time.perf_counter() - t0
         if elapsed < best:
             best, outputs, new_tokens = elapsed, outs, n_new
@@ -121,7 +134,7 @@ def agreement(target, batches, outs, ref_outs) -> str:
             j = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), None)
             if j is None:
                 continue
-            mask = torch.cat([enc["attention_mask"][row], torch.ones(j, dtype=torch.long)])
+            mask = torch.cat([enc["attention_mask"][row], torch.ones(j, dtype=torch.long, device=ref.device)])
             logits = target(input_ids=ref[row : row + 1, : width + j], attention_mask=mask[None]).logits[0, -1].float()
             top2 = logits.topk(2).values
             if float(top2[0] - top2[1]) > max(0.1, 0.05 * abs(float(top2[0]))):
@@ -143,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="2 prompts, 32 tokens, a few γ: a smoke run")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where both models (and their KV pools) run")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,8 +170,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
 
     tokenizer = AutoTokenizer.from_pretrained(args.target)
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).eval()
-    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).eval()
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(args.device).eval()
+    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).to(args.device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     common = dict(pad_token_id=pad, eos_token_id=None)  # fixed lengths: every run makes max_new_tokens per row
 
@@ -166,8 +180,8 @@ def main(argv=None) -> int:
     console.print(f"decode cost at batch 1: target {t_target * 1e3:.2f} ms, draft {t_draft * 1e3:.2f} ms, c = {c:.4f}")
 
     rows: list[dict] = []
-    b1 = encode(tokenizer, prompts, 1)
-    b8 = encode(tokenizer, prompts, 8)
+    b1 = encode(tokenizer, prompts, 1, args.device)
+    b8 = encode(tokenizer, prompts, 8, args.device)
     max_new = args.max_new_tokens
 
     def record(name, batch, mode, gamma, secs, n_new, base_secs, extra=None):
@@ -229,6 +243,7 @@ def main(argv=None) -> int:
                 torch.manual_seed(0)
                 t0 = time.perf_counter()
                 outs = [one(enc) for enc in batches]
+                sync()
                 secs = time.perf_counter() - t0
                 if secs < best:
                     best, best_outs, stats = secs, outs, (accepted, drafted, steps, rejected)
@@ -251,7 +266,7 @@ def main(argv=None) -> int:
                 + f"exact={r['exact']}"
             )
 
-    table = Table(title=f"specbeam vs HF generate — demo pair, {args.dtype}, {max_new} new tokens, CPU {torch.get_num_threads()} threads")
+    table = Table(title=f"specbeam vs HF generate — demo pair, {args.dtype}, {max_new} new tokens, {describe(args.device)}")
     for col in ("method", "batch", "mode", "γ", "setting", "tok/s", "speed-up", "α", "c", "bound", "of bound", "exact"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -286,9 +301,10 @@ def main(argv=None) -> int:
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "dtype": args.dtype, "max_new_tokens": max_new, "prompts": prompts, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "platform": platform.platform(), "processor": platform.processor(),
+        "device": describe(args.device),
         "decode_ms": {"target": t_target * 1e3, "draft": t_draft * 1e3}, "c": c,
     }
-    stem = f"bench_hf_{args.dtype}" + ("_quick" if args.quick else "")
+    stem = f"bench_hf_{args.dtype}" + ("" if args.device == "cpu" else "_" + args.device.split(":")[0]) + ("_quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
     plot(rows, args.out / f"{stem}.png", args.dtype)
     console.print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")

@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import specbeam_hf
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hf import PROMPTS  # noqa: E402
+from bench_hf import PROMPTS, describe, sync  # noqa: E402
 
 DEMO = Path(specbeam_hf.__file__).parent / "demo_models"
 RESULTS = Path(__file__).parent / "results"
@@ -46,6 +46,7 @@ def timed(fn, repeats: int):
     for _ in range(repeats):
         t0 = time.perf_counter()
         result = fn()
+        sync()
         secs = time.perf_counter() - t0
         if secs < best:
             best, out = secs, result
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--beam-prompts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where both models (and their KV pools) run")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -89,8 +91,9 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for param in second.parameters():
             param.add_((args.second_draft_noise * param.float().std() * torch.randn(param.shape, generator=gen)).to(param.dtype))
+    target, draft, second = target.to(args.device), draft.to(args.device), second.to(args.device)
     pad = tok.pad_token_id
-    encs = [tok([p_], return_tensors="pt") for p_ in prompts]
+    encs = [tok([p_], return_tensors="pt").to(args.device) for p_ in prompts]
     max_new = args.max_new_tokens
     common = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=pad, eos_token_id=None)
     rows: list[dict] = []
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- beam search
     beam_prompts = prompts[: args.beam_prompts]
-    benc = [tok([p_], return_tensors="pt") for p_ in beam_prompts]
+    benc = [tok([p_], return_tensors="pt").to(args.device) for p_ in beam_prompts]
     for b in beams:
         kwargs = dict(num_beams=b, max_new_tokens=max_new, do_sample=False, pad_token_id=pad, eos_token_id=None,
                       early_stopping=False, return_dict_in_generate=True, output_scores=True)
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
         console.print(f"beams={b}: HF {hf_secs:.2f}s, specbeam {secs:.2f}s ({row['speedup']:.2f}×), same={same}, "
                       f"Δscore={dscore}, {row['steps_per_pass']:.2f} steps/pass, KV blocks {row['kv_blocks']} ≤ {bound}")
 
-    table = Table(title=f"trees, drafters and beams — demo pair, {args.dtype}, {max_new} new tokens, {torch.get_num_threads()} threads")
+    table = Table(title=f"trees, drafters and beams — demo pair, {args.dtype}, {max_new} new tokens, {describe(args.device)}")
     for col in ("kind", "method", "γ / B", "tok/s", "speed-up", "tokens/pass or steps/pass", "exact / same", "KV blocks (bound)"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -178,9 +181,9 @@ def main(argv=None) -> int:
         )
     console.print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_trees_beams_{args.dtype}" + ("_quick" if args.quick else "")
+    stem = f"bench_trees_beams_{args.dtype}" + ("" if args.device == "cpu" else "_" + args.device.split(":")[0]) + ("_quick" if args.quick else "")
     meta = {"command": " ".join(["bench_trees_beams.py"] + (argv if argv is not None else sys.argv[1:])),
-            "dtype": args.dtype, "max_new_tokens": max_new, "threads": torch.get_num_threads(),
+            "dtype": args.dtype, "max_new_tokens": max_new, "threads": torch.get_num_threads(), "device": describe(args.device),
             "torch": torch.__version__, "platform": platform.platform()}
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     plot(rows, args.out / f"{stem}.png")

@@ -153,7 +153,8 @@ class PagedKVCache:
         into a sequence's own blocks: its K/V is moved, never recomputed)."""
         if not src:
             return
-        src_t, dst_t = torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)  # [n], [n]
+        src_t = torch.tensor(src, dtype=torch.long, device=self.device)  # [n]
+        dst_t = torch.tensor(dst, dtype=torch.long, device=self.device)  # [n]
         for k, v in zip(self.keys, self.values):
             k.index_copy_(1, dst_t, k.index_select(1, src_t))
             v.index_copy_(1, dst_t, v.index_select(1, src_t))

@@ -26,7 +26,7 @@ class KVBatch:
     """
 
     cache: PagedKVCache
-    write_slots: torch.Tensor  # [N * T] flat slot of each new token's K/V (NULL_SLOT for padding)
+    write_slots: torch.Tensor  # [N * T] flat slot of each new token's K/V (NULL_SLOT for padding), on the host
     write_start: int | None  # N == 1 and the new slots are consecutive: write slots [write_start, write_start + T)
     read_slots: torch.Tensor | None  # [N, K] flat slots to read, or None when read_start is set
     read_start: int | None  # N == 1 and the sequence is contiguous: read slots [read_start, read_start + K)
@@ -34,6 +34,13 @@ class KVBatch:
     positions: torch.Tensor  # [N, T] position id of each new token
     num_cached: list[int]
     num_new: list[int]
+
+    def __post_init__(self) -> None:
+        # The engine keeps its bookkeeping on the host; the slot indices the pool reads and writes
+        # with go to the pool's device once per forward (a no-op for a CPU pool).
+        device = self.cache.device
+        self._write_index = self.write_slots.to(device) if self.write_start is None else None  # [N * T]
+        self._read_index = None if self.read_slots is None else self.read_slots.reshape(-1).to(device)  # [N * K]
 
     @property
     def kv_length(self) -> int:
@@ -47,13 +54,13 @@ class KVBatch:
             k_pool[:, self.write_start : self.write_start + t] = keys[0]
             v_pool[:, self.write_start : self.write_start + t] = values[0]
         else:
-            k_pool.index_copy_(1, self.write_slots, keys.transpose(0, 1).reshape(h, n * t, -1).to(k_pool.dtype))
-            v_pool.index_copy_(1, self.write_slots, values.transpose(0, 1).reshape(h, n * t, -1).to(v_pool.dtype))
+            k_pool.index_copy_(1, self._write_index, keys.transpose(0, 1).reshape(h, n * t, -1).to(k_pool.dtype))
+            v_pool.index_copy_(1, self._write_index, values.transpose(0, 1).reshape(h, n * t, -1).to(v_pool.dtype))
         if self.read_start is not None:
             end = self.read_start + self.kv_length
             return k_pool[None, :, self.read_start : end], v_pool[None, :, self.read_start : end]
         n_rows, k_len = self.read_slots.shape
-        flat = self.read_slots.reshape(-1)  # index_select: a third of the time of advanced indexing here
+        flat = self._read_index  # index_select: a third of the time of advanced indexing here
         keys_out = k_pool.index_select(1, flat).view(h, n_rows, k_len, -1).transpose(0, 1)  # [N, heads, K, dim]
         values_out = v_pool.index_select(1, flat).view(h, n_rows, k_len, -1).transpose(0, 1)
         return keys_out, values_out
@@ -186,5 +193,9 @@ class CausalLM(Protocol):
 
     def forward(self, tokens: torch.Tensor, kv: KVBatch, num_logits: int) -> torch.Tensor:
         """``tokens`` ``[N, T]`` (left-padded) at ``kv.positions`` → logits of the last ``num_logits``
-        columns ``[N, num_logits, vocab]``, float32."""
+        columns ``[N, num_logits, vocab]``, float32, **on the host**.
+
+        ``tokens``, ``kv.positions`` and ``kv.attention_mask`` are host tensors: a model on an
+        accelerator moves them to its device (``kv.update`` already indexes the pool on its own
+        device) and returns its logits to the host, where the engine verifies and samples."""
         ...

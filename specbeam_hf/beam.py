@@ -61,8 +61,8 @@ def beam_generate(model, input_ids, logits_processor, stopping_criteria, generat
     if generation_config.return_dict_in_generate:
         return GenerateBeamDecoderOnlyOutput(
             sequences=sequences,
-            sequences_scores=sequences_scores if generation_config.output_scores else None,
-            scores=tuple(scores) if scores is not None else None,
+            sequences_scores=sequences_scores.to(input_ids.device) if generation_config.output_scores else None,
+            scores=tuple(s.to(input_ids.device) for s in scores) if scores is not None else None,
             beam_indices=beam_indices.to(input_ids.device),
         )  # no cache returned (HF's field is `cache` from 5.24, `past_key_values` before; both default to None)
     return sequences

@@ -84,13 +84,14 @@ class FastLlamaDraft(HFCausalLM):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv: KVBatch, num_logits: int) -> torch.Tensor:
         inner = self.model.model
+        device = self.device
         n, t = tokens.shape
-        x = inner.embed_tokens(tokens)  # [N, T, hidden]
-        cos, sin = self._cos_sin(x, kv.positions)  # [N, T, head_dim] each
+        x = inner.embed_tokens(tokens.to(device))  # [N, T, hidden]
+        cos, sin = self._cos_sin(x, kv.positions.to(device))  # [N, T, head_dim] each
         cos, sin = cos[:, None], sin[:, None]  # [N, 1, T, head_dim]
         mask = kv.attention_mask  # [N, 1, T, K] additive, or None
         if mask is not None:
-            mask = mask.to(x.dtype)
+            mask = mask.to(device=device, dtype=x.dtype)
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)  # [N, T, hidden]
@@ -106,7 +107,7 @@ class FastLlamaDraft(HFCausalLM):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         x = inner.norm(x[:, -num_logits:])  # [N, num_logits, hidden]
         self.forward_count += 1
-        return self.model.lm_head(x).float()  # [N, num_logits, vocab]
+        return self.model.lm_head(x).float().cpu()  # [N, num_logits, vocab] on the host
 
 
 def draft_causal_lm(model: PreTrainedModel) -> HFCausalLM:

@@ -162,7 +162,7 @@ def generate(
                 # prompt_ignore_length), so they are called on a batch-shaped input and read at this row.
                 ids = torch.tensor([_padding + tokens], device=input_ids.device).repeat(batch, 1)  # [batch, L]
                 scores = logits.to(input_ids.device).repeat(batch, 1)  # [batch, vocab]
-                return hf_processors(ids, scores)[_row : _row + 1].float()
+                return hf_processors(ids, scores)[_row : _row + 1].float().cpu()  # the engine works on the host
         stop = None
         if extra_criteria:
             def stop(tokens, _padding=padding, _row=row, _prompt_len=len(prompt)):

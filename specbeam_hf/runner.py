@@ -98,4 +98,4 @@ class HFCausalLM:
             logits_to_keep=num_logits,
         )
         self.forward_count += 1
-        return out.logits[:, -num_logits:].float()  # [N, num_logits, vocab]
+        return out.logits[:, -num_logits:].float().cpu()  # [N, num_logits, vocab] on the host

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The CUDA checks and GPU benchmark figures of BENCHMARKS.md ("GPU figures"), in one run on a CUDA
+# machine with torch installed:
+#
+#     bash benchmarks/gpu_check.sh            # writes benchmarks/results/gpu/ (or $OUT when set)
+#
+# Needs transformers >= 5.19: if .whl/ holds wheels (e.g. `pip download --no-deps transformers==5.24.0
+# -d .whl` on a machine with a registry), they are installed first (for machines without one).
+# Each step has its own time limit, so one failing step leaves the others' results.
+set -u
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/specbeam_site .whl/*.whl
+    export PYTHONPATH=/tmp/specbeam_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+for z in .whl/*.zip; do  # an unpacked package zipped whole (a wheel trimmed to fit a size limit)
+    [ -e "$z" ] && python3 -m zipfile -e "$z" /tmp/specbeam_site && export PYTHONPATH=/tmp/specbeam_site${PYTHONPATH:+:$PYTHONPATH}
+done
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+step() {  # step NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name ($(date -u +%T), limit ${limit}s)"
+    local t0=$SECONDS
+    timeout "$limit" "$@"
+    echo "=== $name: exit $? after $((SECONDS - t0)) s"
+}
+
+{
+    step env 30 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name(0))"
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used,utilization.gpu --format=csv
+    step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    step trees_beams_fp32 190 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
+        --gammas 3,4,5 --beams 2,4,8 --repeats 2 --out "$OUT"
+    step hf_bf16 130 python3 benchmarks/bench_hf.py --device cuda --dtype bfloat16 --gammas 2,3,4,5 \
+        --batch-gammas 3,4 --max-new-tokens 64 --out "$OUT"
+    step trees_beams_bf16 90 python3 benchmarks/bench_trees_beams.py --device cuda --dtype bfloat16 \
+        --gammas 4,5 --beams 4 --repeats 2 --out "$OUT"
+} 2>&1 | tee "$OUT/gpu_check.log"
+rm -f "$OUT"/*.png  # the tool that fetches results takes at most 8 files; plots are redrawn from the JSON

@@ -156,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="2 prompts, 32 tokens, a few γ: a smoke run")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--modes", default="greedy,sample", help="which of greedy, sample to run")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where both models (and their KV pools) run")
     args = p.parse_args(argv)
     if args.threads:
@@ -197,7 +198,10 @@ def main(argv=None) -> int:
     # warm-up (allocators, first-call overheads)
     target.generate(**b1[0], max_new_tokens=4, do_sample=False, **common)
 
+    modes = args.modes.split(",")
     for mode, batches, batch in (("greedy", b1, 1), ("greedy", b8, 8), ("sample", b1, 1), ("sample", b8, 8)):
+        if mode not in modes:
+            continue
         sampling = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=0.8, top_k=0, top_p=1.0)
         torch.manual_seed(0)
         base_secs, base_new, base_out = run(target, batches, max_new, args.repeats, **sampling, **common)

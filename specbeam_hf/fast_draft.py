@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from specbeam_core import KVBatch
 
+from .layout import attention_kind
 from .runner import HFCausalLM
 
 # model types whose decoder layers are llama's: pre-norm attention + gated MLP, rotary positions,
@@ -35,9 +36,11 @@ def supports(model: PreTrainedModel) -> str | None:
     config = model.config
     if config.model_type not in LLAMA_SHAPED:
         return f"model type {config.model_type!r} is not llama-shaped"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) and \
-            "sliding_attention" in (getattr(config, "layer_types", None) or []):
-        return "sliding-window attention"
+    try:
+        if attention_kind(model, config).sliding_window is not None:
+            return "sliding-window attention"
+    except ValueError as exc:
+        return str(exc)
     if not hasattr(model, "model") or not hasattr(model.model, "rotary_emb"):
         return "no rotary embedding module"
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):

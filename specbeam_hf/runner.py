@@ -16,6 +16,8 @@ from transformers.cache_utils import Cache
 
 from specbeam_core import KVBatch, PagedKVCache
 
+from .layout import attention_kind, probe_kv_shapes, sliding_mask
+
 
 class PagedCache(Cache):
     """A ``transformers`` cache backed by one forward's :class:`specbeam_core.KVBatch`."""
@@ -55,14 +57,16 @@ class HFCausalLM:
         self.config = config
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.max_positions = getattr(config, "max_position_embeddings", None)
-        self.num_layers = int(config.num_hidden_layers)
-        heads = int(config.num_attention_heads)
-        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         self.forward_count = 0
         # transformers >= 5.24 names the cache argument `cache` (`past_key_values` is deprecated, to be removed in 5.40)
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.attention = attention_kind(model, config)
+        shapes = probe_kv_shapes(model, self._cache_arg, int(getattr(config, "num_hidden_layers", 0) or 0))
+        self.num_layers = shapes.num_layers
+        self.num_kv_heads = shapes.num_kv_heads
+        self.head_dim = shapes.head_dim
+        self.value_head_dim = shapes.value_head_dim
 
     @property
     def dtype(self) -> torch.dtype:
@@ -81,6 +85,7 @@ class HFCausalLM:
             block_size=block_size,
             dtype=self.dtype,
             device=self.device,
+            value_head_dim=self.value_head_dim,
         )
 
     @torch.inference_mode()
@@ -89,10 +94,15 @@ class HFCausalLM:
         mask = kv.attention_mask
         if mask is None:  # one row, one token: nothing to hide
             mask = torch.zeros(1, 1, 1, kv.kv_length, dtype=self.dtype)  # [1, 1, 1, K]
+        attention_mask = mask.to(device)
+        window = self.attention.sliding_window
+        if window is not None and kv.kv_length > window:  # some keys may lie outside the window
+            sliding = sliding_mask(kv, mask, window).to(device)  # [N, 1, T, K]
+            attention_mask = {"full_attention": attention_mask, "sliding_attention": sliding} if self.attention.per_layer_type else sliding
         out = self.model(
             input_ids=tokens.to(device),
             position_ids=kv.positions.to(device),
-            attention_mask=mask.to(device),
+            attention_mask=attention_mask,
             use_cache=True,
             **{self._cache_arg: PagedCache(kv)},
             logits_to_keep=num_logits,

@@ -17,6 +17,7 @@ import specbeam_hf
 from conftest import DEMO_DIR, assert_pools_free
 from test_beam_search import assert_same_beams
 from test_bf16 import assert_equal_up_to_near_ties
+from test_model_families import WINDOW, build, check_greedy_and_beams, perturbed
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -103,3 +104,9 @@ def test_cuda_bf16_greedy_up_to_near_ties():
     out = target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
     assert_equal_up_to_near_ties(out.cpu(), ref, width)
     assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
+
+
+@pytest.mark.parametrize("model_type, window", [("mistral", WINDOW), ("gemma2", WINDOW), ("falcon", None)])
+def test_cuda_sliding_window_and_multi_query(demo_fp32, model_type, window):
+    target = build(model_type, sliding_window=window).to("cuda")
+    check_greedy_and_beams(target, perturbed(target), device="cuda")

@@ -1,0 +1,129 @@
+"""What a transformers model's attention needs from the paged cache: its KV shapes and its masks.
+
+Read from the model itself, not guessed from config names (which differ by family: ``num_key_value_heads``,
+``num_kv_heads``, ``multi_query``...): :func:`probe_kv_shapes` runs one token through the model with a
+cache that records what each attention layer writes. Sliding-window layers (Mistral, Gemma 2/3,
+Cohere 2, gpt-oss...) see only the last ``sliding_window`` positions; :func:`attention_kind` says which
+mask(s) a model takes and :func:`sliding_mask` narrows the paged batch's mask to the window, so
+nothing is silently attended that the model's own ``generate`` would hide.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+from specbeam_core import KVBatch
+
+
+@dataclass(frozen=True)
+class KVShapes:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    value_head_dim: int
+
+
+class _ProbeCache(Cache):
+    """Records ``(kv_heads, head_dim, value_head_dim)`` per layer and attends to the new token alone."""
+
+    def __init__(self) -> None:
+        super().__init__(layers=[])
+        self.shapes: dict[int, tuple[int, int, int]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.shapes[int(layer_idx)] = (key_states.shape[1], key_states.shape[-1], value_states.shape[-1])
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, 0
+
+
+@torch.inference_mode()
+def probe_kv_shapes(model: PreTrainedModel, cache_arg: str, num_layers_hint: int) -> KVShapes:
+    """One forward of one token: the K/V shapes every attention layer hands its cache."""
+    name = type(model).__name__
+    device = model.device
+    probe = _ProbeCache()
+    try:
+        model(
+            input_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
+            position_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
+            attention_mask=torch.zeros(1, 1, 1, 1, dtype=model.dtype, device=device),  # [1, 1, T, K]
+            use_cache=True,
+            **{cache_arg: probe},
+            logits_to_keep=1,
+        )
+    except Exception as exc:  # the model cannot run on a paged cache with a prepared 4D mask
+        raise ValueError(
+            f"{name} cannot run on specbeam's paged KV cache: a one-token forward with a prepared 4D "
+            f"attention mask and a custom transformers Cache failed ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not probe.shapes:
+        raise ValueError(f"{name} wrote nothing to its KV cache in a forward: specbeam needs a model that caches keys and values")
+    distinct = set(probe.shapes.values())
+    if len(distinct) > 1:
+        raise ValueError(f"{name}'s attention layers cache K/V of different shapes {sorted(distinct)}; specbeam's paged pool needs one shape")
+    heads, k_dim, v_dim = distinct.pop()
+    return KVShapes(max(num_layers_hint, max(probe.shapes) + 1), heads, k_dim, v_dim)
+
+
+@dataclass(frozen=True)
+class AttentionKind:
+    """``sliding_window``: the window of the model's sliding layers (None: every layer attends to all
+    positions); ``per_layer_type``: the model takes a dict of masks by layer type (full and sliding
+    layers in one model) rather than one mask for every layer."""
+
+    sliding_window: int | None
+    per_layer_type: bool
+
+
+SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
+_ALIBI = {"bloom", "mpt"}
+
+
+def attention_kind(model: PreTrainedModel, config) -> AttentionKind:
+    """Which masks ``model`` needs; a clear error for attention specbeam cannot reproduce exactly."""
+    name = type(model).__name__
+    if config.model_type in _ALIBI or getattr(config, "alibi", False):
+        raise ValueError(f"{name} uses ALiBi position biases built from a 2D attention mask; specbeam passes a prepared 4D mask and does not support it")
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types:
+        unsupported = set(layer_types) - SUPPORTED_LAYER_TYPES
+        if unsupported:
+            raise ValueError(f"{name} has layers of type {sorted(unsupported)}; specbeam supports {sorted(SUPPORTED_LAYER_TYPES)}")
+        if "sliding_attention" not in layer_types:
+            return AttentionKind(None, False)
+        if not window:
+            raise ValueError(f"{name} has sliding-attention layers but no sliding_window in its config")
+        if "causal_mask_mapping" not in inspect.getsource(type(model.base_model).forward):
+            raise ValueError(f"{name} mixes full and sliding layers but takes no per-layer-type masks; not supported")
+        return AttentionKind(int(window), True)
+    if window and getattr(config, "use_sliding_window", True) is not False:
+        return AttentionKind(int(window), False)  # every layer slides (Mistral's convention)
+    return AttentionKind(None, False)
+
+
+def key_positions(kv: KVBatch) -> torch.Tensor:
+    """Position id of every key of the batch ``[N, K]``: cached keys sit at their index, new ones
+    (chain tokens or tree nodes, in the row's own order) at ``kv.positions``."""
+    n_rows, t_max = kv.positions.shape
+    keys = torch.arange(kv.kv_length).repeat(n_rows, 1)  # [N, K]
+    for r, (cached, new) in enumerate(zip(kv.num_cached, kv.num_new)):
+        keys[r, cached : cached + new] = kv.positions[r, t_max - new :]
+    return keys
+
+
+def sliding_mask(kv: KVBatch, mask: torch.Tensor, window: int) -> torch.Tensor:
+    """``mask`` ``[N, 1, T, K]`` (additive) with every key ``window`` or more positions behind its
+    query hidden as well — HF's ``kv_idx > q_idx - sliding_window``."""
+    far = kv.positions[:, :, None] - key_positions(kv)[:, None, :] >= window  # [N, T, K]
+    return mask.masked_fill(far[:, None].to(mask.device), torch.finfo(mask.dtype).min)

@@ -302,12 +302,15 @@ class SpecBeamSearch:
         logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
         on_step: Callable[[torch.Tensor], None] | None = None,
+        on_logits: Callable[[torch.Tensor], None] | None = None,
     ) -> BeamSearchState:
         """Beam search over ``prompts``; returns the finished :class:`BeamSearchState` (``.result()``:
         ``(sequences [batch * R, L], scores [batch * R])``).
 
         ``logits_processor(sequences [batch * B, L], log_probs [batch * B, V])`` and
-        ``stop(sequences [N, L]) -> bool [N]`` default to nothing and to EOS / ``max_length``.
+        ``stop(sequences [N, L]) -> bool [N]`` default to nothing and to EOS / ``max_length``;
+        ``on_step(log_probs)`` and ``on_logits(logits)`` see each step's processed log-probabilities
+        and raw target logits ``[batch * B, vocab]`` (HF's ``output_scores`` / ``output_logits``).
         """
         prompts = [[int(t) for t in p] for p in prompts]
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -340,6 +343,8 @@ class SpecBeamSearch:
                 if any(k not in self.logits for k in keys):
                     self._score(state, keys, prompts, eos)
                 logits = torch.stack([self.logits[k] for k in keys])  # [batch * B, vocab]
+                if on_logits is not None:
+                    on_logits(logits)
                 log_probs = torch.log_softmax(logits, dim=-1)
                 if logits_processor is not None:
                     log_probs = logits_processor(state.flat_running_sequences(), log_probs)

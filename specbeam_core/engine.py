@@ -29,7 +29,7 @@ from .kv_cache import PagedKVCache
 from .model import CausalLM, build_kv_batch
 from .plugins import get_plugin_manager
 from .request import LogitsProcessor, Request
-from .sampling import SamplingParams, check_finite, probabilities, probabilities_per_row
+from .sampling import SamplingParams, check_finite, probabilities, probabilities_per_row, warp_logits
 from .stats import SpecStats, StepRecord
 from .tree_verification import verify_tree_greedy, verify_tree_rejection_sampling
 from .verification import VerifyResult, verify_greedy, verify_rejection_sampling
@@ -78,6 +78,7 @@ class SpecEngine:
         self.target_cache: PagedKVCache | None = None
         self._requests: dict[int, Request] = {}
         self._steps = 0
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # request id -> (raw logits, scores) of its output tokens this step
 
     # ------------------------------------------------------------------ requests
     @property
@@ -93,8 +94,10 @@ class SpecEngine:
         eos_token_ids: Iterable[int] = (),
         stop: Callable[[list[int]], bool] | None = None,
         logits_processor: LogitsProcessor | None = None,
+        record_scores: bool = False,
     ) -> Request:
-        """Validate and build a request (not yet scheduled)."""
+        """Validate and build a request (not yet scheduled). ``record_scores``: keep the raw logits
+        and the scores of every emitted token (``Request.raw_logits`` / ``Request.scores``)."""
         prompt = [int(t) for t in prompt]
         if len(prompt) == 0:
             raise ValueError("empty prompt: a request needs at least one prompt token")
@@ -121,6 +124,7 @@ class SpecEngine:
             stop=stop,
             logits_processor=logits_processor,
             generator=None if params.greedy else params.make_generator(),
+            record_scores=record_scores,
         )
         return request
 
@@ -242,6 +246,7 @@ class SpecEngine:
             cols = (shift + torch.arange(g_max + 1)[None, :]).clamp(max=g_max)  # [N, G + 1]
             logits = logits.gather(1, cols[:, :, None].expand(-1, -1, logits.shape[-1]))
         check_finite(logits, "target model logits")
+        raw = logits  # [N, G + 1, vocab]
         if any(r.logits_processor is not None for r in requests):
             logits = torch.stack([self._process(r, r.tokens + drafted[i], logits[i]) for i, r in enumerate(requests)])
 
@@ -249,6 +254,9 @@ class SpecEngine:
         for i, r in enumerate(requests):
             self.target_cache.rollback(r.target_seq, num_draft[i] - result.num_accepted[i])
             r.target_len = len(r.tokens) + result.num_accepted[i]
+            if r.record_scores:  # output token k was chosen at position k
+                k = len(result.output_tokens[i])
+                self._pending[r.request_id] = (raw[i, :k], logits[i, :k])
         return result, drafted
 
     def _tree_pass(self, requests: list[Request], depths: list[int]) -> tuple[VerifyResult, list[list[int]]]:
@@ -277,6 +285,7 @@ class SpecEngine:
         for i, (r, tree) in enumerate(zip(requests, trees)):
             n = len(tree)
             row = logits[i, n_max - n :]  # [n + 1, vocab]: root, then node j at j + 1
+            raw = row
             if r.logits_processor is not None:
                 contexts = [r.tokens] + [r.tokens + list(tree.path_tokens(j)) for j in range(n)]
                 row = torch.stack([r.logits_processor(c, row[k : k + 1])[0] for k, c in enumerate(contexts)])
@@ -287,6 +296,9 @@ class SpecEngine:
             # move the accepted path's K/V next to the sequence (node j of the path -> tree slot j), drop the rest
             node_slots = slots[i][t_max - n :] if n else []
             path = res.accepted_nodes
+            if r.record_scores:  # the first output token was chosen at the root, the next ones at the accepted nodes
+                at = torch.tensor([0] + [j + 1 for j in path])
+                self._pending[r.request_id] = (raw[at], row[at])
             self.target_cache.copy_slots([node_slots[j] for j in path], node_slots[: len(path)])
             self.target_cache.rollback(r.target_seq, n - len(path))
             r.target_len = len(r.tokens) + len(path)
@@ -319,6 +331,12 @@ class SpecEngine:
                 emitted.append(token)
                 if r.append(token):
                     break
+            if r.record_scores:
+                raw, chosen_from = self._pending.pop(r.request_id)
+                if not r.params.greedy:  # the scores sampled from: after temperature / top-k / top-p
+                    chosen_from = warp_logits(chosen_from, r.params)
+                r.raw_logits.extend(raw[: len(emitted)].clone().unbind(0))
+                r.scores.extend(chosen_from[: len(emitted)].clone().unbind(0))
             emitted_all.append(emitted)
             events.append((r, emitted))
 

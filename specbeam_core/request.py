@@ -26,6 +26,12 @@ class Request:
     # applied to the target's (and draft's) logits before sampling/argmax, position by position
     logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
     generator: torch.Generator | None = None
+    # keep, for every emitted token, the target's raw logits and the scores it was chosen from
+    # (after the logits processor, and for sampled requests after temperature/top-k/top-p): HF's
+    # ``output_logits`` / ``output_scores``
+    record_scores: bool = False
+    raw_logits: list[torch.Tensor] = field(default_factory=list)  # per emitted token: [vocab]
+    scores: list[torch.Tensor] = field(default_factory=list)  # per emitted token: [vocab]
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "eos" | "length" | "stop" | "abort"
     # engine bookkeeping

@@ -39,6 +39,7 @@ def beam_generate(model, input_ids, logits_processor, stopping_criteria, generat
     fill = pad_token_id or eos_token_id[0] if eos_token_id is not None else -1  # HF's own expression
     eos_ids = [] if eos_token_id is None else [int(e) for e in eos_token_id.reshape(-1).tolist()]
     scores: list[torch.Tensor] | None = [] if generation_config.return_dict_in_generate and generation_config.output_scores else None
+    raw_logits: list[torch.Tensor] | None = [] if generation_config.return_dict_in_generate and generation_config.output_logits else None
 
     searcher = assistant.beam_searcher_for(model)
     state = searcher.run(
@@ -54,6 +55,7 @@ def beam_generate(model, input_ids, logits_processor, stopping_criteria, generat
         logits_processor=lambda seqs, log_probs: logits_processor(seqs.to(input_ids.device), log_probs.to(input_ids.device)).cpu(),
         stop=lambda seqs: stopping_criteria(seqs.to(input_ids.device), tuple(scores) if scores is not None else None).cpu(),
         on_step=None if scores is None else (lambda log_probs: scores.append(log_probs.clone())),
+        on_logits=None if raw_logits is None else (lambda logits: raw_logits.append(logits.clone())),
     )
     assistant.last_beam_stats = searcher.stats
     sequences, sequences_scores, beam_indices = state.result()
@@ -63,6 +65,7 @@ def beam_generate(model, input_ids, logits_processor, stopping_criteria, generat
             sequences=sequences,
             sequences_scores=sequences_scores.to(input_ids.device) if generation_config.output_scores else None,
             scores=tuple(s.to(input_ids.device) for s in scores) if scores is not None else None,
+            logits=tuple(x.to(input_ids.device) for x in raw_logits) if raw_logits is not None else None,
             beam_indices=beam_indices.to(input_ids.device),
         )  # no cache returned (HF's field is `cache` from 5.24, `past_key_values` before; both default to None)
     return sequences

@@ -101,6 +101,30 @@ def _sampling_from_processors(generation_config, logits_processor: LogitsProcess
     return SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p), None
 
 
+def _refuse_unsupported(generation_config, model_kwargs: dict) -> None:
+    """Options whose result specbeam would not reproduce: a clear error rather than a different answer."""
+    refused = []
+    if model_kwargs.get("inputs_embeds") is not None:
+        refused.append("inputs_embeds (pass input_ids: the draft and the paged cache work on token ids)")
+    if getattr(generation_config, "output_attentions", False):
+        refused.append("output_attentions (attention weights are not collected)")
+    if getattr(generation_config, "output_hidden_states", False):
+        refused.append("output_hidden_states (hidden states are not collected)")
+    guidance = getattr(generation_config, "guidance_scale", None)
+    if guidance is not None and guidance != 1:
+        refused.append(f"guidance_scale={guidance} (classifier-free guidance runs the model itself inside a logits processor)")
+    if (getattr(generation_config, "num_beam_groups", None) or 1) > 1 or getattr(generation_config, "diversity_penalty", 0.0):
+        refused.append("num_beam_groups / diversity_penalty (group beam search)")
+    if getattr(generation_config, "force_words_ids", None) or getattr(generation_config, "constraints", None):
+        refused.append("force_words_ids / constraints (constrained beam search)")
+    for name in ("past_key_values", "cache"):  # HF hands over the empty cache it made itself; a filled one is the caller's
+        given = model_kwargs.get(name)
+        if given is not None and hasattr(given, "get_seq_length") and given.get_seq_length() > 0:
+            refused.append(f"a filled {name} (specbeam keeps its own paged KV cache; pass the full input_ids)")
+    if refused:
+        raise ValueError("specbeam_hf.generate does not support: " + "; ".join(refused))
+
+
 def generate(
     model,
     input_ids: torch.LongTensor,
@@ -122,6 +146,7 @@ def generate(
         )
     if not isinstance(assistant, SpecBeam):
         raise ValueError(f"assistant must be a specbeam_hf.SpecBeam, got {type(assistant).__name__}")
+    _refuse_unsupported(generation_config, model_kwargs)
     if (generation_config.num_beams or 1) > 1:
         return beam_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
@@ -147,6 +172,7 @@ def generate(
     pad_id = int(pad.reshape(-1)[0]) if pad is not None else (eos_ids[0] if eos_ids else 0)
 
     params, hf_processors = _sampling_from_processors(generation_config, logits_processor)
+    record = bool(generation_config.return_dict_in_generate and (generation_config.output_scores or generation_config.output_logits))
     extra_criteria = [c for c in (stopping_criteria or []) if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
     engine = assistant.engine_for(model)
 
@@ -175,7 +201,7 @@ def generate(
         row_params = SamplingParams(
             do_sample=params.do_sample, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seeds[row]
         )
-        requests.append(engine.make_request(prompt, row_params, max_new_tokens, eos_ids, stop, processor))
+        requests.append(engine.make_request(prompt, row_params, max_new_tokens, eos_ids, stop, processor, record_scores=record))
 
     streamer = _caller_streamer()  # HF has already put the prompt
     put_columns = _ColumnStreamer(streamer, requests, pad_id) if streamer is not None else None
@@ -204,7 +230,28 @@ def generate(
         new[row, : r.num_generated] = torch.tensor(r.output, dtype=input_ids.dtype)
     sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)  # [batch, width + longest]
     if generation_config.return_dict_in_generate:
-        if generation_config.output_scores or generation_config.output_logits:
-            logger.warning("specbeam_hf.generate returns sequences only; scores/logits are not collected")
-        return GenerateDecoderOnlyOutput(sequences=sequences)
+        return GenerateDecoderOnlyOutput(
+            sequences=sequences,
+            scores=_per_step(requests, "scores", longest, pad_id, input_ids.device) if generation_config.output_scores else None,
+            logits=_per_step(requests, "raw_logits", longest, pad_id, input_ids.device) if generation_config.output_logits else None,
+        )
     return sequences
+
+
+def _per_step(requests: list[Request], field: str, steps: int, pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """HF's layout: one ``[batch, vocab]`` tensor per generated step. A row that finished before the
+    last step gets, for its remaining steps, 0 at the pad token and -inf elsewhere (HF's own loop
+    computes scores for the pad tokens it feeds such a row; specbeam runs no forward for it)."""
+    out = []
+    for step in range(steps):
+        rows = []
+        for r in requests:
+            kept = getattr(r, field)[: r.num_generated]  # rows cut back by a stopping criterion keep what they emitted
+            if step < len(kept):
+                rows.append(kept[step])
+            else:
+                done = torch.full_like(getattr(requests[0], field)[0], float("-inf"))  # [vocab]
+                done[pad_id] = 0.0
+                rows.append(done)
+        out.append(torch.stack(rows).to(device))  # [batch, vocab]
+    return tuple(out)

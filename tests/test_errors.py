@@ -301,3 +301,42 @@ def test_sampling_params_type_checked_by_engine(llama_pair):
         engine.generate([PROMPT], params=[{"do_sample": True}], max_new_tokens=3)
     with pytest.raises(ValueError, match="got 1 sampling params for 2 prompts"):
         engine.generate([PROMPT, PROMPT], params=[SamplingParams()], max_new_tokens=3)
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (dict(return_dict_in_generate=True, output_attentions=True), "output_attentions"),
+        (dict(return_dict_in_generate=True, output_hidden_states=True), "output_hidden_states"),
+        (dict(num_beams=2, return_dict_in_generate=True, output_attentions=True), "output_attentions"),
+        (dict(guidance_scale=1.5), "guidance_scale"),
+        (dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5), "group beam search"),
+        (dict(num_beams=2, force_words_ids=[[5]]), "constrained beam search"),
+    ],
+    ids=["attentions", "hidden_states", "beam_attentions", "cfg", "groups", "constraints"],
+)
+def test_generate_options_it_would_not_reproduce_are_refused(options, named):
+    """HF options whose result specbeam would not reproduce (or would silently leave out) are refused
+    by name, rather than answered differently (CFG, for one, runs the model inside its processor)."""
+    target, draft = make_pair("llama")
+    ids, mask = ragged_batch([5, 7])
+    with pytest.raises(ValueError, match=named):
+        target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                        custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft), **options)
+
+
+def test_inputs_embeds_and_a_filled_cache_are_refused():
+    target, draft = make_pair("llama")
+    ids, mask = ragged_batch([5, 7])
+    assistant = specbeam_hf.SpecBeam(draft)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        target.generate(inputs_embeds=target.get_input_embeddings()(ids), attention_mask=mask, max_new_tokens=4,
+                        do_sample=False, pad_token_id=0, custom_generate=specbeam_hf.generate, assistant=assistant)
+    first = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                            return_dict_in_generate=True)
+    name = "cache" if getattr(first, "cache", None) is not None else "past_key_values"  # renamed in transformers 5.24
+    cache = getattr(first, name)
+    assert cache is not None and cache.get_seq_length() > 0
+    with pytest.raises(ValueError, match="filled"):
+        target.generate(input_ids=first.sequences, attention_mask=torch.ones_like(first.sequences), **{name: cache},
+                        max_new_tokens=4, do_sample=False, pad_token_id=0, custom_generate=specbeam_hf.generate, assistant=assistant)

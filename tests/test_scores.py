@@ -1,0 +1,84 @@
+"""``output_scores`` / ``output_logits`` with ``return_dict_in_generate``: what HF's own loop returns.
+
+Greedy (chains and trees) and beam search: each step's processed scores and raw logits equal
+``target.generate``'s (1e-4). A row that finished early has, for the steps after its EOS, 0 at the
+pad token and -inf elsewhere (HF computes scores for the pad tokens it feeds such a row; specbeam
+runs no forward for it). Sampling: the scores are the ones sampled from, after temperature and top-k.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specbeam_hf
+from conftest import assert_pools_free
+from test_model_families import IDS, MASK, build, perturbed
+
+KW = dict(input_ids=IDS, attention_mask=MASK, max_new_tokens=12, pad_token_id=0, return_dict_in_generate=True,
+          output_scores=True, output_logits=True)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = build("llama")
+    return target, perturbed(target)
+
+
+def eos_ending_row_0_early(target) -> int:
+    """A token row 0 emits at its 4th step and row 1 never emits: as EOS, row 0 stops first."""
+    free = target.generate(**{k: v for k, v in KW.items() if k.startswith("output") is False}, do_sample=False)
+    rows = free.sequences[:, IDS.shape[1]:].tolist()
+    for token in rows[0][3:8]:
+        if token not in rows[0][: rows[0].index(token)] and token not in rows[1] and token != 0:
+            return token
+    pytest.fail(f"no EOS candidate in {rows}")
+
+
+@pytest.mark.parametrize("options", [dict(), dict(drafter="draft_tree", tree_width=3)], ids=["chain", "tree"])
+def test_greedy_scores_and_logits_equal_hf(pair, options):
+    target, draft = pair
+    eos = eos_ending_row_0_early(target)
+    kwargs = dict(KW, do_sample=False, eos_token_id=eos, repetition_penalty=1.3)
+    ref = target.generate(**kwargs)
+    assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=3, **options)
+    out = target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert len(out.scores) == len(ref.scores) == len(out.logits) == len(ref.logits)
+    new = ref.sequences[:, IDS.shape[1]:].tolist()
+    lengths = [row.index(eos) + 1 if eos in row else len(row) for row in new]
+    assert lengths[0] < lengths[1]  # row 0 finished early: the placeholder rows are exercised
+    for step in range(len(ref.scores)):
+        for row, length in enumerate(lengths):
+            if step < length:
+                torch.testing.assert_close(out.scores[step][row], ref.scores[step][row], atol=1e-4, rtol=0)
+                torch.testing.assert_close(out.logits[step][row], ref.logits[step][row], atol=1e-4, rtol=0)
+            else:
+                assert out.scores[step][row, 0] == 0 and torch.isinf(out.scores[step][row, 1:]).all()
+    assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
+
+
+def test_sampled_scores_are_the_warped_ones(pair):
+    target, draft = pair
+    temperature, top_k = 0.7, 5
+    torch.manual_seed(0)
+    out = target.generate(**KW, do_sample=True, temperature=temperature, top_k=top_k, top_p=1.0,
+                          custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft, num_draft_tokens=3))
+    new = out.sequences[:, IDS.shape[1]:]
+    for step, (scores, logits) in enumerate(zip(out.scores, out.logits)):
+        kept = torch.isfinite(scores)  # [batch, vocab]
+        assert (kept.sum(-1) <= top_k).all() and (kept.sum(-1) >= 1).all()
+        torch.testing.assert_close(scores[kept], (logits / temperature)[kept])
+        chosen = new[:, step]
+        assert kept.gather(1, chosen[:, None]).all()  # every sampled token was allowed by its scores
+
+
+def test_beam_logits_equal_hf(pair):
+    target, draft = pair
+    kwargs = dict(KW, do_sample=False, num_beams=3, num_return_sequences=2, length_penalty=0.7)
+    ref = target.generate(**kwargs)
+    out = target.generate(custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft, beam_adaptive=False), **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert len(out.logits) == len(ref.logits)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -11,29 +11,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import specbeam_hf
-from conftest import DEMO_DIR, assert_pools_free
+from conftest import assert_pools_free
 from test_beam_search import assert_same_beams
 from test_bf16 import assert_equal_up_to_near_ties
+from test_demo_pair import PROMPTS
+from test_demo_pair import load as load_on  # the demo pair as users load it
 from test_model_families import WINDOW, build, check_greedy_and_beams, perturbed
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-PROMPTS = [
-    "def fibonacci(n):\n",
-    "class Stack:\n    def __init__(self):\n",
-    "import os\nimport sys\n\n\ndef main():\n",
-    "    if not isinstance(value, int):\n        raise",
-]
-
 
 def load(dtype):
-    tok = AutoTokenizer.from_pretrained(DEMO_DIR / "target", padding_side="left")
-    target = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "target", dtype=dtype).to("cuda").eval()
-    draft = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "draft", dtype=dtype).to("cuda").eval()
-    return tok, target, draft
+    return load_on(dtype, "cuda")
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,10 @@ PROMPTS = [
 ]
 
 
-def load(dtype):
+def load(dtype, device: str = "cpu"):
     tok = AutoTokenizer.from_pretrained(DEMO_DIR / "target", padding_side="left")
-    target = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "target", dtype=dtype).eval()
-    draft = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "draft", dtype=dtype).eval()
+    target = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "target", dtype=dtype).to(device).eval()
+    draft = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "draft", dtype=dtype).to(device).eval()
     return tok, target, draft
 
 

@@ -18,11 +18,11 @@ from transformers import PreTrainedModel
 
 from specbeam_core import KVBatch
 
-from .layout import attention_kind
+from .layout import attention_kind, sliding_mask
 from .runner import HFCausalLM
 
 # model types whose decoder layers are llama's: pre-norm attention + gated MLP, rotary positions,
-# no sliding window, no extra norms
+# no extra norms (sliding-window layers get the window in their mask, as in HF's forward)
 LLAMA_SHAPED = {"llama", "mistral", "qwen2"}
 
 
@@ -37,8 +37,7 @@ def supports(model: PreTrainedModel) -> str | None:
     if config.model_type not in LLAMA_SHAPED:
         return f"model type {config.model_type!r} is not llama-shaped"
     try:
-        if attention_kind(model, config).sliding_window is not None:
-            return "sliding-window attention"
+        attention_kind(model, config)  # sliding windows are applied per layer below; anything else is refused
     except ValueError as exc:
         return str(exc)
     if not hasattr(model, "model") or not hasattr(model.model, "rotary_emb"):
@@ -66,6 +65,8 @@ class FastLlamaDraft(HFCausalLM):
         self._static_rope = getattr(rotary, "rope_type", None) in STATIC_ROPE
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, head_dim]
         self._rope_key: tuple | None = None
+        layer_types = getattr(self.config, "layer_types", None)  # None: every layer slides when there is a window
+        self._slides = [layer_types is None or layer_types[i] == "sliding_attention" for i in range(len(model.model.layers))]
 
     # --------------------------------------------------------------- rotary table
     def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,9 +94,15 @@ class FastLlamaDraft(HFCausalLM):
         cos, sin = self._cos_sin(x, kv.positions.to(device))  # [N, T, head_dim] each
         cos, sin = cos[:, None], sin[:, None]  # [N, 1, T, head_dim]
         mask = kv.attention_mask  # [N, 1, T, K] additive, or None
+        window = self.attention.sliding_window
+        sliding = None  # [N, 1, T, K]: the mask of sliding-window layers, where some key lies outside the window
+        if window is not None and kv.kv_length > window:
+            base = mask if mask is not None else torch.zeros(1, 1, 1, kv.kv_length)
+            sliding = sliding_mask(kv, base.float(), window).to(device=device, dtype=x.dtype)
         if mask is not None:
             mask = mask.to(device=device, dtype=x.dtype)
         for i, layer in enumerate(inner.layers):
+            layer_mask = sliding if sliding is not None and self._slides[i] else mask
             attn = layer.self_attn
             h = layer.input_layernorm(x)  # [N, T, hidden]
             q = attn.q_proj(h).view(n, t, -1, self.head_dim).transpose(1, 2)  # [N, heads, T, head_dim]
@@ -104,7 +111,7 @@ class FastLlamaDraft(HFCausalLM):
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             keys, values = kv.update(i, k, v)  # [N, kv_heads, K, head_dim]
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=layer_mask, scale=self.scaling,
                                                enable_gqa=keys.shape[1] != q.shape[1])  # [N, heads, T, head_dim]
             x = x + attn.o_proj(o.transpose(1, 2).reshape(n, t, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))

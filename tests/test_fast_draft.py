@@ -11,17 +11,26 @@ from conftest import build_model
 from specbeam_core import build_kv_batch
 from specbeam_hf import HFCausalLM
 from specbeam_hf.fast_draft import FastLlamaDraft, draft_causal_lm, supports
+from test_model_families import WINDOW, build
 
 VOCAB = 96
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral-window5", "qwen2-window5"])
 def model(request):
-    m = build_model(request.param, vocab_size=VOCAB, seed=3, init=0.2)
+    """Sliding-window variants: every sequence below runs past the window of 5, on layers that
+    slide (Mistral: all; Qwen2: the first, by its layer types)."""
+    if request.param.endswith("-window5"):
+        family = request.param.split("-")[0]
+        m = build(family, sliding_window=WINDOW)
+        assert m.config.vocab_size == VOCAB
+    else:
+        family = request.param
+        m = build_model(family, vocab_size=VOCAB, seed=3, init=0.2)
     assert m.config.num_attention_heads != m.config.num_key_value_heads  # GQA
     assert m.config.num_hidden_layers == 2
-    if request.param == "qwen2":
+    if family == "qwen2":
         with torch.no_grad():  # give the q/k/v biases values, so a forward that skipped them would show
             for layer in m.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):

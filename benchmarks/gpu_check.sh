@@ -34,6 +34,7 @@ step() {  # step NAME LIMIT_S COMMAND...
     step env 20 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name(0))"
     nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used,utilization.gpu --format=csv
     step tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    step profile_pass 60 python3 benchmarks/profile_pass.py --device cuda --out "$OUT"
     if [ -z "${SKIP_FP32:-}" ]; then
         step trees_beams_fp32 190 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
             --gammas 3,4,5 --beams 2,4,8 --repeats 2 --out "$OUT"

@@ -261,6 +261,22 @@ class PagedKVCache:
         slots = (table[:, None] * self.block_size + self._arange_block[None, :]).reshape(-1)  # [blocks * block_size]
         return slots[seq.offset : seq.offset + n]
 
+    def read_slot_table(self, seq_ids: list[int], lengths: list[int], width: int) -> torch.Tensor:
+        """Flat slots of each sequence's first ``lengths[r]`` tokens, NULL_SLOT after them.  # [N, width]
+
+        One gather for the whole batch (``read_slots`` row by row costs a few tensor ops per row)."""
+        bs = self.block_size
+        seqs = [self._seq(s) for s in seq_ids]
+        num_blocks = [self.blocks_needed(q.used(n)) for q, n in zip(seqs, lengths)]
+        most = max(max(num_blocks), 1)
+        table = torch.tensor([q.blocks[:b] + [NULL_BLOCK] * (most - b) for q, b in zip(seqs, num_blocks)],
+                             dtype=torch.long)  # [N, most]
+        flat = (table[:, :, None] * bs + self._arange_block).reshape(len(seqs), most * bs)  # [N, most * bs]
+        column = torch.arange(width)[None, :]  # [1, width]
+        index = (torch.tensor([q.offset for q in seqs])[:, None] + column).clamp(max=most * bs - 1)  # [N, width]
+        slots = flat.gather(1, index)  # [N, width]
+        return slots.masked_fill_(column >= torch.tensor(lengths)[:, None], NULL_SLOT)
+
     def contiguous_start(self, seq_id: int, length: int) -> int | None:
         """First slot if the sequence's first ``length`` tokens lie in consecutive blocks, else None."""
         seq = self._seq(seq_id)

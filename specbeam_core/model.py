@@ -92,13 +92,13 @@ def build_kv_batch(
         return _single_chain(cache, seq_ids[0], num_new[0], dtype)
     t_max = max(num_new)
     num_cached = [cache.length(s) for s in seq_ids]
-    write_slots = torch.full((n_rows, t_max), NULL_SLOT, dtype=torch.long)  # [N, T]
+    padded_slots: list[list[int]] = []  # per row: NULL_SLOT padding, then its new tokens' slots
     write_start = None
     done = 0
     try:
-        for r, (s, n) in enumerate(zip(seq_ids, num_new)):
+        for s, n in zip(seq_ids, num_new):
             slots = cache.append_slots(s, n)
-            write_slots[r, t_max - n :] = torch.tensor(slots, dtype=torch.long)
+            padded_slots.append([NULL_SLOT] * (t_max - n) + slots)
             if n_rows == 1 and slots == list(range(slots[0], slots[0] + n)):
                 write_start = slots[0]
             done += 1
@@ -106,6 +106,7 @@ def build_kv_batch(
         for s, n in zip(seq_ids[:done], num_new[:done]):
             cache.rollback(s, n)
         raise
+    write_slots = torch.tensor(padded_slots, dtype=torch.long)  # [N, T]
     total = [c + n for c, n in zip(num_cached, num_new)]
     k_len = max(total)
 
@@ -123,12 +124,14 @@ def build_kv_batch(
     if n_rows == 1:
         read_start = cache.contiguous_start(seq_ids[0], k_len)
     if read_start is None:
-        read_slots = torch.full((n_rows, k_len), NULL_SLOT, dtype=torch.long)  # [N, K]
-        for r, s in enumerate(seq_ids):
-            read_slots[r, : total[r]] = cache.read_slots(s, total[r])
+        read_slots = cache.read_slot_table(seq_ids, total, k_len)  # [N, K]
 
     attention_mask = None
-    if t_max > 1 or n_rows > 1:
+    if t_max == 1 and new_token_mask is None:  # one new token per row (decode steps): it sees its row's keys
+        visible = torch.arange(k_len)[None, :] < torch.tensor(total)[:, None]  # [N, K]
+        attention_mask = torch.zeros(n_rows, 1, 1, k_len, dtype=dtype)  # [N, 1, 1, K]
+        attention_mask.masked_fill_(~visible[:, None, None], torch.finfo(dtype).min)
+    elif t_max > 1 or n_rows > 1:
         key = torch.arange(k_len)[None, None, :]  # [1, 1, K]
         q_own = own[:, :, None]  # [N, T, 1]
         rel = key - cached_t[:, :, None]  # [N, 1, K] index of the key among the row's new tokens

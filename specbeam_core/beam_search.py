@@ -54,8 +54,18 @@ class PrefixIndex:
         self.seqs: dict[Key, tuple[int, int]] = {}
         self.nodes: dict[Key, int] = {}
 
-    def materialize(self, key: Key, prompt: Sequence[int]) -> tuple[int, list[int]]:
-        """A new sequence holding the longest known prefix of ``key``; returns it and the tokens it still lacks."""
+    def materialize_all(self, keys: Sequence[Key], prompts: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
+        """:meth:`materialize` for every key, the tree-node K/V moved for all of them in one copy."""
+        src: list[int] = []
+        dst: list[int] = []
+        out = [self.materialize(k, p, (src, dst)) for k, p in zip(keys, prompts)]
+        self.cache.copy_slots(src, dst)  # sources stay held by self.seqs until replace(): no overlap
+        return out
+
+    def materialize(self, key: Key, prompt: Sequence[int], pending: tuple[list[int], list[int]] | None = None) -> tuple[int, list[int]]:
+        """A new sequence holding the longest known prefix of ``key``; returns it and the tokens it still
+        lacks. With ``pending`` the node K/V copies are appended to it (``(sources, destinations)``)
+        for the caller to run together, before anything is freed."""
         b, gen = key
         for i in range(len(gen), -1, -1):
             prefix = (b, gen[:i])
@@ -71,7 +81,12 @@ class PrefixIndex:
         seq = self.cache.fork(base)
         self.cache.truncate(seq, length)
         if path_slots:
-            self.cache.copy_slots(path_slots[::-1], self.cache.append_slots(seq, len(path_slots)))
+            src, dst = path_slots[::-1], self.cache.append_slots(seq, len(path_slots))
+            if pending is None:
+                self.cache.copy_slots(src, dst)
+            else:
+                pending[0].extend(src)
+                pending[1].extend(dst)
         return seq, list(gen[i:])
 
     def replace(self, seqs: dict[Key, tuple[int, int]], nodes: dict[Key, int]) -> None:
@@ -136,7 +151,7 @@ class BeamTreeDrafter:
         new_log_probs: dict[Key, torch.Tensor] = {}
 
         # root states: reuse the draft K/V (and log-probs) of the last pass, feed the rest
-        seqs, feeds = zip(*(self.index.materialize(k, prompts[k[0]]) for k in roots))
+        seqs, feeds = zip(*self.index.materialize_all(roots, [prompts[k[0]] for k in roots]))
         fed = [i for i, f in enumerate(feeds) if f]
         log_probs = [self.log_probs.get(k) for k in roots]
         if fed:
@@ -370,7 +385,7 @@ class SpecBeamSearch:
         if self.chooser is not None:
             depth = self.chooser.choose(time.perf_counter(), self.stats.steps, first_pass=self.stats.target_forwards == 0)
         self.cache.ensure_free(len(roots) * _blocks(self.cache, self.depth + 1))  # tree paths copied into beams
-        seqs, unseen = zip(*(self.index.materialize(k, prompts[k[0]]) for k in roots))
+        seqs, unseen = zip(*self.index.materialize_all(roots, [prompts[k[0]] for k in roots]))
         self.index.clear()  # what the running beams need of the last pass's sequences is now in their own forks
         held = len({b for s in seqs for b in self.cache.block_table(s)})
         self.stats.peak_beam_blocks = max(self.stats.peak_beam_blocks, held)

@@ -90,7 +90,7 @@ class DraftTreeDrafter:
         # draft K/V of the last step's expanded nodes is reused; other requests keep theirs as they are
         active_ids = {requests[i].request_id for i in active}
         kept = {k: v for k, v in self.index.seqs.items() if k[0] not in active_ids}
-        roots = {i: self.index.materialize(keys[i], requests[i].prompt) for i in active}
+        roots = dict(zip(active, self.index.materialize_all([keys[i] for i in active], [requests[i].prompt for i in active])))
         fed = [i for i in active if roots[i][1]]
         root_log_probs = {i: self.log_probs.get(keys[i]) for i in active}
         if fed:

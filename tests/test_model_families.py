@@ -4,7 +4,8 @@ Tiny random models built from each family's own config class (``AutoConfig.for_m
 beam search through specbeam must equal the model's own ``generate``. Covered besides the llama,
 gpt2, opt and qwen2 of the other tests: multi-query attention (Falcon, GPTBigCode; the KV shapes
 are read from the model, not from config names), partial rotary (Phi, GPT-J, CodeGen), MoE
-(Mixtral, gpt-oss), and **sliding-window attention** (Mistral, Qwen2 with ``use_sliding_window``,
+(Mixtral, Qwen3-MoE, gpt-oss), multi-head latent attention (DeepSeek V3: keys and values of
+different widths), and **sliding-window attention** (Mistral, Qwen2 with ``use_sliding_window``,
 Gemma 2/3, Cohere 2, gpt-oss), where prompts plus new tokens run past a window of 5 so that the
 window changes the model's own output (checked) and a mask without it would be wrong. ALiBi models
 (Bloom) are refused with a message naming why.
@@ -26,6 +27,9 @@ SIZES = dict(
     vocab_size=96, head_dim=8, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=None,
     initializer_range=0.1, n_positions=128, n_inner=64, rotary_dim=4, partial_rotary_factor=0.5,
     num_local_experts=4, num_experts=4, num_experts_per_tok=2,
+    # multi-head latent attention (DeepSeek V2/V3): keys and values of different widths
+    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=6, kv_lora_rank=16, q_lora_rank=16, moe_intermediate_size=32,
+    n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
 )
 WINDOW = 5
 
@@ -40,6 +44,8 @@ def build(model_type: str, sliding_window: int | None = None, seed: int = 0):
                 setattr(config, key, value)
             except AttributeError:  # derived in this family (Falcon's head_dim = hidden_size / heads)
                 pass
+    if model_type.startswith("deepseek"):  # its attention has as many KV heads as query heads
+        config.num_key_value_heads = config.num_attention_heads
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = ["sliding_attention", "full_attention"] if sliding_window else ["full_attention"] * 2
     if sliding_window:
@@ -84,7 +90,8 @@ def check_greedy_and_beams(target, draft, device: str = "cpu", **options):
 
 @pytest.mark.parametrize(
     "model_type",
-    ["falcon", "gpt_bigcode", "gemma", "phi", "phi3", "gpt_neox", "gptj", "codegen", "mixtral", "starcoder2", "olmo2", "cohere"],
+    ["falcon", "gpt_bigcode", "gemma", "phi", "phi3", "gpt_neox", "gptj", "codegen", "mixtral", "starcoder2", "olmo2", "cohere",
+     "deepseek_v3", "qwen3_moe", "glm4", "smollm3"],
 )
 def test_family_equals_its_own_generate(model_type):
     target = build(model_type)
@@ -133,3 +140,11 @@ def test_kv_shapes_are_read_from_the_model():
     target = build("falcon")
     runner = specbeam_hf.HFCausalLM(target)
     assert runner.num_kv_heads == 1 and runner.head_dim == 8 and runner.num_layers == 2
+
+
+def test_latent_attention_keys_and_values_of_different_widths():
+    """DeepSeek V3's attention writes keys and values of different widths: the pool keeps both."""
+    runner = specbeam_hf.HFCausalLM(build("deepseek_v3"))
+    assert runner.value_head_dim != runner.head_dim
+    cache = runner.make_cache(4, 4)
+    assert cache.keys[0].shape[-1] == runner.head_dim and cache.values[0].shape[-1] == runner.value_head_dim

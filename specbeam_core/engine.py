@@ -317,6 +317,7 @@ class SpecEngine:
         draft_forwards_before = self.drafter.forward_count if self.drafter is not None else 0
 
         num_draft = self._draft_lengths(requests)
+        self._pending.clear()  # nothing left over from a step that raised before its commit
         if max(num_draft) > 0 and hasattr(self.drafter, "propose_trees"):
             result, drafted = self._tree_pass(requests, num_draft)
         else:

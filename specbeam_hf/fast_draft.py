@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from specbeam_core import KVBatch
 
-from .layout import attention_kind, sliding_mask
+from .layout import attention_kind, windowed
 from .runner import HFCausalLM
 
 # model types whose decoder layers are llama's: pre-norm attention + gated MLP, rotary positions,
@@ -93,14 +93,10 @@ class FastLlamaDraft(HFCausalLM):
         x = inner.embed_tokens(tokens.to(device))  # [N, T, hidden]
         cos, sin = self._cos_sin(x, kv.positions.to(device))  # [N, T, head_dim] each
         cos, sin = cos[:, None], sin[:, None]  # [N, 1, T, head_dim]
-        mask = kv.attention_mask  # [N, 1, T, K] additive, or None
-        window = self.attention.sliding_window
-        sliding = None  # [N, 1, T, K]: the mask of sliding-window layers, where some key lies outside the window
-        if window is not None and kv.kv_length > window:
-            base = mask if mask is not None else torch.zeros(1, 1, 1, kv.kv_length)
-            sliding = sliding_mask(kv, base.float(), window).to(device=device, dtype=x.dtype)
-        if mask is not None:
-            mask = mask.to(device=device, dtype=x.dtype)
+        mask, sliding = windowed(kv, self.attention, x.dtype)  # [N, 1, T, K] additive; sliding layers' or None
+        mask = None if kv.attention_mask is None else mask.to(device=device, dtype=x.dtype)  # None: sdpa attends to all
+        if sliding is not None:
+            sliding = sliding.to(device=device, dtype=x.dtype)
         for i, layer in enumerate(inner.layers):
             layer_mask = sliding if sliding is not None and self._slides[i] else mask
             attn = layer.self_attn

@@ -10,7 +10,6 @@ sequence as long as the longest row, the streamer fed one column of tokens at a 
 from __future__ import annotations
 
 import inspect
-import logging
 from typing import Any
 
 import torch
@@ -28,7 +27,6 @@ from specbeam_core import Request, SamplingParams
 from .assistant import SpecBeam
 from .beam import beam_generate
 
-logger = logging.getLogger(__name__)
 
 
 def _caller_streamer():
@@ -242,16 +240,10 @@ def _per_step(requests: list[Request], field: str, steps: int, pad_id: int, devi
     """HF's layout: one ``[batch, vocab]`` tensor per generated step. A row that finished before the
     last step gets, for its remaining steps, 0 at the pad token and -inf elsewhere (HF's own loop
     computes scores for the pad tokens it feeds such a row; specbeam runs no forward for it)."""
-    out = []
-    for step in range(steps):
-        rows = []
-        for r in requests:
-            kept = getattr(r, field)[: r.num_generated]  # rows cut back by a stopping criterion keep what they emitted
-            if step < len(kept):
-                rows.append(kept[step])
-            else:
-                done = torch.full_like(getattr(requests[0], field)[0], float("-inf"))  # [vocab]
-                done[pad_id] = 0.0
-                rows.append(done)
-        out.append(torch.stack(rows).to(device))  # [batch, vocab]
-    return tuple(out)
+    kept = [getattr(r, field)[: r.num_generated] for r in requests]  # rows cut back by a stopping criterion keep what they emitted
+    done = torch.full_like(kept[0][0], float("-inf"))  # [vocab]
+    done[pad_id] = 0.0
+    return tuple(
+        torch.stack([row[step] if step < len(row) else done for row in kept]).to(device)  # [batch, vocab]
+        for step in range(steps)
+    )

@@ -104,7 +104,11 @@ def attention_kind(model: PreTrainedModel, config) -> AttentionKind:
             return AttentionKind(None, False)
         if not window:
             raise ValueError(f"{name} has sliding-attention layers but no sliding_window in its config")
-        if "causal_mask_mapping" not in inspect.getsource(type(model.base_model).forward):
+        try:
+            source = inspect.getsource(type(model.base_model).forward)
+        except (OSError, TypeError):  # no source to read (a compiled or frozen install): transformers' convention
+            source = "causal_mask_mapping"
+        if "causal_mask_mapping" not in source:
             raise ValueError(f"{name} mixes full and sliding layers but takes no per-layer-type masks; not supported")
         return AttentionKind(int(window), True)
     if window and getattr(config, "use_sliding_window", True) is not False:
@@ -120,6 +124,18 @@ def key_positions(kv: KVBatch) -> torch.Tensor:
     for r, (cached, new) in enumerate(zip(kv.num_cached, kv.num_new)):
         keys[r, cached : cached + new] = kv.positions[r, t_max - new :]
     return keys
+
+
+def windowed(kv: KVBatch, kind: AttentionKind, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The batch's additive mask ``[N, 1, T, K]`` (all zeros for one row and one token) and, when some
+    key lies outside the sliding window, the mask of the sliding layers (else None); on the host."""
+    mask = kv.attention_mask
+    if mask is None:  # one row, one token: nothing to hide
+        mask = torch.zeros(1, 1, 1, kv.kv_length, dtype=dtype)  # [1, 1, 1, K]
+    window = kind.sliding_window
+    if window is None or kv.kv_length <= window:
+        return mask, None
+    return mask, sliding_mask(kv, mask, window)
 
 
 def sliding_mask(kv: KVBatch, mask: torch.Tensor, window: int) -> torch.Tensor:

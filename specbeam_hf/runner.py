@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache
 
 from specbeam_core import KVBatch, PagedKVCache
 
-from .layout import attention_kind, probe_kv_shapes, sliding_mask
+from .layout import attention_kind, probe_kv_shapes, windowed
 
 
 class PagedCache(Cache):
@@ -91,13 +91,10 @@ class HFCausalLM:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv: KVBatch, num_logits: int) -> torch.Tensor:
         device = self.device
-        mask = kv.attention_mask
-        if mask is None:  # one row, one token: nothing to hide
-            mask = torch.zeros(1, 1, 1, kv.kv_length, dtype=self.dtype)  # [1, 1, 1, K]
+        mask, sliding = windowed(kv, self.attention, self.dtype)  # [N, 1, T, K], and the sliding layers' or None
         attention_mask = mask.to(device)
-        window = self.attention.sliding_window
-        if window is not None and kv.kv_length > window:  # some keys may lie outside the window
-            sliding = sliding_mask(kv, mask, window).to(device)  # [N, 1, T, K]
+        if sliding is not None:
+            sliding = sliding.to(device)
             attention_mask = {"full_attention": attention_mask, "sliding_attention": sliding} if self.attention.per_layer_type else sliding
         out = self.model(
             input_ids=tokens.to(device),

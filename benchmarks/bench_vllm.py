@@ -6,13 +6,20 @@ proposers, and specbeam, on the demo pair. Prints a table and writes JSON.
 Each configuration gets its own server on 127.0.0.1 (started, warmed up, measured, stopped); every
 request asks for ``--max-tokens`` tokens with ``ignore_eos`` so all configurations produce the
 same number of tokens; greedy outputs are compared with spec-off's.
+
+``--rounds R`` (R > 1) starts every configuration's server at once (an idle vLLM server takes no
+CPU) and measures each level R times, the configurations taking turns in a rotating order, so a
+slow spell of the host hits all of them alike. Each cell is then the median over rounds, and its
+ratio to spec-off the median of the per-round ratios (with their range in the JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,6 +61,50 @@ def run_level(url: str, model: str, concurrency: int, num_requests: int, max_tok
             "texts": [t for t, _ in results]}
 
 
+def measure(server: Server, c: int, args) -> dict:
+    before = spec_metrics(server.url)
+    level = run_level(server.url, server.model, c, max(c, args.requests_per_level), args.max_tokens, args.temperature)
+    after = spec_metrics(server.url)
+    level["delta"] = {k: after[k] - before[k] for k in after}
+    return level
+
+
+def acceptance(level: dict, delta: dict) -> dict:
+    level["acceptance_rate"] = delta["accepted_tokens"] / delta["draft_tokens"] if delta["draft_tokens"] else None
+    level["mean_acceptance_length"] = 1 + delta["accepted_tokens"] / delta["drafts"] if delta["drafts"] else None
+    return level
+
+
+def interleaved(args, table: dict, common: list[str], levels: list[int], results: dict) -> None:
+    """Every server up at once; each level measured ``args.rounds`` times, configurations in turns."""
+    names = args.configs.split(",")
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for name in names:
+            results["configs"][name] = {"flags": table[name], "levels": {}}
+            log = os.path.join(args.log_dir, f"bench-vllm-{name}.log")
+            try:
+                servers[name] = stack.enter_context(Server(os.path.abspath(args.target), table[name] + common, log_path=log))
+                run_level(servers[name].url, servers[name].model, 2, 4, 16, args.temperature)  # warm-up
+            except (RuntimeError, TimeoutError) as err:
+                results["configs"][name]["error"] = str(err).splitlines()[0]
+                print(f"{name:18s} failed: {results['configs'][name]['error']}", flush=True)
+        up = [n for n in names if n in servers]
+        for c in levels:
+            runs: dict[str, list[dict]] = {n: [] for n in up}
+            for r in range(args.rounds):
+                for name in up[r % len(up):] + up[: r % len(up)]:  # a rotating order
+                    runs[name].append(measure(servers[name], c, args))
+                    print(f"{name:18s} c={c:3d} round {r + 1}: {runs[name][-1]['tokens_per_s']:8.1f} tok/s", flush=True)
+            for name in up:
+                delta = {k: sum(run["delta"][k] for run in runs[name]) for k in runs[name][0]["delta"]}
+                rounds = [run["tokens_per_s"] for run in runs[name]]
+                level = {"rounds": rounds, "tokens_per_s": statistics.median(rounds), "texts": runs[name][0]["texts"],
+                         "texts_same_every_round": all(run["texts"] == runs[name][0]["texts"] for run in runs[name])}
+                results["configs"][name]["levels"][c] = acceptance(level, delta)
+                print(f"{name:18s} c={c:3d} median {level['tokens_per_s']:8.1f} tok/s  acc={level['acceptance_rate']}", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default=os.path.join(DEMO, "target"))
@@ -67,6 +118,8 @@ def main(argv=None) -> None:
     ap.add_argument("--specbeam-options", default="{}", help="JSON object of specbeam options for the specbeam server")
     ap.add_argument("--extra-flags", default="[]",
                     help='JSON list of more vLLM flags for every server, e.g. \'["--no-async-scheduling"]\'')
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="> 1: all servers up at once, each level measured this many times in turns (see above)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "vllm.json"))
     ap.add_argument("--log-dir", default="/tmp")
     args = ap.parse_args(argv)
@@ -75,7 +128,9 @@ def main(argv=None) -> None:
     common = ["--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", str(max(levels)),
               "--seed", "0", *json.loads(args.extra_flags)]
     results: dict = {"args": vars(args), "configs": {}}
-    for name in args.configs.split(","):
+    if args.rounds > 1:
+        interleaved(args, table, common, levels, results)
+    for name in args.configs.split(",") if args.rounds <= 1 else []:
         log = os.path.join(args.log_dir, f"bench-vllm-{name}.log")
         entry: dict = {"flags": table[name], "levels": {}}
         results["configs"][name] = entry
@@ -98,7 +153,13 @@ def main(argv=None) -> None:
     base = results["configs"].get("spec-off", {}).get("levels", {})
     for name, entry in results["configs"].items():
         for c, level in entry["levels"].items():
-            if c in base:
+            if c in base and "rounds" in level:
+                ratios = [t / b for t, b in zip(level["rounds"], base[c]["rounds"])]
+                level["speedup_vs_spec_off"] = statistics.median(ratios)
+                level["speedup_range"] = [min(ratios), max(ratios)]
+                if args.temperature == 0.0:
+                    level["greedy_identical_to_spec_off"] = level["texts"] == base[c]["texts"]
+            elif c in base:
                 level["speedup_vs_spec_off"] = level["tokens_per_s"] / base[c]["tokens_per_s"]
                 if args.temperature == 0.0:
                     level["greedy_identical_to_spec_off"] = level["texts"] == base[c]["texts"]
@@ -111,7 +172,8 @@ def main(argv=None) -> None:
         cells = []
         for c in levels:
             lv = entry["levels"].get(c)
-            cells.append("failed" if lv is None else f"{lv['tokens_per_s']:.1f} ({lv.get('speedup_vs_spec_off', 1):.2f}×)")
+            spread = "; {:.2f}–{:.2f}".format(*lv["speedup_range"]) if lv and "speedup_range" in lv else ""
+            cells.append("failed" if lv is None else f"{lv['tokens_per_s']:.1f} ({lv.get('speedup_vs_spec_off', 1):.2f}×{spread})")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"wrote {args.out}")
 

@@ -1,4 +1,5 @@
-"""Where vLLM's worker process spends its time at concurrency 1, by py-spy sampling.
+"""Where vLLM's worker process (or, with ``--process EngineCore``, the engine core) spends its time,
+by py-spy sampling, at concurrency 1 (``--concurrency N``: N requests started together, repeatedly).
 
 Starts one server on the demo pair (spec-off, vLLM's ``draft_model`` or specbeam, γ = 4), keeps one
 greedy 64-token request in flight, records the ``VllmWorker`` process with ``py-spy record -f raw``
@@ -39,6 +40,7 @@ WATCH = {("_model_forward", "v1/worker/gpu_model_runner.py"): "target forward",
 def _frame(frame: str) -> tuple[str, str] | None:
     """``name (path/file.py:line)`` -> the WATCH key it is, or None."""
     name, _, where = frame.partition(" (")
+    name = name.rsplit(".", 1)[-1]  # newer py-spy qualifies methods: ``GPUModelRunner._model_forward``
     path = where.rsplit(":", 1)[0]
     for key in WATCH:
         if key[0] == name and path.endswith(key[1]):
@@ -65,6 +67,8 @@ def main(argv=None) -> None:
     ap.add_argument("--config", choices=["spec-off", "draft_model", "specbeam"], default="specbeam")
     ap.add_argument("--specbeam-options", default="{}")
     ap.add_argument("--seconds", type=int, default=20)
+    ap.add_argument("--concurrency", type=int, default=1, help="requests kept in flight")
+    ap.add_argument("--process", default="Worker", help="profile the vLLM process whose name has this (Worker, EngineCore)")
     ap.add_argument("--out", default="/tmp/specbeam-worker-profile.txt", help="py-spy's raw output")
     args = ap.parse_args(argv)
     if shutil.which("py-spy") is None:
@@ -78,16 +82,16 @@ def main(argv=None) -> None:
               "--seed", "0"]
     with Server(os.path.abspath(os.path.join(DEMO, "target")), flags + common) as server:
         run_level(server.url, server.model, 1, 3, 64, 0.0)  # warm-up
-        speed = run_level(server.url, server.model, 1, 16, 64, 0.0)["tokens_per_s"]
+        speed = run_level(server.url, server.model, args.concurrency, 16 * args.concurrency, 64, 0.0)["tokens_per_s"]
         group = subprocess.run(["pgrep", "-g", str(server.process.pid)], capture_output=True, text=True).stdout.split()
-        workers = [pid for pid in group if "Worker" in open(f"/proc/{pid}/cmdline").read()]
+        workers = [pid for pid in group if args.process in open(f"/proc/{pid}/cmdline").read()]
         if not workers:
             raise SystemExit("no VllmWorker process found in the server's process group")
         stop = threading.Event()
 
         def load() -> None:
             while not stop.is_set():
-                run_level(server.url, server.model, 1, 1, 64, 0.0)
+                run_level(server.url, server.model, args.concurrency, args.concurrency, 64, 0.0)
 
         thread = threading.Thread(target=load)
         thread.start()
@@ -97,7 +101,7 @@ def main(argv=None) -> None:
         stop.set()
         thread.join()
     total, hits = inclusive_shares(args.out)
-    print(f"{args.config}: {speed:.1f} tokens/s at concurrency 1 (before profiling); {total} worker samples")
+    print(f"{args.config}: {speed:.1f} tokens/s at concurrency {args.concurrency} (before profiling); {total} worker samples")
     for key, what in WATCH.items():
         print(f"  {what:28s} {100 * hits[key] / max(total, 1):5.1f} %")
 

@@ -2,8 +2,10 @@
 
 A one-layer draft spends most of a HF forward in generic machinery (mask building, output
 capturing, kwargs plumbing), not in its matmuls. :class:`FastLlamaDraft` calls the model's own
-submodules (embedding, rotary embedding, norms, projections, MLP, LM head) in the order of
-``LlamaModel.forward`` and attends with ``scaled_dot_product_attention`` over the paged KV cache.
+submodules (embedding, rotary embedding, projections, LM head) in the order of
+``LlamaModel.forward``, normalises with one fused ``rms_norm`` over the norms' weights, runs the gated
+MLP from its three projections, and attends with ``scaled_dot_product_attention`` over the paged KV
+cache.
 
 Only drafts use it: a draft's logits may differ from HF's in the last bits without changing any
 output (verification is against the target), while the target always runs through HF's own forward.
@@ -31,6 +33,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HF's llama RMSNorm (normalise in float32, cast back, scale) as one fused op where it can be."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None:  # not llama's RMSNorm: its own forward
+        return norm(x)
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, eps)
+    return norm.weight * F.rms_norm(x.float(), norm.weight.shape, None, eps).to(x.dtype)
+
+
 def supports(model: PreTrainedModel) -> str | None:
     """None if :class:`FastLlamaDraft` can run ``model``, else why not."""
     config = model.config
@@ -44,6 +56,8 @@ def supports(model: PreTrainedModel) -> str | None:
         return "no rotary embedding module"
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
         return f"activation {config.hidden_act!r}"
+    if not all(hasattr(layer.mlp, name) for layer in model.model.layers for name in ("gate_proj", "up_proj", "down_proj")):
+        return "MLP is not llama's gated MLP"
     return None
 
 
@@ -88,7 +102,7 @@ class FastLlamaDraft(HFCausalLM):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv: KVBatch, num_logits: int) -> torch.Tensor:
         inner = self.model.model
-        device = self.device
+        device = inner.embed_tokens.weight.device  # (HF's ``model.device`` walks the parameters)
         n, t = tokens.shape
         x = inner.embed_tokens(tokens.to(device))  # [N, T, hidden]
         cos, sin = self._cos_sin(x, kv.positions.to(device))  # [N, T, head_dim] each
@@ -100,7 +114,7 @@ class FastLlamaDraft(HFCausalLM):
         for i, layer in enumerate(inner.layers):
             layer_mask = sliding if sliding is not None and self._slides[i] else mask
             attn = layer.self_attn
-            h = layer.input_layernorm(x)  # [N, T, hidden]
+            h = _rms_norm(layer.input_layernorm, x)  # [N, T, hidden]
             q = attn.q_proj(h).view(n, t, -1, self.head_dim).transpose(1, 2)  # [N, heads, T, head_dim]
             k = attn.k_proj(h).view(n, t, -1, self.head_dim).transpose(1, 2)  # [N, kv_heads, T, head_dim]
             v = attn.v_proj(h).view(n, t, -1, self.head_dim).transpose(1, 2)
@@ -110,8 +124,9 @@ class FastLlamaDraft(HFCausalLM):
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=layer_mask, scale=self.scaling,
                                                enable_gqa=keys.shape[1] != q.shape[1])  # [N, heads, T, head_dim]
             x = x + attn.o_proj(o.transpose(1, 2).reshape(n, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = inner.norm(x[:, -num_logits:])  # [N, num_logits, hidden]
+            mlp, h = layer.mlp, _rms_norm(layer.post_attention_layernorm, x)
+            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))  # llama's gated MLP (silu: supports())
+        x = _rms_norm(inner.norm, x[:, -num_logits:])  # [N, num_logits, hidden]
         self.forward_count += 1
         return self.model.lm_head(x).float().cpu()  # [N, num_logits, vocab] on the host
 

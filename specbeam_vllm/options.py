@@ -26,9 +26,9 @@ class SpecBeamVllmOptions(BaseModel):
         True, description="sample drafts of sampled requests from the draft's warped distribution and hand "
         "vLLM's rejection sampler their probabilities (needs the specbeam plugin); off: greedy drafts, one-hot")
     full_draft_max_batch: int = Field(
-        1, ge=0, description="default draft-length policy: the full draft length up to this many decoding rows")
+        4, ge=0, description="default draft-length policy: the full draft length up to this many decoding rows")
     no_draft_min_batch: int = Field(
-        3, ge=1, description="default draft-length policy: no drafting from this many decoding rows on")
+        8, ge=1, description="default draft-length policy: no drafting from this many decoding rows on")
     confidence_threshold: float = Field(
         0.0, ge=0.0, lt=1.0, description="end a row's draft after a token the draft gives less probability "
         "than this (HF's assistant_confidence_threshold rule): fewer wasted draft forwards")
@@ -39,8 +39,8 @@ class SpecBeamVllmOptions(BaseModel):
     vllm_cpu_gemm: bool = Field(
         True, description="on the CPU, run the draft's linear layers through vLLM's prepacked GEMM (oneDNN / "
         "sgl-kernel) instead of torch's: about half the draft cost once the target has evicted it from cache")
-    dtype: str | None = Field(None, description="draft dtype: float32, bfloat16 or float16 (default: float32 "
-                              "on the CPU, where it is faster for a small draft; the target's elsewhere)")
+    dtype: str | None = Field(None, description="draft dtype: float32, bfloat16 or float16 (default: the "
+                              "target's, as vLLM's draft_model)")
 
     @field_validator("dtype")
     @classmethod

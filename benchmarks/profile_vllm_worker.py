@@ -34,7 +34,9 @@ WATCH = {("_model_forward", "v1/worker/gpu_model_runner.py"): "target forward",
          ("propose_draft_token_ids", "v1/worker/gpu_model_runner.py"): "proposer (vLLM's call)",
          ("forward", "torch/nn/modules/linear.py"): "draft nn.Linear, torch GEMM",
          ("_packed_forward", "specbeam_vllm/cpu_gemm.py"): "draft nn.Linear, vLLM GEMM",
-         ("dequeue", "device_communicators/shm_broadcast.py"): "waiting for the scheduler"}
+         ("dequeue", "device_communicators/shm_broadcast.py"): "waiting (worker: for the scheduler)",
+         ("take_draft_token_ids", "v1/executor/multiproc_executor.py"): "engine core: draft round trip",
+         ("sample_tokens", "v1/executor/multiproc_executor.py"): "engine core: sample_tokens round trip"}
 
 
 def _frame(frame: str) -> tuple[str, str] | None:
@@ -48,13 +50,13 @@ def _frame(frame: str) -> tuple[str, str] | None:
     return None
 
 
-def inclusive_shares(raw_path: str) -> tuple[int, Counter]:
+def inclusive_shares(raw_path: str, main_loop: str = "worker_busy_loop") -> tuple[int, Counter]:
     """Samples of the main thread, and how many of them have each function on the stack."""
     total, hits = 0, Counter()
     with open(raw_path) as fh:
         for line in fh:
             stack, count = line.rsplit(" ", 1)
-            if "worker_busy_loop (" not in stack:
+            if f"{main_loop} (" not in stack:
                 continue  # other threads (the death-pipe monitor) only wait
             total += int(count)
             for key in {_frame(frame) for frame in stack.split(";")} - {None}:
@@ -100,8 +102,9 @@ def main(argv=None) -> None:
                         "-o", args.out], check=True, capture_output=True)
         stop.set()
         thread.join()
-    total, hits = inclusive_shares(args.out)
-    print(f"{args.config}: {speed:.1f} tokens/s at concurrency {args.concurrency} (before profiling); {total} worker samples")
+    total, hits = inclusive_shares(args.out, "worker_busy_loop" if args.process == "Worker" else "run_busy_loop")
+    print(f"{args.config}: {speed:.1f} tokens/s at concurrency {args.concurrency} (before profiling); "
+          f"{total} samples of the {args.process}'s main thread")
     for key, what in WATCH.items():
         print(f"  {what:28s} {100 * hits[key] / max(total, 1):5.1f} %")
 

@@ -107,7 +107,7 @@ class SpecBeamProposer:
         on_cpu = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu") == "cpu"
         # the target's dtype, as vLLM's draft_model: alone, a small float32 draft runs about as fast as a
         # bfloat16 one on the CPU, but next to the target's forward (which evicts it from cache) each
-        # proposal re-reads its weights, and there bfloat16 took 4.1 ms against 6.6 (BENCHMARKS.md)
+        # proposal re-reads its weights, and there bfloat16 took 4.2 ms against 5.6 (BENCHMARKS.md)
         draft = load_draft(self.options, model_config.dtype, getattr(model_config, "tokenizer", None), self.vocab_size,
                            on_cpu=on_cpu)
         if draft.max_positions is not None and draft.max_positions < self.max_model_len:

@@ -26,11 +26,9 @@ parallelism or a KV connector, another proposer) takes vLLM's own path.
 from __future__ import annotations
 
 import functools
-import logging
+import importlib
 from concurrent.futures import Future
 from typing import Any
-
-logger = logging.getLogger("vllm.specbeam")
 
 ATTR = "specbeam_draft_token_ids"
 _MISSING = object()
@@ -69,7 +67,7 @@ def _executor_classes() -> list[type]:
     for module, name in (("vllm.v1.executor.multiproc_executor", "MultiprocExecutor"),
                          ("vllm.v1.executor.uniproc_executor", "UniProcExecutor")):
         try:
-            cls = getattr(__import__(module, fromlist=[name]), name)
+            cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):  # pragma: no cover - depends on the vLLM build
             continue
         if all(hasattr(cls, m) for m in ("execute_model", "sample_tokens", "take_draft_token_ids")):

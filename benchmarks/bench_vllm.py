@@ -75,6 +75,24 @@ def acceptance(level: dict, delta: dict) -> dict:
     return level
 
 
+def one_at_a_time(args, table: dict, common: list[str], levels: list[int], results: dict) -> None:
+    """Each configuration's server started, warmed up, measured at every level and stopped in turn."""
+    for name in args.configs.split(","):
+        log = os.path.join(args.log_dir, f"bench-vllm-{name}.log")
+        entry: dict = {"flags": table[name], "levels": {}}
+        results["configs"][name] = entry
+        try:
+            with Server(os.path.abspath(args.target), table[name] + common, log_path=log) as server:
+                run_level(server.url, server.model, 2, 4, 16, args.temperature)  # warm-up
+                for c in levels:
+                    level = measure(server, c, args)
+                    entry["levels"][c] = acceptance(level, level.pop("delta"))
+                    print(f"{name:18s} c={c:3d} {level['tokens_per_s']:8.1f} tok/s  acc={level['acceptance_rate']}", flush=True)
+        except (RuntimeError, TimeoutError) as err:
+            entry["error"] = str(err).splitlines()[0]
+            print(f"{name:18s} failed: {entry['error']}", flush=True)
+
+
 def interleaved(args, table: dict, common: list[str], levels: list[int], results: dict) -> None:
     """Every server up at once; each level measured ``args.rounds`` times, configurations in turns."""
     names = args.configs.split(",")
@@ -130,26 +148,8 @@ def main(argv=None) -> None:
     results: dict = {"args": vars(args), "configs": {}}
     if args.rounds > 1:
         interleaved(args, table, common, levels, results)
-    for name in args.configs.split(",") if args.rounds <= 1 else []:
-        log = os.path.join(args.log_dir, f"bench-vllm-{name}.log")
-        entry: dict = {"flags": table[name], "levels": {}}
-        results["configs"][name] = entry
-        try:
-            with Server(os.path.abspath(args.target), table[name] + common, log_path=log) as server:
-                run_level(server.url, server.model, 2, 4, 16, args.temperature)  # warm-up
-                for c in levels:
-                    before = spec_metrics(server.url)
-                    level = run_level(server.url, server.model, c, max(c, args.requests_per_level),
-                                      args.max_tokens, args.temperature)
-                    after = spec_metrics(server.url)
-                    delta = {k: after[k] - before[k] for k in after}
-                    level["acceptance_rate"] = delta["accepted_tokens"] / delta["draft_tokens"] if delta["draft_tokens"] else None
-                    level["mean_acceptance_length"] = 1 + delta["accepted_tokens"] / delta["drafts"] if delta["drafts"] else None
-                    entry["levels"][c] = level
-                    print(f"{name:18s} c={c:3d} {level['tokens_per_s']:8.1f} tok/s  acc={level['acceptance_rate']}", flush=True)
-        except (RuntimeError, TimeoutError) as err:
-            entry["error"] = str(err).splitlines()[0]
-            print(f"{name:18s} failed: {entry['error']}", flush=True)
+    else:
+        one_at_a_time(args, table, common, levels, results)
     base = results["configs"].get("spec-off", {}).get("levels", {})
     for name, entry in results["configs"].items():
         for c, level in entry["levels"].items():

@@ -8,7 +8,12 @@ for ``--rounds`` rounds, so a slow spell of the host hits them alike. Prints a t
 
 The default variants compare the draft in float32 with the default (the target's dtype, bfloat16
 here): a small draft runs about as fast in either alone, but inside the server the target's forward
-evicts it from cache between proposals.
+evicts it from cache between proposals. A variant whose options are ``null`` is a spec-off server
+(tokens/s only), e.g. at 16 concurrent requests:
+
+    python benchmarks/bench_vllm_proposer.py --concurrency 16 --requests 96 \
+        --variants '{"spec-off": null, "default": {}, "never drafts": {"full_draft_max_batch": 0, "no_draft_min_batch": 1}}' \
+        --out benchmarks/results/vllm_proposer_c16.json
 """
 
 from __future__ import annotations
@@ -25,6 +30,18 @@ from specbeam_vllm.server import Server, specbeam_flags
 from bench_vllm import DEMO, run_level
 
 DEFAULT_VARIANTS = {"float32 draft": {"dtype": "float32"}, "default (target's dtype)": {}}
+
+
+def read_stats(path: str | None) -> dict:
+    """The proposer's counters (zeros for a spec-off server)."""
+    if path is None:
+        return {"proposals": 0, "propose_seconds": 0.0}
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def ms_text(ms: float | None) -> str:
+    return "–" if ms is None else f"{ms:.2f}"
 
 
 def main(argv=None) -> None:
@@ -46,32 +63,34 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         servers, stats = {}, {}
         for i, (name, options) in enumerate(variants.items()):
-            stats[name] = os.path.join(tmp, f"stats{i}.json")
-            flags = specbeam_flags(os.path.abspath(args.draft), args.gamma, stats_file=stats[name], **options)
+            stats[name] = None if options is None else os.path.join(tmp, f"stats{i}.json")
+            flags = [] if options is None else \
+                specbeam_flags(os.path.abspath(args.draft), args.gamma, stats_file=stats[name], **options)
             servers[name] = stack.enter_context(Server(os.path.abspath(args.target), flags + common,
                                                        log_path=os.path.join(tmp, f"server{i}.log")))
             run_level(servers[name].url, servers[name].model, 1, 2, 16, 0.0)  # warm-up
         names = list(variants)
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[: r % len(names)]:
-                with open(stats[name]) as fh:
-                    before = json.load(fh)
+                before = read_stats(stats[name])
                 level = run_level(servers[name].url, servers[name].model, args.concurrency, args.requests, 64, 0.0)
-                with open(stats[name]) as fh:
-                    after = json.load(fh)
+                after = read_stats(stats[name])
                 proposals = after["proposals"] - before["proposals"]
-                ms = 1000 * (after["propose_seconds"] - before["propose_seconds"]) / max(proposals, 1)
+                ms = 1000 * (after["propose_seconds"] - before["propose_seconds"]) / proposals if proposals else None
                 runs[name].append({"tokens_per_s": level["tokens_per_s"], "propose_ms": ms, "proposals": proposals})
-                print(f"{name:28s} round {r + 1}: {level['tokens_per_s']:7.1f} tok/s, {ms:5.2f} ms per proposal",
+                print(f"{name:28s} round {r + 1}: {level['tokens_per_s']:7.1f} tok/s, {ms_text(ms)} ms per proposal",
                       flush=True)
     print(f"\nconcurrency {args.concurrency}, γ = {args.gamma}, medians over {args.rounds} rounds\n")
-    print("| variant | ms per proposal | tokens/s |\n|---|---|---|")
+    print("| variant | ms per proposal | tokens/s | × first variant, per round |\n|---|---|---|---|")
     summary = {}
     for name in names:
-        summary[name] = {"options": variants[name], "runs": runs[name],
-                         "propose_ms": statistics.median(r["propose_ms"] for r in runs[name]),
+        timed = [r["propose_ms"] for r in runs[name] if r["propose_ms"] is not None]
+        ratios = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(runs[name], runs[names[0]])]
+        summary[name] = {"options": variants[name], "runs": runs[name], "ratio_to_first": ratios,
+                         "propose_ms": statistics.median(timed) if timed else None,
                          "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs[name])}
-        print(f"| {name} | {summary[name]['propose_ms']:.2f} | {summary[name]['tokens_per_s']:.1f} |")
+        print(f"| {name} | {ms_text(summary[name]['propose_ms'])} | {summary[name]['tokens_per_s']:.1f} | "
+              + " / ".join(f"{x:.2f}" for x in ratios) + " |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"args": vars(args), "variants": summary}, fh, indent=1)

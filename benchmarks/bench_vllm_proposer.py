@@ -9,7 +9,9 @@ for ``--rounds`` rounds, so a slow spell of the host hits them alike. Prints a t
 The default variants compare the draft in float32 with the default (the target's dtype, bfloat16
 here): a small draft runs about as fast in either alone, but inside the server the target's forward
 evicts it from cache between proposals. A variant whose options are ``null`` is a spec-off server
-(tokens/s only), e.g. at 16 concurrent requests:
+(tokens/s only). Two keys of a variant's options are the benchmark's, not specbeam's:
+``"server_flags"`` (a list of extra vLLM flags for that server) and ``"spec_off": true`` (no
+speculative decoding, with those flags). E.g. at 16 concurrent requests:
 
     python benchmarks/bench_vllm_proposer.py --concurrency 16 --requests 96 \
         --variants '{"spec-off": null, "default": {}, "never drafts": {"full_draft_max_batch": 0, "no_draft_min_batch": 1}}' \
@@ -63,9 +65,12 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         servers, stats = {}, {}
         for i, (name, options) in enumerate(variants.items()):
-            stats[name] = None if options is None else os.path.join(tmp, f"stats{i}.json")
-            flags = [] if options is None else \
-                specbeam_flags(os.path.abspath(args.draft), args.gamma, stats_file=stats[name], **options)
+            options = {"spec_off": True} if options is None else dict(options)  # null: a spec-off server
+            extra = list(options.pop("server_flags", []))
+            spec_off = options.pop("spec_off", False)
+            stats[name] = None if spec_off else os.path.join(tmp, f"stats{i}.json")
+            flags = extra if spec_off else \
+                extra + specbeam_flags(os.path.abspath(args.draft), args.gamma, stats_file=stats[name], **options)
             servers[name] = stack.enter_context(Server(os.path.abspath(args.target), flags + common,
                                                        log_path=os.path.join(tmp, f"server{i}.log")))
             run_level(servers[name].url, servers[name].model, 1, 2, 16, 0.0)  # warm-up

@@ -2,14 +2,14 @@
 # The CUDA checks and GPU benchmark figures of BENCHMARKS.md ("GPU figures"), in one run on a CUDA
 # machine with torch installed:
 #
-#     bash benchmarks/gpu_check.sh            # writes benchmarks/results/gpu/ (or $OUT when set)
+#     bash benchmarks/gpu_check.sh            # writes benchmarks/results/gpu/new/ (or $OUT when set)
 #
 # Needs transformers >= 5.19: if .whl/ holds wheels (e.g. `pip download --no-deps transformers==5.24.0
 # -d .whl` on a machine with a registry), they are installed first (for machines without one).
 # Each step has its own time limit, so one failing step leaves the others' results. SKIP_FP32=1 skips
-# the float32 trees-and-beams step (kept from an earlier run).
+# the float32 trees-and-beams step, SKIP_BF16_TREES=1 the bfloat16 one (each kept from an earlier run).
 set -u
-OUT=${OUT:-benchmarks/results/gpu}
+OUT=${OUT:-benchmarks/results/gpu/new}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -41,7 +41,13 @@ step() {  # step NAME LIMIT_S COMMAND...
     fi
     step hf_bf16 170 python3 benchmarks/bench_hf.py --device cuda --dtype bfloat16 --modes greedy \
         --gammas 3,4,5 --batch-gammas 3,4 --max-new-tokens 64 --repeats 2 --out "$OUT"
-    step trees_beams_bf16 110 python3 benchmarks/bench_trees_beams.py --device cuda --dtype bfloat16 \
-        --gammas 5 --beams 4 --repeats 2 --out "$OUT"
+    # beam search B = 4 with a wider, deeper draft tree at a fixed depth: on a launch-bound GPU the
+    # target's pass costs about the same whatever the tree holds
+    step wide_beams 70 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
+        --gammas "" --beams 4 --beam-depth 4 --beam-candidates 12 --no-beam-adaptive --repeats 2 --out "$OUT/wide_beams"
+    if [ -z "${SKIP_BF16_TREES:-}" ]; then
+        step trees_beams_bf16 110 python3 benchmarks/bench_trees_beams.py --device cuda --dtype bfloat16 \
+            --gammas 5 --beams 4 --repeats 2 --out "$OUT"
+    fi
 } 2>&1 | tee "$OUT/gpu_check.log"
-rm -f "$OUT"/*.png  # the tool that fetches results takes at most 8 files; plots are redrawn from the JSON
+rm -f "$OUT"/*.png "$OUT"/*/*.png  # the tool that fetches results takes at most 8 files; plots are redrawn from the JSON

@@ -34,6 +34,8 @@ WATCH = {("_model_forward", "v1/worker/gpu_model_runner.py"): "target forward",
          ("propose_draft_token_ids", "v1/worker/gpu_model_runner.py"): "proposer (vLLM's call)",
          ("forward", "torch/nn/modules/linear.py"): "draft nn.Linear, torch GEMM",
          ("_packed_forward", "specbeam_vllm/cpu_gemm.py"): "draft nn.Linear, vLLM GEMM",
+         ("forward", "v1/sample/rejection_sampler.py"): "rejection sampler",
+         ("_sample", "v1/worker/gpu_model_runner.py"): "sampling (plain or rejection)",
          ("dequeue", "device_communicators/shm_broadcast.py"): "waiting (worker: for the scheduler)",
          ("take_draft_token_ids", "v1/executor/multiproc_executor.py"): "engine core: draft round trip",
          ("sample_tokens", "v1/executor/multiproc_executor.py"): "engine core: sample_tokens round trip"}
@@ -68,6 +70,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=["spec-off", "draft_model", "specbeam"], default="specbeam")
     ap.add_argument("--specbeam-options", default="{}")
+    ap.add_argument("--extra-flags", default="[]", help='JSON list of further vLLM flags, e.g. \'["--no-async-scheduling"]\'')
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--concurrency", type=int, default=1, help="requests kept in flight")
     ap.add_argument("--process", default="Worker", help="profile the vLLM process whose name has this (Worker, EngineCore)")
@@ -81,7 +84,7 @@ def main(argv=None) -> None:
                  {"method": "draft_model", "model": draft, "num_speculative_tokens": 4})],
              "specbeam": specbeam_flags(draft, 4, **json.loads(args.specbeam_options))}[args.config]
     common = ["--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", "16",
-              "--seed", "0"]
+              "--seed", "0"] + json.loads(args.extra_flags)
     with Server(os.path.abspath(os.path.join(DEMO, "target")), flags + common) as server:
         run_level(server.url, server.model, 1, 3, 64, 0.0)  # warm-up
         speed = run_level(server.url, server.model, args.concurrency, 16 * args.concurrency, 64, 0.0)["tokens_per_s"]

@@ -32,6 +32,10 @@ class SpecBeamVllmOptions(BaseModel):
     confidence_threshold: float = Field(
         0.0, ge=0.0, lt=1.0, description="end a row's draft after a token the draft gives less probability "
         "than this (HF's assistant_confidence_threshold rule): fewer wasted draft forwards")
+    plain_sampler_without_drafts: bool = Field(
+        True, description="in a step where no row carries drafts (large batches under the default policy), "
+        "sample with vLLM's plain sampler, as a spec-off server does, instead of its rejection sampler over "
+        "zero drafts (the same tokens and log-probs; needs the specbeam plugin's runner hooks)")
     seed: int | None = Field(None, description="seed of the per-request draft generators (default: vLLM's --seed)")
     stats_file: str | None = Field(
         None, description="write the proposer's live counters (draft KV blocks, states, drafts) to this JSON "

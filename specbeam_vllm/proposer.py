@@ -45,6 +45,7 @@ from .rows import DraftState, RowMatcher
 logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers print ours
 
 UNCLAIMED_STEPS = 2  # free a state after this many steps in which no row claimed it
+STATS_INTERVAL_S = 0.25  # stats_file: at most one write per this many seconds while requests run
 
 
 def load_draft(options: SpecBeamVllmOptions, dtype: torch.dtype, target_tokenizer: str | None, target_vocab: int,
@@ -126,6 +127,7 @@ class SpecBeamProposer:
         self._next_id = 0
         self.step = 0
         self.rank = _tensor_parallel_rank()
+        self._stats_written = float("-inf")  # time.monotonic() of the last stats_file write
         self._digest = hashlib.sha256()  # of every proposal and draft distribution: equal on all TP ranks
         self.counters = {"proposals": 0, "draft_rows": 0, "drafted_tokens": 0, "states_created": 0,
                          "states_freed": 0, "rows_skipped_pool_full": 0, "sampled_draft_rows": 0, "propose_seconds": 0.0}
@@ -169,7 +171,7 @@ class SpecBeamProposer:
         for state in self.matcher.states():
             if state.req_id in ids:
                 self._free(state)
-        self._write_stats()
+        self._write_stats(force=True)
 
     def _make_room(self, blocks: int, keep: set[int]) -> bool:
         """Evict states not claimed this step (oldest first) until ``blocks`` are free."""
@@ -203,8 +205,10 @@ class SpecBeamProposer:
         order = sorted(rows)
         as_lists = {i: rows[i].tolist() for i in order}
         if rows:
-            placeholders = [Request(request_id=-1, prompt=as_lists[i], params=SamplingParams(), max_new_tokens=1)
-                            for i in order]  # what the draft-length hook sees: one per decoding row
+            greedy = SamplingParams()
+            placeholders = [Request(request_id=-1, prompt=as_lists[i], params=greedy, max_new_tokens=1,
+                                    tokens=as_lists[i])
+                            for i in order]  # what the draft-length hook sees (read-only): one per decoding row
             gamma = self.pm.hook.specbeam_draft_length(requests=placeholders, default=self.num_speculative_tokens)
             gamma = check_draft_length(gamma, "draft length chosen by the specbeam_draft_length hook", allow_zero=True)
             gamma = min(gamma, self.num_speculative_tokens)  # vLLM takes at most num_speculative_tokens per row
@@ -305,10 +309,17 @@ class SpecBeamProposer:
                 "baseline_free_blocks": self.baseline_free_blocks, "total_blocks": self.cache.num_usable_blocks,
                 "step": self.step, **self.counters}
 
-    def _write_stats(self) -> None:
+    def _write_stats(self, force: bool = False) -> None:
+        """Write the counters to ``stats_file``: from ``propose`` at most every ``STATS_INTERVAL_S`` (a
+        file per engine step costs a busy server throughput), and always when requests finish, so a
+        reader sees the final counters and blocks once its requests are done."""
         path = self.options.stats_file
         if not path:
             return
+        now = time.monotonic()
+        if not force and now - self._stats_written < STATS_INTERVAL_S:
+            return
+        self._stats_written = now
         path = path.replace("{rank}", str(self.rank))
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".specbeam-stats-")

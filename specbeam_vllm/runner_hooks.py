@@ -9,6 +9,12 @@ as one-hot; idle states freed a couple of steps later).
   vLLM's own draft-model proposer fills through ``take_last_draft_probs``). Exactness holds for any
   draft distribution as long as the sampler is given the one the drafts came from; acceptance rises
   because q is close to p rather than one-hot.
+- ``_sample``: in a step where no row carries drafts (every step past ``no_draft_min_batch`` rows
+  under the default policy), sampling goes through vLLM's plain sampler, as on a spec-off server,
+  instead of its rejection sampler over zero drafts: the same tokens and log-probs (the rejection
+  sampler samples each row's bonus token with that same sampler), without the spec-decode
+  metadata, the float32 copies and the kernels of an empty verification. Option
+  ``plain_sampler_without_drafts``.
 - ``_update_states``: requests the scheduler reports finished or aborted free their draft state at
   once, so draft KV blocks return to baseline when the server goes idle.
 - ``execute_model`` / ``sample_tokens``: one round trip per engine step instead of three
@@ -25,14 +31,36 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 
 from specbeam_core import SamplingParams
 
 logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers print ours
 
 _NEEDED = ("propose_draft_token_ids", "_update_states", "_get_spec_decode_draft_probs", "sample_tokens",
-           "take_draft_token_ids", "execute_model")
+           "take_draft_token_ids", "execute_model", "_sample")
 _installed: str | None = None
+
+
+class _BatchParams(Sequence):
+    """Each row's sampling parameters, read from the runner's persistent batch only if the proposer
+    asks (a step that drafts nothing never does)."""
+
+    def __init__(self, input_batch, num_rows: int) -> None:
+        self._input_batch, self._num_rows, self._params = input_batch, num_rows, None
+
+    def __len__(self) -> int:
+        return self._num_rows
+
+    def __getitem__(self, row):
+        if self._params is None:
+            self._params = _batch_params(self._input_batch, self._num_rows)
+        return self._params[row]
+
+
+def _no_drafts(spec_decode_metadata) -> bool:
+    """True for a step's spec-decode metadata in which no row carries a draft token."""
+    return spec_decode_metadata is not None and int(spec_decode_metadata.max_spec_len) == 0
 
 
 def _batch_params(input_batch, num_rows: int) -> list[SamplingParams]:
@@ -75,6 +103,7 @@ def install() -> str:
     update_orig = GPUModelRunner._update_states
     sample_orig = GPUModelRunner.sample_tokens
     execute_orig = GPUModelRunner.execute_model
+    sample_fn_orig = GPUModelRunner._sample
 
     @functools.wraps(propose_orig)
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
@@ -83,7 +112,7 @@ def install() -> str:
             return propose_orig(self, scheduler_output, sampled_token_ids, *args, **kwargs)
         req_ids = list(self.input_batch.req_ids)
         drafter.batch_req_ids = req_ids
-        drafter.batch_params = _batch_params(self.input_batch, len(req_ids))
+        drafter.batch_params = _BatchParams(self.input_batch, len(req_ids))
         try:
             out = propose_orig(self, scheduler_output, sampled_token_ids, *args, **kwargs)
         finally:
@@ -118,9 +147,19 @@ def install() -> str:
             return self.sample_tokens(None)  # what the engine core would ask for next, without the round trip
         return output
 
+    @functools.wraps(sample_fn_orig)
+    def _sample(self, logits, spec_decode_metadata, *args, **kwargs):
+        drafter = getattr(self, "drafter", None)
+        if _no_drafts(spec_decode_metadata) and isinstance(drafter, SpecBeamProposer) \
+                and drafter.options.plain_sampler_without_drafts:
+            spec_decode_metadata = None  # vLLM's spec-off sampling: what a rejection over zero drafts returns
+        return sample_fn_orig(self, logits, spec_decode_metadata, *args, **kwargs)
+
     GPUModelRunner.execute_model = execute_model
+    GPUModelRunner._sample = _sample
     GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
     GPUModelRunner._update_states = _update_states
     GPUModelRunner.sample_tokens = sample_tokens
-    _installed = "on (sampled drafts with probabilities; states freed at finish; one round trip per step)"
+    _installed = ("on (sampled drafts with probabilities; states freed at finish; one round trip per step; "
+                  "plain sampling in steps without drafts)")
     return _installed

@@ -665,6 +665,25 @@ def test_stats_file_and_load_model(folders, tmp_path):
     assert written["used_blocks"] + written["free_blocks"] == written["total_blocks"]
 
 
+def test_stats_file_written_at_most_every_interval_and_when_requests_finish(folders, tmp_path):
+    """A stats file per engine step would cost a busy server throughput: propose writes it at most
+    every STATS_INTERVAL_S, and finished requests always write it (final counters and blocks)."""
+    path = tmp_path / "stats.json"
+    p = make_proposer(folders, stats_file=str(path))
+    rows = prompts(2, np.random.default_rng(16))
+    p.batch_req_ids = ["a", "b"]
+    call(p, rows, [[r[-1]] for r in rows])  # first write: immediately
+    assert json.loads(path.read_text())["proposals"] == 1
+    rows = [r + [5] for r in rows]
+    call(p, rows, [[5], [5]])  # within the interval: not written
+    assert json.loads(path.read_text())["proposals"] == 1
+    assert p.stats()["proposals"] == 2
+    p.finish_requests({"a", "b"})  # finishing requests always writes
+    written = json.loads(path.read_text())
+    assert written["proposals"] == 2 and written["states"] == 0
+    assert written["free_blocks"] == written["baseline_free_blocks"]
+
+
 def test_draft_linears_run_on_vllm_cpu_gemm(folders, draft_hf):
     """On the CPU the draft's linear layers use vLLM's prepacked GEMM (option ``vllm_cpu_gemm``, on by
     default); its logits match the plain HF draft's to float rounding, and the option turns it off."""

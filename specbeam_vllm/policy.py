@@ -33,6 +33,9 @@ class BatchSizePolicy:
         self.full_max = full_draft_max_batch
         self.none_min = no_draft_min_batch
 
+    def length(self, batch: int, default: int) -> int:
+        return batch_draft_length(batch, default, self.full_max, self.none_min)
+
     @hookimpl
     def specbeam_draft_length(self, requests, default: int) -> int:
-        return batch_draft_length(len(requests), default, self.full_max, self.none_min)
+        return self.length(len(requests), default)

@@ -102,8 +102,8 @@ class SpecBeamProposer:
         seed = self.options.seed if self.options.seed is not None else (model_config.seed or 0)
         self._seeds = np.random.default_rng(seed)  # per-request draft seeds; the same on every rank
         self.pm = get_plugin_manager(load_entrypoints=False)
-        self.pm.register(BatchSizePolicy(self.options.full_draft_max_batch, self.options.no_draft_min_batch),
-                         name="specbeam-vllm-batch-policy")
+        self._batch_policy = BatchSizePolicy(self.options.full_draft_max_batch, self.options.no_draft_min_batch)
+        self.pm.register(self._batch_policy, name="specbeam-vllm-batch-policy")
         self.pm.load_setuptools_entrypoints(PROJECT)  # registered later, so called before the batch policy
         on_cpu = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu") == "cpu"
         # the target's dtype, as vLLM's draft_model: alone, a small float32 draft runs about as fast as a
@@ -199,6 +199,9 @@ class SpecBeamProposer:
         self.step += 1
         self._last_draft_probs = None
         n_rows = len(sampled_token_ids)
+        if self._batch_policy_decides() and \
+                self._batch_policy.length(sum(1 for t in sampled_token_ids if t), self.num_speculative_tokens) == 0:
+            return [[] for _ in range(n_rows)]  # what the hook would say, without building its per-row view
         rows = {i: np.asarray(token_ids_cpu[i, : int(num_tokens_no_spec[i])])
                 for i in range(n_rows) if sampled_token_ids[i]}  # decoding rows -> [num_tokens]
         proposals: list[list[int]] = [[] for _ in range(n_rows)]
@@ -268,6 +271,11 @@ class SpecBeamProposer:
         self.counters["draft_rows"] += len(draft_rows)
         self.counters["drafted_tokens"] += sum(draft.num_draft)
         return proposals
+
+    def _batch_policy_decides(self) -> bool:
+        """True when the built-in batch policy answers the draft-length hook (no plugin answers first)."""
+        first = [impl for impl in self.pm.hook.specbeam_draft_length.get_hookimpls() if not impl.trylast]
+        return len(first) == 1 and first[0].plugin is self._batch_policy
 
     def _row_params(self, row: int, seed: int | None) -> SamplingParams:
         """The row's sampling parameters for the draft, or greedy where vLLM cannot take draft probs."""

@@ -18,9 +18,10 @@ from model_folders import save, small_vocab_pair, tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from specbeam_core import SamplingParams, build_kv_batch, hookimpl
+from specbeam_core import Request, SamplingParams, build_kv_batch, hookimpl
 from specbeam_vllm.cpu_fix import expand_kernel_impl
 from specbeam_vllm.policy import batch_draft_length
+import specbeam_vllm.proposer as proposer_module
 from specbeam_vllm.proposer import UNCLAIMED_STEPS, SpecBeamProposer
 
 VOCAB = 32
@@ -522,6 +523,29 @@ def test_user_plugin_sets_draft_length(folders):
     out = call(p, rows[:2], committed[:2])
     assert out == [[], []] and p.drafter.model.forward_count == before
     assert p.take_last_draft_probs() is None
+
+
+def test_batch_policy_alone_decides_without_the_hook_call(folders, monkeypatch):
+    """With only the built-in batch policy answering, a batch it gives no drafts returns at once
+    (no per-row view is built for the hook); a plugin registered later is asked as before."""
+    p = make_proposer(folders, full_draft_max_batch=1, no_draft_min_batch=2)
+    rows = prompts(3, np.random.default_rng(17))
+    committed = [[r[-1]] for r in rows]
+    made = []
+    monkeypatch.setattr(proposer_module, "Request", lambda **kw: made.append(kw) or Request(**kw))
+    assert p._batch_policy_decides()
+    assert call(p, rows, committed) == [[], [], []] and p.step == 1
+    assert made == []  # decided from the row count alone: no placeholder requests for the hook
+    assert [len(d) for d in call(p, rows[:1], committed[:1])] == [GAMMA]  # one row: full length
+
+    class Two:
+        @hookimpl
+        def specbeam_draft_length(self, requests, default):
+            return 2
+
+    p.pm.register(Two())
+    assert not p._batch_policy_decides()
+    assert [len(d) for d in call(p, rows, committed)] == [2, 2, 2]
 
 
 def test_plugin_draft_length_above_num_speculative_tokens(folders):

@@ -148,13 +148,21 @@ class DraftModelDrafter:
             if sampled_rows:  # rows that warp alike in one call
                 q_all = probabilities_per_row(logits[sampled_rows], [requests[rows[j]].params for j in sampled_rows])  # [s, vocab]
                 q_rows = {j: q_all[k] for k, j in enumerate(sampled_rows)}
+            top = logits.argmax(dim=-1)  # [n] every row's greedy token, one op for the batch
+            top_list = top.tolist()
+            top_conf = None  # [n] the draft's probability of each row's greedy token, when a threshold needs it
+            if self.confidence_threshold > 0.0:
+                top_conf = torch.softmax(logits.float(), dim=-1).gather(1, top[:, None])[:, 0].tolist()
             for j, r in enumerate(rows):
                 req = requests[r]
                 self._seen[req.request_id].extend(feeds[r])
                 row_logits = logits[j]  # [vocab]
                 if req.logits_processor is not None:
                     row_logits = req.logits_processor(req.tokens + drafted[r], row_logits[None])[0]
-                if req.params.greedy:
+                if req.params.greedy and req.logits_processor is None:
+                    token = top_list[j]
+                    confident = top_conf is None or top_conf[j] >= self.confidence_threshold
+                elif req.params.greedy:
                     token = int(row_logits.argmax())
                     confident = self.confidence_threshold == 0.0 or float(
                         torch.softmax(row_logits.float(), dim=-1)[token]) >= self.confidence_threshold

@@ -9,7 +9,8 @@ vLLM constructs the class with its ``VllmConfig`` and, after every step, calls
   row's verified tokens.
 
 The draft model runs through :class:`specbeam_core.DraftModelDrafter` on its own paged KV cache.
-Rows are matched to per-request draft states by their tokens (:mod:`specbeam_vllm.rows`); each step
+Rows are matched to per-request draft states by vLLM's request ids where the runner hook passes them
+(one dict probe a row), else by their tokens (:mod:`specbeam_vllm.rows`); each step
 the drafter keeps the longest prefix of its cache that still agrees with the row (rejected drafts
 roll back, accepted tokens are never recomputed) and feeds only the tokens it has not seen. States
 no row claims for ``UNCLAIMED_STEPS`` steps are freed, and so is a state whose request vLLM reports
@@ -124,6 +125,7 @@ class SpecBeamProposer:
         self.cache = self.drafter.cache
         self.baseline_free_blocks = self.cache.num_free_blocks
         self.matcher = RowMatcher()
+        self._by_req_id: dict[str, DraftState] = {}  # vLLM request id -> its state (runner hook installed)
         self._next_id = 0
         self.step = 0
         self.rank = _tensor_parallel_rank()
@@ -160,6 +162,8 @@ class SpecBeamProposer:
 
     def _free(self, state: DraftState) -> None:
         self.matcher.remove(state)
+        if state.req_id is not None and self._by_req_id.get(state.req_id) is state:
+            del self._by_req_id[state.req_id]
         self.drafter.release(state.request)
         self.counters["states_freed"] += 1
 
@@ -167,11 +171,14 @@ class SpecBeamProposer:
         """Free the states of requests vLLM reports finished or aborted (called by the runner hook)."""
         if not req_ids:
             return
-        ids = set(req_ids)
-        for state in self.matcher.states():
-            if state.req_id in ids:
+        freed = 0
+        for req_id in req_ids:
+            state = self._by_req_id.get(req_id)
+            if state is not None:
                 self._free(state)
-        self._write_stats(force=True)
+                freed += 1
+        if freed:
+            self._write_stats(force=len(self.matcher) == 0)  # the last state gone: a reader sees it at once
 
     def _make_room(self, blocks: int, keep: set[int]) -> bool:
         """Evict states not claimed this step (oldest first) until ``blocks`` are free."""
@@ -217,7 +224,7 @@ class SpecBeamProposer:
             gamma = min(gamma, self.num_speculative_tokens)  # vLLM takes at most num_speculative_tokens per row
             if gamma == 0:
                 return proposals  # plain decoding this step; states stay as they are (no matching cost)
-        matched = self.matcher.match(rows)
+        matched = self._match(rows)
         for state in matched.values():
             state.last_claimed = self.step
         for state in self.matcher.states():
@@ -243,8 +250,9 @@ class SpecBeamProposer:
             if state is None:
                 state = self._new_state(tokens)
                 claimed.add(id(state))
-            if self.batch_req_ids is not None and i < len(self.batch_req_ids):
+            if self.batch_req_ids is not None and i < len(self.batch_req_ids) and state.req_id is None:
                 state.req_id = self.batch_req_ids[i]
+                self._by_req_id[state.req_id] = state
             request = state.request
             request.tokens = as_lists[i]
             request.params = self._row_params(i, request.params.seed)
@@ -271,6 +279,24 @@ class SpecBeamProposer:
         self.counters["draft_rows"] += len(draft_rows)
         self.counters["drafted_tokens"] += sum(draft.num_draft)
         return proposals
+
+    def _match(self, rows: dict[int, np.ndarray]) -> dict[int, DraftState]:
+        """Each row's state: by vLLM's request id where the runner hook gave the batch's ids (the state
+        must still be a prefix of the row), by tokens for the rest among states that have no id."""
+        ids = self.batch_req_ids
+        if ids is None:
+            return self.matcher.match(rows)
+        found: dict[int, DraftState] = {}
+        rest: dict[int, np.ndarray] = {}
+        for i, tokens in rows.items():
+            state = self._by_req_id.get(ids[i]) if i < len(ids) else None
+            if state is not None and state.extended_by(tokens):
+                found[i] = state
+            else:
+                rest[i] = tokens
+        if rest and len(self._by_req_id) < len(self.matcher):  # states made before ids were known
+            found.update(self.matcher.match(rest, eligible=lambda s: s.req_id is None))
+        return found
 
     def _batch_policy_decides(self) -> bool:
         """True when the built-in batch policy answers the draft-length hook (no plugin answers first)."""
@@ -318,9 +344,10 @@ class SpecBeamProposer:
                 "step": self.step, **self.counters}
 
     def _write_stats(self, force: bool = False) -> None:
-        """Write the counters to ``stats_file``: from ``propose`` at most every ``STATS_INTERVAL_S`` (a
-        file per engine step costs a busy server throughput), and always when requests finish, so a
-        reader sees the final counters and blocks once its requests are done."""
+        """Write the counters to ``stats_file`` at most every ``STATS_INTERVAL_S`` (a file per engine step,
+        or per finished request, costs a busy server throughput: at 16 requests in flight one finishes
+        about every step), and at once when the last state is freed, so a reader sees the final
+        counters and blocks as soon as its requests are done."""
         path = self.options.stats_file
         if not path:
             return

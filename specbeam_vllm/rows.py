@@ -30,6 +30,10 @@ class DraftState:
     last_claimed: int = 0  # proposer step that last matched a row to this state
     key: tuple[int, ...] = field(default=())
 
+    def extended_by(self, tokens: np.ndarray) -> bool:
+        """True when ``tokens`` start with the tokens this state was created from."""
+        return len(self.anchor) <= len(tokens) and _lcp(self.anchor, tokens) == len(self.anchor)
+
 
 def _lcp(a: np.ndarray, b: np.ndarray) -> int:
     """Length of the common prefix of two 1-D int arrays."""
@@ -65,8 +69,9 @@ class RowMatcher:
         if not self._key_lengths[len(state.key)]:
             del self._key_lengths[len(state.key)]
 
-    def match(self, rows: dict[int, np.ndarray]) -> dict[int, DraftState]:
-        """For each row (index -> its tokens), the unclaimed state it extends, if any."""
+    def match(self, rows: dict[int, np.ndarray], eligible=None) -> dict[int, DraftState]:
+        """For each row (index -> its tokens), the unclaimed state it extends, if any (among the states
+        ``eligible(state)`` accepts, when given)."""
         claimed: set[int] = set()
         found: dict[int, DraftState] = {}
         for row, tokens in rows.items():
@@ -75,9 +80,9 @@ class RowMatcher:
                 if key_len > len(tokens):
                     continue
                 for state in self._index.get(tuple(int(t) for t in tokens[:key_len]), ()):
-                    if id(state) in claimed or len(state.anchor) > len(tokens):
+                    if id(state) in claimed or (eligible is not None and not eligible(state)):
                         continue
-                    if _lcp(state.anchor, tokens) < len(state.anchor):
+                    if not state.extended_by(tokens):
                         continue  # the row does not extend this request's first tokens
                     shared = _lcp(np.asarray(state.request.tokens), tokens)
                     if shared > best_len:

@@ -164,7 +164,10 @@ def test_greedy_drafts_equal_reference_with_rollback(folders, draft_hf):
 # ----------------------------------------------------------------------------- 2. reordered rows
 
 
-def test_reordered_dropped_and_added_rows(folders, draft_hf):
+@pytest.mark.parametrize("with_ids", [False, True], ids=["by-tokens", "by-request-id"])
+def test_reordered_dropped_and_added_rows(folders, draft_hf, with_ids):
+    """Rows follow their requests through reordering, dropping and adding: matched by their tokens
+    alone, or by vLLM's request ids where the runner hook passes them (the same states either way)."""
     p = make_proposer(folders)
     rng = np.random.default_rng(2)
     shared = rng.integers(3, VOCAB, size=20).tolist()
@@ -189,6 +192,7 @@ def test_reordered_dropped_and_added_rows(folders, draft_hf):
         rows = [reqs[r] for r in order]
         committed = [[] if r in prefill else [reqs[r][-1]] for r in order]
         first_feeds.clear()
+        p.batch_req_ids = list(order) if with_ids else None
         out = call(p, rows, committed)
         decoding = [r for r in order if r not in prefill]
         # each row continues its own request's draft KV: only its unseen tokens are fed
@@ -226,6 +230,32 @@ def test_reordered_dropped_and_added_rows(folders, draft_hf):
     step(["A", "C", "D", "E"])
     assert p.stats()["states_created"] == 5
     assert p.stats()["states"] == 4  # B's state was freed after UNCLAIMED_STEPS steps
+
+
+def test_request_ids_decide_over_tokens(folders):
+    """With the batch's request ids, a new request whose tokens equal a live one's gets its own state,
+    and a known id whose tokens no longer extend its state (never seen from vLLM) starts afresh."""
+    p = make_proposer(folders)
+    rng = np.random.default_rng(21)
+    prompt = rng.integers(3, VOCAB, size=12).tolist()
+    p.batch_req_ids = ["x"]
+    call(p, [prompt], [[prompt[-1]]])
+    x_state = p.matcher.states()[0]
+    assert x_state.req_id == "x" and p.stats()["states_created"] == 1
+    p.batch_req_ids = ["y", "x"]  # y: same tokens as x, a different request
+    call(p, [prompt, prompt], [[prompt[-1]], [prompt[-1]]])
+    assert p.stats()["states_created"] == 2 and p._by_req_id["x"] is x_state
+    assert p._by_req_id["y"] is not x_state
+    other = rng.integers(3, VOCAB, size=12).tolist()
+    p.batch_req_ids = ["x", "y"]
+    call(p, [other, prompt], [[other[-1]], [prompt[-1]]])
+    assert p.stats()["states_created"] == 3 and p._by_req_id["x"] is not x_state
+    for _ in range(UNCLAIMED_STEPS):
+        call(p, [other, prompt], [[other[-1]], [prompt[-1]]])
+    assert p.stats()["states"] == 2  # x's first state, no longer claimed, was freed
+    p.finish_requests(["x", "y"])
+    s = p.stats()
+    assert s["states"] == 0 and s["free_blocks"] == s["baseline_free_blocks"]
 
 
 # ----------------------------------------------------------------------------- 3. fed tokens
@@ -689,9 +719,11 @@ def test_stats_file_and_load_model(folders, tmp_path):
     assert written["used_blocks"] + written["free_blocks"] == written["total_blocks"]
 
 
-def test_stats_file_written_at_most_every_interval_and_when_requests_finish(folders, tmp_path):
+def test_stats_file_written_at_most_every_interval_and_when_the_last_state_goes(folders, tmp_path, monkeypatch):
     """A stats file per engine step would cost a busy server throughput: propose writes it at most
-    every STATS_INTERVAL_S, and finished requests always write it (final counters and blocks)."""
+    every STATS_INTERVAL_S, and so do finished requests, except that freeing the last state writes it
+    at once (final counters and blocks)."""
+    monkeypatch.setattr(proposer_module, "STATS_INTERVAL_S", 60.0)  # "within the interval" on any host
     path = tmp_path / "stats.json"
     p = make_proposer(folders, stats_file=str(path))
     rows = prompts(2, np.random.default_rng(16))
@@ -702,7 +734,9 @@ def test_stats_file_written_at_most_every_interval_and_when_requests_finish(fold
     call(p, rows, [[5], [5]])  # within the interval: not written
     assert json.loads(path.read_text())["proposals"] == 1
     assert p.stats()["proposals"] == 2
-    p.finish_requests({"a", "b"})  # finishing requests always writes
+    p.finish_requests({"a"})  # within the interval, states left: not written
+    assert json.loads(path.read_text())["states"] == 2
+    p.finish_requests({"b"})  # the last state freed: written at once
     written = json.loads(path.read_text())
     assert written["proposals"] == 2 and written["states"] == 0
     assert written["free_blocks"] == written["baseline_free_blocks"]

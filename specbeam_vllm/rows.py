@@ -1,6 +1,8 @@
 """Match vLLM's batch rows to the draft state kept for each request, by their tokens alone.
 
-vLLM hands a custom proposer no request ids: rows are reordered between steps, and requests finish,
+The proposer matches by vLLM's request ids where its runner hook passes them, and comes here for
+the rest (no hook installed, or states made before ids were known). vLLM hands a custom proposer no
+request ids: rows are reordered between steps, and requests finish,
 are preempted or aborted without notice. A row belongs to a state when the row's tokens extend the
 tokens the state was created from (its prompt and first tokens); among several such states (the
 same prompt sent twice) the one sharing the longest prefix wins, and each state goes to one row.

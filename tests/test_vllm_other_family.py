@@ -9,8 +9,6 @@ rejected.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -52,8 +50,7 @@ def qwen_pair(tmp_path_factory):
         paths[name] = str(root / name)
         model.to(torch.bfloat16).save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
-    yield paths
-    shutil.rmtree(root, ignore_errors=True)
+    return paths
 
 
 def greedy(url: str, prompt: str) -> list[int]:

@@ -1,0 +1,127 @@
+"""Time specbeam's vLLM proposer alone, driven as vLLM's model runner drives it, without a server.
+
+A steady state of ``--rows`` decoding rows on the demo pair (bf16, one torch thread, as in vLLM's
+CPU worker): each row is a short prompt plus up to 64 generated tokens, every step commits the
+accepted part of the row's last drafts (each accepted with probability ``--accept``) plus one
+token, and a row that reaches 64 tokens is replaced by a new request. The runner hook's request ids
+are passed as vLLM's hook passes them. Prints the proposal time (min and median over blocks of 40
+steps) and, with ``--profile``, Python function calls per step and cProfile's top entries.
+
+    python benchmarks/profile_vllm_proposer.py --rows 16 --gamma 1 --profile
+
+Needs vLLM installed only for ``vllm_cpu_gemm`` (on by default; without vLLM the draft uses torch's
+GEMM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import types
+
+import numpy as np
+import torch
+
+from specbeam_vllm.proposer import SpecBeamProposer
+
+DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "specbeam_hf", "demo_models")
+MAX_LEN, MAX_ROWS, GENERATED = 512, 16, 64
+
+
+def make_proposer(gamma: int) -> SpecBeamProposer:
+    from transformers import AutoConfig
+
+    target = os.path.join(DEMO, "target")
+    vocab = AutoConfig.from_pretrained(target).vocab_size
+    model_config = types.SimpleNamespace(max_model_len=MAX_LEN, get_vocab_size=lambda: vocab, seed=0,
+                                         dtype=torch.bfloat16, tokenizer=target)
+    return SpecBeamProposer(types.SimpleNamespace(
+        speculative_config=types.SimpleNamespace(num_speculative_tokens=gamma), model_config=model_config,
+        scheduler_config=types.SimpleNamespace(max_num_seqs=MAX_ROWS),
+        additional_config={"specbeam": {"draft": os.path.join(DEMO, "draft"), "full_draft_max_batch": MAX_ROWS,
+                                        "no_draft_min_batch": MAX_ROWS + 1}},
+        device_config=types.SimpleNamespace(device_type="cpu")))
+
+
+class Driver:
+    """The runner's side of ``propose``: a persistent batch of rows, their tokens and request ids."""
+
+    def __init__(self, proposer: SpecBeamProposer, rows: int, accept: float, seed: int = 0) -> None:
+        self.p, self.rows, self.accept = proposer, rows, accept
+        self.vocab = proposer.vocab_size
+        self.rng = np.random.default_rng(seed)
+        self.tokens = np.zeros((MAX_ROWS, MAX_LEN), dtype=np.int32)  # [max_num_reqs, max_model_len]
+        self.num = np.zeros(MAX_ROWS, dtype=np.int64)  # [max_num_reqs]
+        self.generated = np.zeros(MAX_ROWS, dtype=np.int64)
+        self.ids: list[str] = [""] * MAX_ROWS
+        self.last: list[list[int]] = [[] for _ in range(MAX_ROWS)]
+        self.next_id = 0
+        for i in range(rows):  # rows at staggered points of their generation
+            self._new_request(i)
+            self._append(i, int(self.rng.integers(0, GENERATED - 4)))
+
+    def _new_request(self, i: int) -> None:
+        self.num[i] = self.generated[i] = 0
+        self._append(i, int(self.rng.integers(4, 9)))
+        self.generated[i] = 0
+        self.next_id += 1
+        self.ids[i], self.last[i] = f"req-{self.next_id}", []
+
+    def _append(self, i: int, k: int) -> list[int]:
+        new = self.rng.integers(0, self.vocab, k)
+        self.tokens[i, self.num[i]: self.num[i] + k] = new
+        self.num[i] += k
+        self.generated[i] += k
+        return new.tolist()
+
+    def step(self) -> None:
+        committed = []
+        for i in range(self.rows):
+            if self.generated[i] >= GENERATED:
+                self._new_request(i)
+            accepted = int(self.rng.binomial(len(self.last[i]), self.accept)) if self.last[i] else 0
+            committed.append(self._append(i, accepted + 1))
+        self.p.batch_req_ids = self.ids[: self.rows]
+        out = self.p.propose(committed, self.num.copy(), self.tokens)
+        self.last[: self.rows] = out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--gamma", type=int, default=1)
+    ap.add_argument("--accept", type=float, default=0.6, help="chance that each draft token is accepted")
+    ap.add_argument("--blocks", type=int, default=8, help="blocks of 40 timed steps")
+    ap.add_argument("--profile", action="store_true", help="also run 100 steps under cProfile")
+    args = ap.parse_args(argv)
+    if not 1 <= args.rows <= MAX_ROWS:
+        raise SystemExit(f"--rows must be in 1..{MAX_ROWS}")
+    torch.set_num_threads(1)
+    driver = Driver(make_proposer(args.gamma), args.rows, args.accept)
+    for _ in range(30):
+        driver.step()
+    per_block = []
+    for _ in range(args.blocks):
+        driver.p.counters["propose_seconds"] = 0.0
+        for _ in range(40):
+            driver.step()
+        per_block.append(1000 * driver.p.counters["propose_seconds"] / 40)
+    print(f"{args.rows} rows, γ = {args.gamma}: {min(per_block):.2f} ms per proposal (min over {args.blocks} "
+          f"blocks of 40 steps), median {statistics.median(per_block):.2f}")
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(100):
+            driver.step()
+        prof.disable()
+        stats = pstats.Stats(prof)
+        print(f"cProfile, 100 steps: {stats.total_calls / 100:.0f} Python function calls a step "
+              f"(proposal and driver), {1000 * stats.total_tt / 100:.2f} ms a step")
+        stats.sort_stats("tottime").print_stats(15)
+
+
+if __name__ == "__main__":
+    main()

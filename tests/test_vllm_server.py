@@ -114,6 +114,32 @@ def test_streaming_clients_disconnect_and_blocks_come_back(specbeam_server, refe
     assert stats["states_created"] >= 8 and stats["drafted_tokens"] > 0
 
 
+def test_greedy_equals_spec_off_when_most_steps_have_no_drafts(tmp_path, reference):
+    """The default policy's regime under load: from 3 decoding rows on no row drafts, and such steps
+    run as spec-off steps (inputs without spec-decode metadata, the plain sampler); drafting resumes
+    when the batch thins out (window of 2 steps). Greedy tokens stay spec-off's through both kinds
+    of step and the switches between them, and the draft blocks come back."""
+    stats = str(tmp_path / "stats.json")
+    flags = specbeam_flags(DRAFT, 4, stats_file=stats, full_draft_max_batch=1, no_draft_min_batch=3, batch_window=2)
+    with Server(TARGET, flags + COMMON_FLAGS, log_path=str(tmp_path / "server.log")) as server:
+        prompts = PROMPTS + PROMPTS[::-1]
+        outputs = run_all(lambda p: greedy_ids(server.url, p), prompts, concurrency=8)
+        for prompt, ids in zip(prompts, outputs):
+            assert ids == reference[prompt], prompt
+        assert greedy_ids(server.url, PROMPTS[2]) == reference[PROMPTS[2]]  # alone: drafts
+        metrics = spec_metrics(server.url)
+
+        def back_to_baseline():
+            s = read_stats(stats)
+            return s and s["states"] == 0 and s["free_blocks"] == s["baseline_free_blocks"] and s
+
+        final = wait_for(back_to_baseline, timeout=30)
+        log = server.log_tail(10_000_000).split("[shutdown]")[0]
+    assert final, read_stats(stats)
+    assert metrics["drafts"] > 0 and metrics["accepted_tokens"] > 0, metrics
+    assert "Traceback" not in log, log[-4000:]
+
+
 def _serve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "specbeam_hf.cli", "serve", *args],
                           capture_output=True, text=True, timeout=120)

@@ -29,10 +29,6 @@ class SpecBeamVllmOptions(BaseModel):
         4, ge=0, description="default draft-length policy: the full draft length up to this many decoding rows")
     no_draft_min_batch: int = Field(
         8, ge=1, description="default draft-length policy: no drafting from this many decoding rows on")
-    batch_window: int = Field(
-        8, ge=1, description="default draft-length policy: read the batch as the most decoding rows of the last "
-        "this many steps, so that a one-step dip under load (a request finished, its successor still prefilling) "
-        "does not start a draft catch-up that the next step throws away")
     confidence_threshold: float = Field(
         0.0, ge=0.0, lt=1.0, description="end a row's draft after a token the draft gives less probability "
         "than this (HF's assistant_confidence_threshold rule): fewer wasted draft forwards")

@@ -6,21 +6,12 @@ becomes compute-bound and every rejected draft token costs real throughput. So t
 the full length up to ``full_draft_max_batch`` decoding rows, shrinks it linearly after that, and
 drafts nothing from ``no_draft_min_batch`` rows on, where vLLM then runs plain decoding steps.
 
-The batch it reads is the largest number of decoding rows of the last ``batch_window`` steps, not
-the current step's alone. Under steady load a batch dips by a row for a step whenever a request
-finishes and its successor is still prefilling; read step by step, a batch at the threshold would
-start drafting for that one step, first catching the draft up on every row it skipped while the
-batch was full, and stop again the step after: the catch-up paid for nothing. The window drafts
-again once the batch has stayed below the threshold for ``batch_window`` steps.
-
 The proposer registers it before loading the ``specbeam`` entry-point plugins, and pluggy calls
 later registrations first, so any plugin that implements the same hook decides before it; it in
 turn answers before the built-in ``trylast`` default (always the configured length).
 """
 
 from __future__ import annotations
-
-from collections import deque
 
 from specbeam_core import hookimpl
 
@@ -36,20 +27,14 @@ def batch_draft_length(batch: int, default: int, full_max: int, none_min: int) -
 
 
 class BatchSizePolicy:
-    """A ``specbeam_draft_length`` plugin: :func:`batch_draft_length` with the proposer's options,
-    of the largest batch :meth:`observe` saw in the last ``window`` steps (and the batch asked about)."""
+    """A ``specbeam_draft_length`` plugin: :func:`batch_draft_length` with the proposer's options."""
 
-    def __init__(self, full_draft_max_batch: int, no_draft_min_batch: int, window: int = 1) -> None:
+    def __init__(self, full_draft_max_batch: int, no_draft_min_batch: int) -> None:
         self.full_max = full_draft_max_batch
         self.none_min = no_draft_min_batch
-        self.recent: deque[int] = deque(maxlen=max(1, window))  # decoding rows of the last steps
-
-    def observe(self, batch: int) -> None:
-        """Record one step's number of decoding rows (the proposer calls it once a step)."""
-        self.recent.append(batch)
 
     def length(self, batch: int, default: int) -> int:
-        return batch_draft_length(max(batch, max(self.recent, default=0)), default, self.full_max, self.none_min)
+        return batch_draft_length(batch, default, self.full_max, self.none_min)
 
     @hookimpl
     def specbeam_draft_length(self, requests, default: int) -> int:

@@ -103,8 +103,7 @@ class SpecBeamProposer:
         seed = self.options.seed if self.options.seed is not None else (model_config.seed or 0)
         self._seeds = np.random.default_rng(seed)  # per-request draft seeds; the same on every rank
         self.pm = get_plugin_manager(load_entrypoints=False)
-        self._batch_policy = BatchSizePolicy(self.options.full_draft_max_batch, self.options.no_draft_min_batch,
-                                             self.options.batch_window)
+        self._batch_policy = BatchSizePolicy(self.options.full_draft_max_batch, self.options.no_draft_min_batch)
         self.pm.register(self._batch_policy, name="specbeam-vllm-batch-policy")
         self.pm.load_setuptools_entrypoints(PROJECT)  # registered later, so called before the batch policy
         on_cpu = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu") == "cpu"
@@ -207,9 +206,8 @@ class SpecBeamProposer:
         self.step += 1
         self._last_draft_probs = None
         n_rows = len(sampled_token_ids)
-        n_decoding = sum(1 for t in sampled_token_ids if t)
-        self._batch_policy.observe(n_decoding)
-        if self._batch_policy_decides() and self._batch_policy.length(n_decoding, self.num_speculative_tokens) == 0:
+        if self._batch_policy_decides() and \
+                self._batch_policy.length(sum(1 for t in sampled_token_ids if t), self.num_speculative_tokens) == 0:
             return [[] for _ in range(n_rows)]  # what the hook would say, without building its per-row view
         rows = {i: np.asarray(token_ids_cpu[i, : int(num_tokens_no_spec[i])])
                 for i in range(n_rows) if sampled_token_ids[i]}  # decoding rows -> [num_tokens]

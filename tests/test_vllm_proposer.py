@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from specbeam_core import Request, SamplingParams, build_kv_batch, hookimpl
 from specbeam_vllm.cpu_fix import expand_kernel_impl
-from specbeam_vllm.policy import BatchSizePolicy, batch_draft_length
+from specbeam_vllm.policy import batch_draft_length
 import specbeam_vllm.proposer as proposer_module
 from specbeam_vllm.proposer import UNCLAIMED_STEPS, SpecBeamProposer
 
@@ -523,41 +523,6 @@ def test_default_batch_policy_applies_in_proposer(folders):
     assert out == [[]] * 4 and p.drafter.model.forward_count == before
 
 
-def test_batch_policy_reads_the_largest_recent_batch():
-    policy = BatchSizePolicy(full_draft_max_batch=1, no_draft_min_batch=4, window=3)
-    assert policy.length(2, 4) == batch_draft_length(2, 4, 1, 4) > 0  # nothing seen yet: this batch
-    for batch in (4, 3, 3):
-        policy.observe(batch)
-    assert policy.length(3, 4) == 0  # the 4 is among the last three steps
-    policy.observe(3)
-    assert policy.length(3, 4) == batch_draft_length(3, 4, 1, 4) > 0  # three steps below: drafts again
-    assert policy.length(5, 4) == 0  # the batch asked about counts too
-    assert BatchSizePolicy(1, 4).length(3, 4) == batch_draft_length(3, 4, 1, 4)  # window 1: step by step
-
-
-def test_one_step_dip_under_load_starts_no_catch_up(folders):
-    """Under steady load at the no-draft threshold, a step one row short (a request finished, its
-    successor still prefilling) drafts nothing: no draft forward, no catch-up of the skipped rows;
-    drafting resumes once the batch has stayed below the threshold for the window's steps."""
-    p = make_proposer(folders, full_draft_max_batch=1, no_draft_min_batch=4, batch_window=3)
-    rng = np.random.default_rng(11)
-    rows = prompts(4, rng)
-    forwards = p.drafter.model.forward_count
-    for _ in range(3):  # four decoding rows: plain steps
-        rows = [r + [int(rng.integers(3, VOCAB))] for r in rows]
-        assert call(p, rows, [[r[-1]] for r in rows]) == [[]] * 4
-    rows = [r + [int(rng.integers(3, VOCAB))] for r in rows[:3]]  # one finished: three rows for a step
-    assert call(p, rows, [[r[-1]] for r in rows]) == [[]] * 3
-    assert p.drafter.model.forward_count == forwards and len(p.matcher) == 0
-    rows = [r + [int(rng.integers(3, VOCAB))] for r in rows]  # still three: the window (3 steps) holds a four
-    assert call(p, rows, [[r[-1]] for r in rows]) == [[]] * 3
-    assert p.drafter.model.forward_count == forwards
-    rows = [r + [int(rng.integers(3, VOCAB))] for r in rows]  # three steps below the threshold: drafts
-    out = call(p, rows, [[r[-1]] for r in rows])
-    assert [len(d) for d in out] == [batch_draft_length(3, GAMMA, 1, 4)] * 3
-    assert batch_draft_length(3, GAMMA, 1, 4) > 0 and p.drafter.model.forward_count > forwards
-
-
 def test_user_plugin_sets_draft_length(folders):
     p = make_proposer(folders)
     rng = np.random.default_rng(10)
@@ -593,7 +558,7 @@ def test_user_plugin_sets_draft_length(folders):
 def test_batch_policy_alone_decides_without_the_hook_call(folders, monkeypatch):
     """With only the built-in batch policy answering, a batch it gives no drafts returns at once
     (no per-row view is built for the hook); a plugin registered later is asked as before."""
-    p = make_proposer(folders, full_draft_max_batch=1, no_draft_min_batch=2, batch_window=1)
+    p = make_proposer(folders, full_draft_max_batch=1, no_draft_min_batch=2)
     rows = prompts(3, np.random.default_rng(17))
     committed = [[r[-1]] for r in rows]
     made = []

@@ -46,45 +46,67 @@ def ms_text(ms: float | None) -> str:
     return "–" if ms is None else f"{ms:.2f}"
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+COMMON_FLAGS = ["--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", "16",
+                "--seed", "0"]
+
+
+def add_arguments(ap: argparse.ArgumentParser, variants: dict, concurrency: int, requests: int, rounds: int,
+                  out: str) -> None:
+    """The options every side-by-side variant benchmark takes (defaults per script)."""
     ap.add_argument("--target", default=os.path.join(DEMO, "target"))
     ap.add_argument("--draft", default=os.path.join(DEMO, "draft"))
-    ap.add_argument("--variants", default=json.dumps(DEFAULT_VARIANTS), help="JSON: name -> specbeam options")
+    ap.add_argument("--variants", default=json.dumps(variants), help="JSON: name -> specbeam options")
     ap.add_argument("--gamma", type=int, default=4)
-    ap.add_argument("--concurrency", type=int, default=1)
-    ap.add_argument("--requests", type=int, default=24, help="per variant and round")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "vllm_proposer_dtype.json"))
+    ap.add_argument("--concurrency", type=int, default=concurrency)
+    ap.add_argument("--requests", type=int, default=requests, help="per variant and round")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", out))
+
+
+def start_servers(stack: contextlib.ExitStack, tmp: str, args, variants: dict, stats: bool = True,
+                  env=lambda i, name: {}) -> tuple[dict, dict]:
+    """Every variant's server, started and warmed up (``null`` options: spec-off; ``"spec_off"`` and
+    ``"server_flags"`` are the benchmark's keys): name -> Server, and name -> stats file or None."""
+    servers, stats_files = {}, {}
+    for i, (name, options) in enumerate(variants.items()):
+        options = {"spec_off": True} if options is None else dict(options)
+        extra = list(options.pop("server_flags", []))
+        spec_off = options.pop("spec_off", False)
+        stats_files[name] = None if spec_off or not stats else os.path.join(tmp, f"stats{i}.json")
+        if stats_files[name]:
+            options["stats_file"] = stats_files[name]
+        flags = extra if spec_off else extra + specbeam_flags(os.path.abspath(args.draft), args.gamma, **options)
+        servers[name] = stack.enter_context(Server(os.path.abspath(args.target), flags + COMMON_FLAGS,
+                                                   log_path=os.path.join(tmp, f"server{i}.log"), env=env(i, name)))
+        run_level(servers[name].url, servers[name].model, 1, 2, 16, 0.0)  # warm-up
+    return servers, stats_files
+
+
+def rotation(names: list[str], rounds: int):
+    """(round, name) in turns, the order rotating each round so a slow spell hits every variant."""
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            yield r, name
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap, DEFAULT_VARIANTS, concurrency=1, requests=24, rounds=3, out="vllm_proposer_dtype.json")
     args = ap.parse_args(argv)
     variants = json.loads(args.variants)
-    common = ["--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", "16",
-              "--seed", "0"]
+    names = list(variants)
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        servers, stats = {}, {}
-        for i, (name, options) in enumerate(variants.items()):
-            options = {"spec_off": True} if options is None else dict(options)  # null: a spec-off server
-            extra = list(options.pop("server_flags", []))
-            spec_off = options.pop("spec_off", False)
-            stats[name] = None if spec_off else os.path.join(tmp, f"stats{i}.json")
-            flags = extra if spec_off else \
-                extra + specbeam_flags(os.path.abspath(args.draft), args.gamma, stats_file=stats[name], **options)
-            servers[name] = stack.enter_context(Server(os.path.abspath(args.target), flags + common,
-                                                       log_path=os.path.join(tmp, f"server{i}.log")))
-            run_level(servers[name].url, servers[name].model, 1, 2, 16, 0.0)  # warm-up
-        names = list(variants)
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                before = read_stats(stats[name])
-                level = run_level(servers[name].url, servers[name].model, args.concurrency, args.requests, 64, 0.0)
-                after = read_stats(stats[name])
-                proposals = after["proposals"] - before["proposals"]
-                ms = 1000 * (after["propose_seconds"] - before["propose_seconds"]) / proposals if proposals else None
-                runs[name].append({"tokens_per_s": level["tokens_per_s"], "propose_ms": ms, "proposals": proposals})
-                print(f"{name:28s} round {r + 1}: {level['tokens_per_s']:7.1f} tok/s, {ms_text(ms)} ms per proposal",
-                      flush=True)
+        servers, stats = start_servers(stack, tmp, args, variants)
+        for r, name in rotation(names, args.rounds):
+            before = read_stats(stats[name])
+            level = run_level(servers[name].url, servers[name].model, args.concurrency, args.requests, 64, 0.0)
+            after = read_stats(stats[name])
+            proposals = after["proposals"] - before["proposals"]
+            ms = 1000 * (after["propose_seconds"] - before["propose_seconds"]) / proposals if proposals else None
+            runs[name].append({"tokens_per_s": level["tokens_per_s"], "propose_ms": ms, "proposals": proposals})
+            print(f"{name:28s} round {r + 1}: {level['tokens_per_s']:7.1f} tok/s, {ms_text(ms)} ms per proposal",
+                  flush=True)
     print(f"\nconcurrency {args.concurrency}, γ = {args.gamma}, medians over {args.rounds} rounds\n")
     print("| variant | ms per proposal | tokens/s | × first variant, per round |\n|---|---|---|---|")
     summary = {}

@@ -29,9 +29,8 @@ import statistics
 import tempfile
 import time
 
-from specbeam_vllm.server import Server, specbeam_flags
-
-from bench_vllm import DEMO, run_level
+from bench_vllm import run_level
+from bench_vllm_proposer import add_arguments, rotation, start_servers
 
 DEFAULT_VARIANTS = {"spec-off, no async scheduling": {"spec_off": True, "server_flags": ["--no-async-scheduling"]},
                     "specbeam": {}}
@@ -64,43 +63,24 @@ def per_step(before: dict, after: dict, round_seconds: float) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default=os.path.join(DEMO, "target"))
-    ap.add_argument("--draft", default=os.path.join(DEMO, "draft"))
-    ap.add_argument("--variants", default=json.dumps(DEFAULT_VARIANTS), help="JSON: name -> specbeam options")
-    ap.add_argument("--gamma", type=int, default=4)
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=256, help="per variant and round")
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "vllm_step_timing.json"))
+    add_arguments(ap, DEFAULT_VARIANTS, concurrency=16, requests=256, rounds=4, out="vllm_step_timing.json")
     args = ap.parse_args(argv)
     variants = json.loads(args.variants)
-    common = ["--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", "16",
-              "--seed", "0"]
+    names = list(variants)
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        servers, dirs = {}, {}
-        for i, (name, options) in enumerate(variants.items()):
-            options = {"spec_off": True} if options is None else dict(options)
-            extra = list(options.pop("server_flags", []))
-            spec_off = options.pop("spec_off", False)
-            flags = extra if spec_off else extra + specbeam_flags(os.path.abspath(args.draft), args.gamma, **options)
-            dirs[name] = os.path.join(tmp, f"timing{i}")
-            servers[name] = stack.enter_context(Server(
-                os.path.abspath(args.target), flags + common, log_path=os.path.join(tmp, f"server{i}.log"),
-                env={"SPECBEAM_STEP_TIMING": dirs[name]}))
-            run_level(servers[name].url, servers[name].model, 1, 2, 16, 0.0)  # warm-up
-        names = list(variants)
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                before = worker_totals(dirs[name])
-                level = run_level(servers[name].url, servers[name].model, args.concurrency, args.requests, 64, 0.0)
-                run = per_step(before, worker_totals(dirs[name]), level["seconds"])
-                run["tokens_per_s"] = level["tokens_per_s"]
-                runs[name].append(run)
-                cells = " ".join(f"{k} {run['ms_per_step'][k]:.2f}" for k in COLUMNS[:5])
-                print(f"{name:32s} round {r + 1}: {level['tokens_per_s']:7.1f} tok/s, {run['steps']} steps; ms/step: {cells}",
-                      flush=True)
+        dirs = {name: os.path.join(tmp, f"timing{i}") for i, name in enumerate(names)}
+        servers, _ = start_servers(stack, tmp, args, variants, stats=False,
+                                   env=lambda i, name: {"SPECBEAM_STEP_TIMING": dirs[name]})
+        for r, name in rotation(names, args.rounds):
+            before = worker_totals(dirs[name])
+            level = run_level(servers[name].url, servers[name].model, args.concurrency, args.requests, 64, 0.0)
+            run = per_step(before, worker_totals(dirs[name]), level["seconds"])
+            run["tokens_per_s"] = level["tokens_per_s"]
+            runs[name].append(run)
+            cells = " ".join(f"{k} {run['ms_per_step'][k]:.2f}" for k in COLUMNS[:5])
+            print(f"{name:32s} round {r + 1}: {level['tokens_per_s']:7.1f} tok/s, {run['steps']} steps; ms/step: {cells}",
+                  flush=True)
     result = {"args": vars(args), "variants": {}}
     print(f"\nconcurrency {args.concurrency}, γ = {args.gamma}, medians over {args.rounds} rounds, ms per engine step\n")
     print("| variant | tokens/s | steps | " + " | ".join(COLUMNS) + " |")

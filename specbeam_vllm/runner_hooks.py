@@ -12,7 +12,7 @@ as one-hot; idle states freed a couple of steps later).
 - ``_prepare_inputs`` and ``_sample``: a step in which no row carries drafts (every step past
   ``no_draft_min_batch`` rows under the default policy) runs as a spec-off step: its inputs are
   prepared without spec-decode metadata (vLLM 0.32 builds it whenever a speculative config exists,
-  about 0.2 ms a step on the CPU at 16 rows) and it samples with vLLM's plain sampler instead of its
+  0.1–0.2 ms a step on the CPU at 16 rows) and it samples with vLLM's plain sampler instead of its
   rejection sampler over zero drafts: the same tokens and log-probs (the rejection sampler samples
   each row's bonus token with that same sampler), and the proposer still runs after it. Only for
   models whose KV cache is attention alone: vLLM's recurrent (Mamba-style) backends read the

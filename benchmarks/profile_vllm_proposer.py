@@ -49,8 +49,9 @@ def make_proposer(gamma: int) -> SpecBeamProposer:
 class Driver:
     """The runner's side of ``propose``: a persistent batch of rows, their tokens and request ids."""
 
-    def __init__(self, proposer: SpecBeamProposer, rows: int, accept: float, seed: int = 0) -> None:
-        self.p, self.rows, self.accept = proposer, rows, accept
+    def __init__(self, proposer: SpecBeamProposer, rows: int, accept: float, seed: int = 0,
+                 prompt_len: int = 0) -> None:
+        self.p, self.rows, self.accept, self.prompt_len = proposer, rows, accept, prompt_len
         self.vocab = proposer.vocab_size
         self.rng = np.random.default_rng(seed)
         self.tokens = np.zeros((MAX_ROWS, MAX_LEN), dtype=np.int32)  # [max_num_reqs, max_model_len]
@@ -65,7 +66,7 @@ class Driver:
 
     def _new_request(self, i: int) -> None:
         self.num[i] = self.generated[i] = 0
-        self._append(i, int(self.rng.integers(4, 9)))
+        self._append(i, self.prompt_len or int(self.rng.integers(4, 9)))
         self.generated[i] = 0
         self.next_id += 1
         self.ids[i], self.last[i] = f"req-{self.next_id}", []
@@ -96,11 +97,16 @@ def main(argv=None) -> None:
     ap.add_argument("--accept", type=float, default=0.6, help="chance that each draft token is accepted")
     ap.add_argument("--blocks", type=int, default=8, help="blocks of 40 timed steps")
     ap.add_argument("--profile", action="store_true", help="also run 100 steps under cProfile")
+    ap.add_argument("--prompt-len", type=int, default=0,
+                    help="prompt tokens of each new request (default: 4 to 8): a request that joins the batch is "
+                    "caught up on its prompt by the draft")
     args = ap.parse_args(argv)
+    if not 0 <= args.prompt_len <= MAX_LEN - GENERATED - 8:
+        raise SystemExit(f"--prompt-len must be in 0..{MAX_LEN - GENERATED - 8}")
     if not 1 <= args.rows <= MAX_ROWS:
         raise SystemExit(f"--rows must be in 1..{MAX_ROWS}")
     torch.set_num_threads(1)
-    driver = Driver(make_proposer(args.gamma), args.rows, args.accept)
+    driver = Driver(make_proposer(args.gamma), args.rows, args.accept, prompt_len=args.prompt_len)
     for _ in range(30):
         driver.step()
     per_block = []
@@ -109,7 +115,8 @@ def main(argv=None) -> None:
         for _ in range(40):
             driver.step()
         per_block.append(1000 * driver.p.counters["propose_seconds"] / 40)
-    print(f"{args.rows} rows, γ = {args.gamma}: {min(per_block):.2f} ms per proposal (min over {args.blocks} "
+    prompts = f", prompts of {args.prompt_len} tokens" if args.prompt_len else ""
+    print(f"{args.rows} rows, γ = {args.gamma}{prompts}: {min(per_block):.2f} ms per proposal (min over {args.blocks} "
           f"blocks of 40 steps), median {statistics.median(per_block):.2f}")
     if args.profile:
         prof = cProfile.Profile()

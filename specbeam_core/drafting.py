@@ -25,6 +25,20 @@ from .request import Request
 from .sampling import check_finite, probabilities, probabilities_per_row, sample
 
 
+def _separate_catch_up(feeds: dict[int, list[int]], short: int = 8) -> dict[int, list[int]]:
+    """The catch-ups to feed in a forward of their own before drafting: all but the last token of
+    every row with more than ``short`` unseen tokens, when that at least halves the padded token
+    slots (one joining request's long prompt would otherwise pad every row's drafting forward to
+    its length; when all rows catch up alike, one forward is cheaper)."""
+    long = [r for r in feeds if len(feeds[r]) > short]
+    if not long or len(long) == len(feeds):
+        return {}
+    whole = len(feeds) * max(len(f) for f in feeds.values())
+    split = len(long) * (max(len(feeds[r]) for r in long) - 1) + \
+        len(feeds) * max(len(f) for r, f in feeds.items() if r not in long)
+    return {r: feeds[r][:-1] for r in long} if 2 * split <= whole else {}
+
+
 @dataclass
 class Draft:
     tokens: torch.Tensor  # [N, G] draft tokens, padded with 0 past num_draft[r]
@@ -130,19 +144,17 @@ class DraftModelDrafter:
         draft_probs = torch.zeros(n_rows, g_max, self.vocab_size) if sampled else None  # [N, G, vocab]
         num_draft = list(num_draft)  # shortened for rows whose draft loses confidence
         feeds = {r: self._sync(requests[r]) for r in range(n_rows) if num_draft[r] > 0}
+        catch_up = _separate_catch_up(feeds)
+        if catch_up:  # long catch-ups first, in a forward of their own: the drafting forward pads short
+            self._forward(requests, catch_up)
+            for r in catch_up:
+                feeds[r] = feeds[r][-1:]
         drafted: dict[int, list[int]] = {r: [] for r in feeds}
         for i in range(g_max):
             rows = [r for r in feeds if num_draft[r] > i]
             if not rows:
                 break
-            t_max = max(len(feeds[r]) for r in rows)
-            tokens = torch.zeros(len(rows), t_max, dtype=torch.long)  # [n, T] left-padded
-            for j, r in enumerate(rows):
-                tokens[j, t_max - len(feeds[r]) :] = torch.tensor(feeds[r])
-            seqs = [self._seq[requests[r].request_id] for r in rows]
-            kv = build_kv_batch(self.cache, seqs, [len(feeds[r]) for r in rows], self.model_dtype)
-            logits = self.model.forward(tokens, kv, 1)[:, 0]  # [n, vocab]
-            check_finite(logits, "draft model logits")
+            logits = self._forward(requests, {r: feeds[r] for r in rows})  # [n, vocab]
             sampled_rows = [j for j, r in enumerate(rows) if not requests[r].params.greedy and requests[r].logits_processor is None]
             q_rows = {}
             if sampled_rows:  # rows that warp alike in one call
@@ -155,7 +167,6 @@ class DraftModelDrafter:
                 top_conf = torch.softmax(logits.float(), dim=-1).gather(1, top[:, None])[:, 0].tolist()
             for j, r in enumerate(rows):
                 req = requests[r]
-                self._seen[req.request_id].extend(feeds[r])
                 row_logits = logits[j]  # [vocab]
                 if req.logits_processor is not None:
                     row_logits = req.logits_processor(req.tokens + drafted[r], row_logits[None])[0]
@@ -177,6 +188,22 @@ class DraftModelDrafter:
                 drafted[r].append(token)
                 feeds[r] = [token]
         return Draft(tokens=draft_tokens, num_draft=num_draft, probs=draft_probs)
+
+    def _forward(self, requests: list[Request], feeds: dict[int, list[int]]) -> torch.Tensor:
+        """Feed ``feeds[r]`` after what row ``r``'s draft cache holds, all rows in one left-padded
+        forward; return each row's logits at its last fed token ``[n, vocab]``."""
+        rows = list(feeds)
+        t_max = max(len(feeds[r]) for r in rows)
+        tokens = torch.zeros(len(rows), t_max, dtype=torch.long)  # [n, T] left-padded
+        for j, r in enumerate(rows):
+            tokens[j, t_max - len(feeds[r]) :] = torch.tensor(feeds[r])
+        seqs = [self._seq[requests[r].request_id] for r in rows]
+        kv = build_kv_batch(self.cache, seqs, [len(feeds[r]) for r in rows], self.model_dtype)
+        logits = self.model.forward(tokens, kv, 1)[:, 0]  # [n, vocab]
+        check_finite(logits, "draft model logits")
+        for r in rows:
+            self._seen[requests[r].request_id].extend(feeds[r])
+        return logits
 
     @property
     def model_dtype(self) -> torch.dtype:

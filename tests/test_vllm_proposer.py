@@ -200,7 +200,12 @@ def test_reordered_dropped_and_added_rows(folders, draft_hf, with_ids):
         for r in decoding:
             toks = reqs[r]
             expected.append(len(toks) - min(lcp(seen.get(r, []), toks), len(toks) - 1))
-        assert first_feeds[0] == expected, order
+        if len(first_feeds[0]) == len(expected):
+            assert first_feeds[0] == expected, order
+        else:  # long catch-ups went first, in a forward of their own (all but their last token)
+            long = [e > 8 for e in expected]
+            assert first_feeds[0] == [e - 1 for e, is_long in zip(expected, long) if is_long], order
+            assert first_feeds[1] == [1 if is_long else e for e, is_long in zip(expected, long)], order
         for r, d in zip(order, out):
             if r in prefill:
                 assert d == []

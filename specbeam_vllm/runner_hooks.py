@@ -12,9 +12,10 @@ as one-hot; idle states freed a couple of steps later).
 - ``_prepare_inputs`` and ``_sample``: a step in which no row carries drafts (every step past
   ``no_draft_min_batch`` rows under the default policy) runs as a spec-off step: its inputs are
   prepared without spec-decode metadata (vLLM 0.32 builds it whenever a speculative config exists,
-  0.1–0.2 ms a step on the CPU at 16 rows) and it samples with vLLM's plain sampler instead of its
-  rejection sampler over zero drafts: the same tokens and log-probs (the rejection sampler samples
-  each row's bonus token with that same sampler), and the proposer still runs after it. Only for
+  about 0.1 ms a step on the CPU at 16 rows, ``benchmarks/vllm_step_timing.py``) and it samples
+  with vLLM's plain sampler instead of its rejection sampler over zero drafts: the same tokens and
+  log-probs (the rejection sampler samples each row's bonus token with that same sampler), and the
+  proposer still runs after it. Only for
   models whose KV cache is attention alone: vLLM's recurrent (Mamba-style) backends read the
   speculative path's zero-draft rows. Option ``plain_sampler_without_drafts``.
 - ``_update_states``: requests the scheduler reports finished or aborted free their draft state at

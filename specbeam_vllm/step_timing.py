@@ -61,10 +61,15 @@ def snapshot() -> dict:
 def _writer(path: str) -> None:
     while True:
         time.sleep(1.0)
-        if calls:
-            with open(path + ".tmp", "w") as fh:
-                json.dump(snapshot(), fh)
-            os.replace(path + ".tmp", path)
+        if not calls:
+            continue
+        try:
+            data = snapshot()
+        except RuntimeError:  # the worker added a key while we copied (a method's first call): next tick
+            continue
+        with open(path + ".tmp", "w") as fh:
+            json.dump(data, fh)
+        os.replace(path + ".tmp", path)
 
 
 def install(out_dir: str) -> bool:

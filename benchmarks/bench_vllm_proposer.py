@@ -27,11 +27,27 @@ import os
 import statistics
 import tempfile
 
+from specbeam_vllm.proposer import PROPOSE_MS_BUCKETS
 from specbeam_vllm.server import Server, specbeam_flags
 
 from bench_vllm import DEMO, run_level
 
 DEFAULT_VARIANTS = {"float32 draft": {"dtype": "float32"}, "default (target's dtype)": {}}
+
+
+def slowest(before: dict, after: dict) -> tuple[str | None, list[int] | None]:
+    """The slowest proposal between two stats snapshots as its histogram bucket (e.g. "8–16 ms"), and
+    the stretch's histogram (``PROPOSE_MS_BUCKETS``); ``(None, None)`` without proposals or histogram."""
+    if "propose_ms_histogram" not in after:
+        return None, None
+    hist = [a - b for a, b in zip(after["propose_ms_histogram"],
+                                  before.get("propose_ms_histogram", [0] * len(after["propose_ms_histogram"])))]
+    top = max((i for i, n in enumerate(hist) if n), default=None)
+    if top is None:
+        return None, hist
+    bounds = (0,) + PROPOSE_MS_BUCKETS
+    label = f"{bounds[top]}–{bounds[top + 1]} ms" if top < len(PROPOSE_MS_BUCKETS) else f"≥ {bounds[top]} ms"
+    return label, hist
 
 
 def read_stats(path: str | None) -> dict:
@@ -104,9 +120,11 @@ def main(argv=None) -> None:
             after = read_stats(stats[name])
             proposals = after["proposals"] - before["proposals"]
             ms = 1000 * (after["propose_seconds"] - before["propose_seconds"]) / proposals if proposals else None
-            runs[name].append({"tokens_per_s": level["tokens_per_s"], "propose_ms": ms, "proposals": proposals})
-            print(f"{name:28s} round {r + 1}: {level['tokens_per_s']:7.1f} tok/s, {ms_text(ms)} ms per proposal",
-                  flush=True)
+            spread = slowest(before, after)
+            runs[name].append({"tokens_per_s": level["tokens_per_s"], "propose_ms": ms, "proposals": proposals,
+                               "propose_ms_histogram": spread[1], "slowest_proposal_ms": spread[0]})
+            print(f"{name:28s} round {r + 1}: {level['tokens_per_s']:7.1f} tok/s, {ms_text(ms)} ms per proposal, "
+                  f"slowest {spread[0] or '–'}", flush=True)
     print(f"\nconcurrency {args.concurrency}, γ = {args.gamma}, medians over {args.rounds} rounds\n")
     print("| variant | ms per proposal | tokens/s | × first variant, per round |\n|---|---|---|---|")
     summary = {}

@@ -8,6 +8,7 @@ are passed as vLLM's hook passes them. Prints the proposal time (min and median 
 steps) and, with ``--profile``, Python function calls per step and cProfile's top entries.
 
     python benchmarks/profile_vllm_proposer.py --rows 16 --gamma 1 --profile
+    python benchmarks/profile_vllm_proposer.py --rows 16 --drop-to 7 --gamma 4 --prompt-len 300
 
 Needs vLLM installed only for ``vllm_cpu_gemm`` (on by default; without vLLM the draft uses torch's
 GEMM).
@@ -20,6 +21,7 @@ import cProfile
 import os
 import pstats
 import statistics
+import time
 import types
 
 import numpy as np
@@ -31,7 +33,7 @@ DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "specbeam_
 MAX_LEN, MAX_ROWS, GENERATED = 512, 16, 64
 
 
-def make_proposer(gamma: int) -> SpecBeamProposer:
+def make_proposer(gamma: int, **options) -> SpecBeamProposer:
     from transformers import AutoConfig
 
     target = os.path.join(DEMO, "target")
@@ -42,7 +44,7 @@ def make_proposer(gamma: int) -> SpecBeamProposer:
         speculative_config=types.SimpleNamespace(num_speculative_tokens=gamma), model_config=model_config,
         scheduler_config=types.SimpleNamespace(max_num_seqs=MAX_ROWS),
         additional_config={"specbeam": {"draft": os.path.join(DEMO, "draft"), "full_draft_max_batch": MAX_ROWS,
-                                        "no_draft_min_batch": MAX_ROWS + 1}},
+                                        "no_draft_min_batch": MAX_ROWS + 1, **options}},
         device_config=types.SimpleNamespace(device_type="cpu")))
 
 
@@ -78,7 +80,8 @@ class Driver:
         self.generated[i] += k
         return new.tolist()
 
-    def step(self) -> None:
+    def step(self) -> float:
+        """One engine step's proposal; returns its time in ms."""
         committed = []
         for i in range(self.rows):
             if self.generated[i] >= GENERATED:
@@ -86,8 +89,27 @@ class Driver:
             accepted = int(self.rng.binomial(len(self.last[i]), self.accept)) if self.last[i] else 0
             committed.append(self._append(i, accepted + 1))
         self.p.batch_req_ids = self.ids[: self.rows]
+        started = time.perf_counter()
         out = self.p.propose(committed, self.num.copy(), self.tokens)
+        took = 1000 * (time.perf_counter() - started)
         self.last[: self.rows] = out
+        return took
+
+
+def load_drop(args) -> None:
+    """``--drop-to``: ``--rows`` rows decode under the default batch policy (no drafts at 8 rows or
+    more), then all but ``--drop-to`` rows finish; print the next proposals' times for each
+    ``--max-catch-up-tokens`` value (the first few catch the draft up on every row's unseen tokens)."""
+    for budget in (args.max_catch_up_tokens or "0,256").split(","):
+        driver = Driver(make_proposer(args.gamma, full_draft_max_batch=4, no_draft_min_batch=8,
+                                      max_catch_up_tokens=int(budget)),
+                        args.rows, args.accept, prompt_len=args.prompt_len)
+        for _ in range(20):  # decoding without drafts; rows that finish are replaced by new requests
+            driver.step()
+        driver.rows = args.drop_to
+        times = [driver.step() for _ in range(args.drop_steps)]
+        print(f"max_catch_up_tokens {budget:>5}: slowest {max(times):6.1f} ms, first {args.drop_steps} proposals "
+              f"{sum(times):6.1f} ms in all: " + " ".join(f"{t:.1f}" for t in times), flush=True)
 
 
 def main(argv=None) -> None:
@@ -100,13 +122,23 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=0,
                     help="prompt tokens of each new request (default: 4 to 8): a request that joins the batch is "
                     "caught up on its prompt by the draft")
+    ap.add_argument("--drop-to", type=int, default=0,
+                    help="instead: a load drop from --rows rows (no drafting) to this many (drafting); times each "
+                    "proposal after it")
+    ap.add_argument("--drop-steps", type=int, default=12, help="proposals timed after the drop")
+    ap.add_argument("--max-catch-up-tokens", default=None,
+                    help="the proposer option (0: unbounded; default: the option's default); with --drop-to a comma "
+                    "list of values to compare (default 0,256)")
     args = ap.parse_args(argv)
     if not 0 <= args.prompt_len <= MAX_LEN - GENERATED - 8:
         raise SystemExit(f"--prompt-len must be in 0..{MAX_LEN - GENERATED - 8}")
     if not 1 <= args.rows <= MAX_ROWS:
         raise SystemExit(f"--rows must be in 1..{MAX_ROWS}")
     torch.set_num_threads(1)
-    driver = Driver(make_proposer(args.gamma), args.rows, args.accept, prompt_len=args.prompt_len)
+    if args.drop_to:
+        return load_drop(args)
+    options = {} if args.max_catch_up_tokens is None else {"max_catch_up_tokens": int(args.max_catch_up_tokens)}
+    driver = Driver(make_proposer(args.gamma, **options), args.rows, args.accept, prompt_len=args.prompt_len)
     for _ in range(30):
         driver.step()
     per_block = []

@@ -39,6 +39,38 @@ def _separate_catch_up(feeds: dict[int, list[int]], short: int = 8) -> dict[int,
     return {r: feeds[r][:-1] for r in long} if 2 * split <= whole else {}
 
 
+def _bounded_catch_up(feeds: dict[int, list[int]], budget: int, short: int = 8) -> tuple[dict[int, list[int]], set[int]]:
+    """Long catch-ups within ``budget`` padded token slots: ``(catch_up, waiting)``.
+
+    Rows whose catch-up (all but the last unseen token) is longer than ``short`` are taken shortest
+    first (the most rows drafting soonest, similar lengths padded together) while the catch-up
+    forward's padded slots (rows x longest catch-up) stay within the budget: such a row is caught
+    up and drafts this call. The first row that does not fit is fed a chunk as long as the budget
+    allows next to them, and it and every longer row draft nothing this call (``waiting``); they
+    are caught up over the next calls, a backlog shrinking by about the budget a call. When nothing
+    has to wait the choice is :func:`_separate_catch_up`'s, as without a budget, unless feeding every
+    row in one drafting forward would pad it past the budget."""
+    long = sorted((r for r in feeds if len(feeds[r]) - 1 > short), key=lambda r: len(feeds[r]))  # stable
+    catch_up: dict[int, list[int]] = {}
+    waiting: set[int] = set()
+    widest = 0  # longest catch-up taken so far
+    for k, r in enumerate(long):
+        need = len(feeds[r]) - 1  # >= widest: shortest first
+        if not waiting and (k + 1) * need <= budget:
+            catch_up[r], widest = feeds[r][:-1], need
+            continue
+        if not waiting:
+            chunk = budget // (k + 1)  # k + 1 rows padded to the chunk fill the budget
+            if chunk >= max(widest, 1):
+                catch_up[r] = feeds[r][:chunk]  # the rest comes in the next calls
+        waiting.add(r)
+    if not waiting:
+        separate = _separate_catch_up(feeds, short)
+        if separate or len(feeds) * max(len(f) for f in feeds.values()) <= budget:
+            return separate, waiting
+    return catch_up, waiting
+
+
 @dataclass
 class Draft:
     tokens: torch.Tensor  # [N, G] draft tokens, padded with 0 past num_draft[r]
@@ -82,15 +114,25 @@ class DraftModelDrafter:
     ``confidence_threshold`` > 0 ends a row's draft early after a token whose draft probability is
     below it (the rule of HF's ``assistant_confidence_threshold``): fewer wasted drafts where the
     draft is unsure, the full draft length where it is confident.
+
+    ``max_catch_up_tokens`` bounds the tokens one ``propose`` feeds the draft to catch rows up on
+    what it has not seen (a joining request's prompt, or rows a server skipped while its batch was
+    large): past it, rows are caught up in chunks over the next calls and draft nothing until they
+    are (their ``num_draft`` comes back 0). None: every row is caught up at once.
     """
 
     name = "draft_model"
 
-    def __init__(self, model: CausalLM, block_size: int = 16, confidence_threshold: float = 0.0) -> None:
+    def __init__(self, model: CausalLM, block_size: int = 16, confidence_threshold: float = 0.0,
+                 max_catch_up_tokens: int | None = None) -> None:
         if not 0.0 <= confidence_threshold < 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1), got {confidence_threshold!r}")
+        if max_catch_up_tokens is not None and (isinstance(max_catch_up_tokens, bool) or
+                                                not isinstance(max_catch_up_tokens, int) or max_catch_up_tokens < 1):
+            raise ValueError(f"max_catch_up_tokens must be a positive int or None, got {max_catch_up_tokens!r}")
         self.model = model
         self.confidence_threshold = confidence_threshold
+        self.max_catch_up_tokens = max_catch_up_tokens
         self.vocab_size = model.vocab_size
         self.max_positions = model.max_positions
         self.block_size = block_size
@@ -144,11 +186,17 @@ class DraftModelDrafter:
         draft_probs = torch.zeros(n_rows, g_max, self.vocab_size) if sampled else None  # [N, G, vocab]
         num_draft = list(num_draft)  # shortened for rows whose draft loses confidence
         feeds = {r: self._sync(requests[r]) for r in range(n_rows) if num_draft[r] > 0}
-        catch_up = _separate_catch_up(feeds)
+        if self.max_catch_up_tokens is None:
+            catch_up, waiting = _separate_catch_up(feeds), set()
+        else:
+            catch_up, waiting = _bounded_catch_up(feeds, self.max_catch_up_tokens)
         if catch_up:  # long catch-ups first, in a forward of their own: the drafting forward pads short
             self._forward(requests, catch_up)
             for r in catch_up:
                 feeds[r] = feeds[r][-1:]
+        for r in waiting:  # not caught up within the budget: no drafts this call
+            num_draft[r] = 0
+            del feeds[r]
         drafted: dict[int, list[int]] = {r: [] for r in feeds}
         for i in range(g_max):
             rows = [r for r in feeds if num_draft[r] > i]

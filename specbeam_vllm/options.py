@@ -32,6 +32,13 @@ class SpecBeamVllmOptions(BaseModel):
     confidence_threshold: float = Field(
         0.0, ge=0.0, lt=1.0, description="end a row's draft after a token the draft gives less probability "
         "than this (HF's assistant_confidence_threshold rule): fewer wasted draft forwards")
+    max_catch_up_tokens: int | None = Field(
+        None, ge=0, description="padded token slots a proposal feeds the draft at most to catch rows up on what it "
+        "has not seen (a joining request's prompt; every row's recent tokens when the batch falls back under "
+        "no_draft_min_batch after steps without drafting): rows past it are caught up in chunks over the next steps "
+        "and draft once they are, so one step never stalls on a large catch-up. Default (null): 256 on the CPU, "
+        "where a draft forward costs about in proportion to its tokens; elsewhere the scheduler's "
+        "max_num_batched_tokens, the target's own per-step budget. 0: catch every row up at once")
     plain_sampler_without_drafts: bool = Field(
         True, description="in a step where no row carries drafts (large batches under the default policy), "
         "prepare inputs without spec-decode metadata and sample with vLLM's plain sampler, as a spec-off server "
@@ -72,6 +79,18 @@ class SpecBeamVllmOptions(BaseModel):
         if full is not None and value <= full:
             raise ValueError(f"no_draft_min_batch ({value}) must be greater than full_draft_max_batch ({full})")
         return value
+
+
+CPU_CATCH_UP_TOKENS = 256  # about 8-10 ms of the demo draft on a CPU core: under one 16-row target step
+
+
+def catch_up_budget(options: "SpecBeamVllmOptions", on_cpu: bool, scheduler_config: Any = None) -> int | None:
+    """The drafter's ``max_catch_up_tokens`` for these options (None: unbounded)."""
+    if options.max_catch_up_tokens is not None:
+        return options.max_catch_up_tokens or None
+    if on_cpu:
+        return CPU_CATCH_UP_TOKENS
+    return int(getattr(scheduler_config, "max_num_batched_tokens", 0) or 0) or None
 
 
 def parse_options(additional_config: Any) -> SpecBeamVllmOptions:

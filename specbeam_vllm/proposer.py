@@ -23,6 +23,7 @@ by the process), so every tensor-parallel rank proposes the same drafts.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ from specbeam_core.engine import check_draft_length
 from specbeam_core.hookspecs import PROJECT
 
 from .cpu_gemm import use_vllm_cpu_gemm
-from .options import SpecBeamVllmOptions, parse_options
+from .options import SpecBeamVllmOptions, catch_up_budget, parse_options
 from .policy import BatchSizePolicy
 from .rows import DraftState, RowMatcher
 
@@ -47,6 +48,9 @@ logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers
 
 UNCLAIMED_STEPS = 2  # free a state after this many steps in which no row claimed it
 STATS_INTERVAL_S = 0.25  # stats_file: at most one write per this many seconds while requests run
+# counters["propose_ms_histogram"][i]: proposals that took under PROPOSE_MS_BUCKETS[i] ms (and not under
+# the bucket before); the last entry counts the rest (a reader diffs two snapshots for a stretch's spread)
+PROPOSE_MS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def load_draft(options: SpecBeamVllmOptions, dtype: torch.dtype, target_tokenizer: str | None, target_vocab: int,
@@ -117,7 +121,9 @@ class SpecBeamProposer:
                 f"draft model {self.options.draft!r} handles {draft.max_positions} positions but --max-model-len "
                 f"is {self.max_model_len}; lower --max-model-len or use a draft with a longer context")
         self.drafter = DraftModelDrafter(draft, block_size=self.options.block_size,
-                                         confidence_threshold=self.options.confidence_threshold)
+                                         confidence_threshold=self.options.confidence_threshold,
+                                         max_catch_up_tokens=catch_up_budget(self.options, on_cpu,
+                                                                             vllm_config.scheduler_config))
         # a draft with a padded vocabulary must never propose (or put probability on) ids the target lacks
         self._vocab_mask = None if draft.vocab_size == self.vocab_size else self._mask_padded_ids
         slots = self.options.draft_kv_tokens or self.max_num_seqs * (self.max_model_len + self.options.block_size)
@@ -132,7 +138,8 @@ class SpecBeamProposer:
         self._stats_written = float("-inf")  # time.monotonic() of the last stats_file write
         self._digest = hashlib.sha256()  # of every proposal and draft distribution: equal on all TP ranks
         self.counters = {"proposals": 0, "draft_rows": 0, "drafted_tokens": 0, "states_created": 0,
-                         "states_freed": 0, "rows_skipped_pool_full": 0, "sampled_draft_rows": 0, "propose_seconds": 0.0}
+                         "states_freed": 0, "rows_skipped_pool_full": 0, "sampled_draft_rows": 0, "propose_seconds": 0.0,
+                         "propose_ms_histogram": [0] * (len(PROPOSE_MS_BUCKETS) + 1)}
         # set by the runner hook before each propose() (specbeam_vllm.runner_hooks), else None
         self.batch_req_ids: list[str] | None = None
         self.batch_params: list[SamplingParams] | None = None
@@ -199,7 +206,9 @@ class SpecBeamProposer:
         try:
             return self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         finally:
-            self.counters["propose_seconds"] += time.perf_counter() - started
+            took = time.perf_counter() - started
+            self.counters["propose_seconds"] += took
+            self.counters["propose_ms_histogram"][bisect.bisect_right(PROPOSE_MS_BUCKETS, 1000 * took)] += 1
             self._write_stats()
 
     def _propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> list[list[int]]:

@@ -452,7 +452,8 @@ def test_tensor_parallel_ranks_draft_alike(folders):
 
 
 def test_draft_probabilities(folders, draft_hf):
-    p = make_proposer(folders)
+    # every row caught up at once: row 4's 125-token catch-up padded with the others' would pass the default budget
+    p = make_proposer(folders, max_catch_up_tokens=0)
     rng = np.random.default_rng(9)
     rows = prompts(5, rng)
     rows[4] = rng.integers(3, VOCAB, size=MAX_LEN - 2).tolist()  # room for one draft only
@@ -526,6 +527,54 @@ def test_default_batch_policy_applies_in_proposer(folders):
     before = p.drafter.model.forward_count
     out = call(p, rows[:4], committed[:4])
     assert out == [[]] * 4 and p.drafter.model.forward_count == before
+
+
+def test_catch_up_after_a_load_drop_is_bounded_per_step(folders, draft_hf):
+    """Rows decoded without drafts while the batch was large are caught up within
+    ``max_catch_up_tokens`` a step once it shrinks; each drafts as soon as it is caught up, exactly
+    the draft's own greedy continuation; the unbounded setting catches them all up at once."""
+    from specbeam_vllm.options import catch_up_budget, parse_options
+
+    assert make_proposer(folders).drafter.max_catch_up_tokens == 256  # the default on the CPU
+    assert make_proposer(folders, max_catch_up_tokens=0).drafter.max_catch_up_tokens is None  # unbounded
+    options = parse_options({"specbeam": {"draft": folders[1]}})
+    scheduler = types.SimpleNamespace(max_num_batched_tokens=2048)
+    assert catch_up_budget(options, on_cpu=False, scheduler_config=scheduler) == 2048  # the target's step budget
+    assert catch_up_budget(options, on_cpu=False, scheduler_config=types.SimpleNamespace()) is None
+    options = parse_options({"specbeam": {"draft": folders[1], "max_catch_up_tokens": 64}})
+    assert catch_up_budget(options, on_cpu=False, scheduler_config=scheduler) == 64
+    rng = np.random.default_rng(21)
+    start = prompts(6, rng, low=20, high=26)
+    for budget, bounded in ((16, True), (0, False)):
+        p = make_proposer(folders, full_draft_max_batch=2, no_draft_min_batch=4, max_catch_up_tokens=budget)
+        assert p.drafter.max_catch_up_tokens == (budget or None)
+        rows = [list(r) for r in start]
+        for _ in range(6):  # 6 decoding rows: no drafting, the draft sees none of their tokens
+            assert call(p, rows, [[r[-1]] for r in rows]) == [[]] * 6
+            rows = [r + [int(rng.integers(3, VOCAB))] for r in rows]
+        rows = rows[:2]  # the batch drops to 2 rows: each has ~30 tokens the draft has not seen
+        fed: list[list[int]] = []
+        inner = p.drafter.model.forward
+
+        def spy(tokens, kv, num_logits, inner=inner):
+            fed.append(list(kv.num_new))
+            return inner(tokens, kv, num_logits)
+
+        p.drafter.model.forward = spy
+        waited = [0, 0]
+        for _ in range(6):
+            fed.clear()
+            out = call(p, rows, [[r[-1]] for r in rows])
+            if bounded:
+                assert len(fed[0]) * max(fed[0]) <= budget or max(fed[0]) <= 9, fed
+            for j, d in enumerate(out):
+                if not d:
+                    waited[j] += 1
+                else:
+                    assert d == greedy_reference(draft_hf, rows[j], GAMMA)
+            rows = [r + [int(rng.integers(3, VOCAB))] for r in rows]
+        assert (waited[0] > 0 and waited[1] > waited[0]) if bounded else waited == [0, 0], waited
+        assert all(d for d in out)  # both caught up and drafting by the end
 
 
 def test_user_plugin_sets_draft_length(folders):
@@ -652,6 +701,7 @@ def bad_drafts(tmp_path_factory, folders):
     ("unknown_key", r"bad specbeam option.*gamma"),
     ("policy_order", r"no_draft_min_batch \(4\) must be greater than full_draft_max_batch \(4\)"),
     ("bad_dtype", r"dtype must be float32, bfloat16 or float16"),
+    ("catch_up_negative", r"bad specbeam option.*max_catch_up_tokens"),
     ("vocab40", r"vocabulary"),
     ("vocab40_no_tokenizer", r"vocabulary of 32 tokens but the target has 40"),
     ("permuted_tokenizer", r"different vocabulary.*token/id pairs differ"),
@@ -677,6 +727,8 @@ def test_bad_setup_errors(folders, bad_drafts, case, match):
         cfg = vllm_config(draft, full_draft_max_batch=4, no_draft_min_batch=4, **kwargs)
     elif case == "bad_dtype":
         cfg = vllm_config(draft, dtype="int8", **kwargs)
+    elif case == "catch_up_negative":
+        cfg = vllm_config(draft, max_catch_up_tokens=-1, **kwargs)
     elif case == "vocab40":
         cfg = vllm_config(bad_drafts["vocab40"], **kwargs)
     elif case == "vocab40_no_tokenizer":  # target 40, draft 32: smaller than the target
@@ -722,6 +774,13 @@ def test_stats_file_and_load_model(folders, tmp_path):
     assert written["states"] == 2 and written["proposals"] == 1 and written["draft_rows"] == 2
     assert written["drafted_tokens"] == 2 * GAMMA and written["step"] == 1
     assert written["used_blocks"] + written["free_blocks"] == written["total_blocks"]
+    # the proposal-time histogram counts every propose call once, in the bucket of its time
+    hist = written["propose_ms_histogram"]
+    assert len(hist) == len(proposer_module.PROPOSE_MS_BUCKETS) + 1 and sum(hist) == 1
+    took_ms = 1000 * written["propose_seconds"]
+    bucket = hist.index(1)
+    bounds = (0,) + proposer_module.PROPOSE_MS_BUCKETS + (float("inf"),)
+    assert bounds[bucket] <= took_ms < bounds[bucket + 1]
 
 
 def test_stats_file_written_at_most_every_interval_and_when_the_last_state_goes(folders, tmp_path, monkeypatch):

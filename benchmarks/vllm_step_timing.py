@@ -34,7 +34,8 @@ from bench_vllm_proposer import add_arguments, rotation, start_servers
 
 DEFAULT_VARIANTS = {"spec-off, no async scheduling": {"spec_off": True, "server_flags": ["--no-async-scheduling"]},
                     "specbeam": {}}
-COLUMNS = ("wall", "busy", "forward", "rest of busy", "between", "prepare inputs", "sample", "proposer")
+COLUMNS = ("wall", "busy", "forward", "rest of busy", "between", "prepare inputs", "sample", "proposer",
+           "gc", "gc2 per 1000 steps")
 
 
 def worker_totals(directory: str) -> dict:
@@ -57,8 +58,10 @@ def per_step(before: dict, after: dict, round_seconds: float) -> dict:
     ms = {"wall": round_seconds, "busy": busy, "forward": spent("_model_forward"),
           "rest of busy": busy - spent("_model_forward"), "between": spent("between"),
           "prepare inputs": spent("_prepare_inputs"), "sample": spent("_sample"),
-          "proposer": spent("propose_draft_token_ids")}
-    return {"steps": steps, "ms_per_step": {k: 1000.0 * v / steps for k, v in ms.items()}}
+          "proposer": spent("propose_draft_token_ids"), "gc": spent("gc0") + spent("gc1") + spent("gc2")}
+    per = {k: 1000.0 * v / steps for k, v in ms.items()}
+    per["gc2 per 1000 steps"] = 1000.0 * (after["calls"].get("gc2", 0) - before["calls"].get("gc2", 0)) / steps
+    return {"steps": steps, "ms_per_step": per, "gc_max_ms_so_far": 1000.0 * after["seconds"].get("gc_max", 0.0)}
 
 
 def main(argv=None) -> None:

@@ -6,7 +6,9 @@ model writes ``DIR/timing-PID.json`` once a second: for each timed method the se
 and the number of calls, cumulative. The worker's step is timed as a whole (``Worker.execute_model``
 and ``Worker.sample_tokens``) and in parts (the target's forward, input preparation, sampling,
 bookkeeping, the proposer), and ``between`` adds up the gaps of under 50 ms between two calls from
-the engine core (the worker waiting for the scheduler; longer gaps are idle time). Spec-off servers
+the engine core (the worker waiting for the scheduler; longer gaps are idle time). Python's garbage
+collector is timed too (``gc0``, ``gc1``, ``gc2``: pauses by generation; ``gc_max``: the longest pause,
+in ``seconds`` only), since a collection stops the worker wherever it happens. Spec-off servers
 are timed the same way, so the two can be compared step for step:
 ``benchmarks/vllm_step_timing.py`` does that. Off unless the variable is set; a few
 ``perf_counter`` calls a step when on.
@@ -15,6 +17,7 @@ are timed the same way, so the two can be compared step for step:
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import threading
@@ -54,6 +57,21 @@ def _timed(cls: type, name: str, key: str, engine_call: bool = False) -> None:
     setattr(cls, name, timed)
 
 
+_gc_started: list[float] = [0.0]
+
+
+def _gc_callback(phase: str, info: dict) -> None:
+    """``gc.callbacks`` entry: the pause of each collection, by generation."""
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+        return
+    took = time.perf_counter() - _gc_started[0]
+    key = f"gc{info.get('generation', 0)}"
+    seconds[key] += took
+    calls[key] += 1
+    seconds["gc_max"] = max(seconds["gc_max"], took)
+
+
 def snapshot() -> dict:
     return {"seconds": dict(seconds), "calls": dict(calls)}
 
@@ -88,6 +106,7 @@ def install(out_dir: str) -> bool:
     for name in WORKER_METHODS:
         if hasattr(Worker, name):
             _timed(Worker, name, f"Worker.{name}", engine_call=True)
+    gc.callbacks.append(_gc_callback)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"timing-{os.getpid()}.json")
     threading.Thread(target=_writer, args=(path,), daemon=True, name="specbeam-step-timing").start()

@@ -44,3 +44,19 @@ def test_timed_methods_and_gaps(monkeypatch):
 def test_off_without_the_variable(monkeypatch):
     monkeypatch.delenv(step_timing.ENV, raising=False)
     assert step_timing.install_from_env() is False
+
+
+def test_garbage_collections_timed_by_generation(monkeypatch):
+    import gc
+
+    monkeypatch.setattr(step_timing, "seconds", defaultdict(float))
+    monkeypatch.setattr(step_timing, "calls", defaultdict(int))
+    gc.callbacks.append(step_timing._gc_callback)
+    try:
+        gc.collect(2)
+        gc.collect(0)
+    finally:
+        gc.callbacks.remove(step_timing._gc_callback)
+    snap = step_timing.snapshot()
+    assert snap["calls"]["gc2"] >= 1 and snap["calls"]["gc0"] >= 1
+    assert 0.0 < snap["seconds"]["gc_max"] <= snap["seconds"]["gc2"] + snap["seconds"]["gc0"] + snap["seconds"].get("gc1", 0.0)

@@ -138,7 +138,8 @@ class SpecBeamProposer:
         self._stats_written = float("-inf")  # time.monotonic() of the last stats_file write
         self._digest = hashlib.sha256()  # of every proposal and draft distribution: equal on all TP ranks
         self.counters = {"proposals": 0, "draft_rows": 0, "drafted_tokens": 0, "states_created": 0,
-                         "states_freed": 0, "rows_skipped_pool_full": 0, "sampled_draft_rows": 0, "propose_seconds": 0.0,
+                         "states_freed": 0, "rows_skipped_pool_full": 0, "rows_waiting_for_catch_up": 0,
+                         "sampled_draft_rows": 0, "propose_seconds": 0.0,
                          "propose_ms_histogram": [0] * (len(PROPOSE_MS_BUCKETS) + 1)}
         # set by the runner hook before each propose() (specbeam_vllm.runner_hooks), else None
         self.batch_req_ids: list[str] | None = None
@@ -287,6 +288,7 @@ class SpecBeamProposer:
         self.counters["proposals"] += 1
         self.counters["draft_rows"] += len(draft_rows)
         self.counters["drafted_tokens"] += sum(draft.num_draft)
+        self.counters["rows_waiting_for_catch_up"] += sum(1 for n in draft.num_draft if n == 0)
         return proposals
 
     def _match(self, rows: dict[int, np.ndarray]) -> dict[int, DraftState]:

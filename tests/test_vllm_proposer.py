@@ -574,6 +574,7 @@ def test_catch_up_after_a_load_drop_is_bounded_per_step(folders, draft_hf):
                     assert d == greedy_reference(draft_hf, rows[j], GAMMA)
             rows = [r + [int(rng.integers(3, VOCAB))] for r in rows]
         assert (waited[0] > 0 and waited[1] > waited[0]) if bounded else waited == [0, 0], waited
+        assert p.stats()["rows_waiting_for_catch_up"] == sum(waited)
         assert all(d for d in out)  # both caught up and drafting by the end
 
 

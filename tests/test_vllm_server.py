@@ -117,10 +117,12 @@ def test_streaming_clients_disconnect_and_blocks_come_back(specbeam_server, refe
 def test_greedy_equals_spec_off_when_most_steps_have_no_drafts(tmp_path, reference):
     """The default policy's regime under load: from 3 decoding rows on no row drafts, and such steps
     run as spec-off steps (inputs without spec-decode metadata, the plain sampler); drafting resumes
-    whenever the batch thins out. Greedy tokens stay spec-off's through both kinds of step and the
+    whenever the batch thins out, the draft catching rows up 16 padded token slots a step (rows
+    that wait for it draft nothing). Greedy tokens stay spec-off's through both kinds of step and the
     switches between them, and the draft blocks come back."""
     stats = str(tmp_path / "stats.json")
-    flags = specbeam_flags(DRAFT, 4, stats_file=stats, full_draft_max_batch=1, no_draft_min_batch=3)
+    flags = specbeam_flags(DRAFT, 4, stats_file=stats, full_draft_max_batch=1, no_draft_min_batch=3,
+                           max_catch_up_tokens=16)
     with Server(TARGET, flags + COMMON_FLAGS, log_path=str(tmp_path / "server.log")) as server:
         prompts = PROMPTS + PROMPTS[::-1]
         outputs = run_all(lambda p: greedy_ids(server.url, p), prompts, concurrency=8)
@@ -136,6 +138,7 @@ def test_greedy_equals_spec_off_when_most_steps_have_no_drafts(tmp_path, referen
         final = wait_for(back_to_baseline, timeout=30)
         log = server.log_tail(10_000_000).split("[shutdown]")[0]
     assert final, read_stats(stats)
+    assert final["rows_waiting_for_catch_up"] > 0, final  # the bound was reached: rows waited for their catch-up
     assert metrics["drafts"] > 0 and metrics["accepted_tokens"] > 0, metrics
     assert "Traceback" not in log, log[-4000:]
 

@@ -118,7 +118,9 @@ class DraftModelDrafter:
     ``max_catch_up_tokens`` bounds the tokens one ``propose`` feeds the draft to catch rows up on
     what it has not seen (a joining request's prompt, or rows a server skipped while its batch was
     large): past it, rows are caught up in chunks over the next calls and draft nothing until they
-    are (their ``num_draft`` comes back 0). None: every row is caught up at once.
+    are (their ``num_draft`` comes back 0). A call with one drafting row catches it up at once:
+    there is no other row to stall, and waiting would only delay its drafts for the same work (a
+    request's prompt at concurrency 1). None: every row is caught up at once.
     """
 
     name = "draft_model"
@@ -186,8 +188,8 @@ class DraftModelDrafter:
         draft_probs = torch.zeros(n_rows, g_max, self.vocab_size) if sampled else None  # [N, G, vocab]
         num_draft = list(num_draft)  # shortened for rows whose draft loses confidence
         feeds = {r: self._sync(requests[r]) for r in range(n_rows) if num_draft[r] > 0}
-        if self.max_catch_up_tokens is None:
-            catch_up, waiting = _separate_catch_up(feeds), set()
+        if self.max_catch_up_tokens is None or len(feeds) == 1:  # one row: no other row to stall, and it
+            catch_up, waiting = _separate_catch_up(feeds), set()  # would only draft later for the same work
         else:
             catch_up, waiting = _bounded_catch_up(feeds, self.max_catch_up_tokens)
         if catch_up:  # long catch-ups first, in a forward of their own: the drafting forward pads short

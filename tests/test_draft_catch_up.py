@@ -101,6 +101,9 @@ def test_bounded_catch_up_feeds_at_most_the_budget_and_drafts_as_alone():
 
     with pytest.raises(ValueError, match="max_catch_up_tokens"):
         DraftModelDrafter(draft, max_catch_up_tokens=0)
+    single = DraftModelDrafter(draft, max_catch_up_tokens=32)  # one row alone is caught up at once
+    single.reserve(1, 128)
+    assert single.propose([request(1, prompts[1])], [4]).tokens[0].tolist() == alone(1, prompts[1])
     drafter = DraftModelDrafter(draft, max_catch_up_tokens=budget)
     drafter.reserve(5, 128)
     fed: list[list[int]] = []

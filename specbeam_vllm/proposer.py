@@ -16,6 +16,8 @@ roll back, accepted tokens are never recomputed) and feeds only the tokens it ha
 no row claims for ``UNCLAIMED_STEPS`` steps are freed, and so is a state whose request vLLM reports
 finished (when the runner hook in :mod:`specbeam_vllm.runner_hooks` is installed). The pool is
 bounded; when it is full, idle states are evicted first and rows that still do not fit draft nothing.
+What the draft catches up in one step is bounded too (``max_catch_up_tokens``): rows whose unseen
+tokens do not fit are caught up over the next steps and draft nothing until they are.
 
 Each request gets its own draft generator, seeded from a stream seeded by the configuration (never
 by the process), so every tensor-parallel rank proposes the same drafts.

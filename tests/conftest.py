@@ -105,6 +105,20 @@ def ragged_batch(lengths, vocab_size: int = 96, seed: int = 0, low: int = 3):
     return ids, mask
 
 
+def record_feeds(model) -> list[list[int]]:
+    """Make ``model.forward`` (a CausalLM's) record each call's tokens fed per row (``kv.num_new``);
+    returns the record, which the caller may clear between steps."""
+    fed: list[list[int]] = []
+    inner = model.forward
+
+    def recording(tokens, kv, num_logits):
+        fed.append(list(kv.num_new))
+        return inner(tokens, kv, num_logits)
+
+    model.forward = recording
+    return fed
+
+
 def assert_pools_free(*caches):
     """Every block of every pool is back in its free list and no sequence is left."""
     for cache in caches:

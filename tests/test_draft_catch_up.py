@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_model
+from conftest import build_model, record_feeds
 from specbeam_core import DraftModelDrafter, Request, SamplingParams
 from specbeam_core.drafting import _separate_catch_up
 from specbeam_hf import HFCausalLM
@@ -48,14 +48,7 @@ def test_drafts_with_a_long_catch_up_equal_drafting_alone():
         d = DraftModelDrafter(draft)
         d.reserve(1, 128)
         alone_next.append(d.propose([request(r.request_id, r.tokens)], [4]).tokens[0].tolist())
-    fed = []
-    forward = draft.forward
-
-    def spy(tokens, kv, num_logits):
-        fed.append(list(kv.num_new))
-        return forward(tokens, kv, num_logits)
-
-    draft.forward = spy
+    fed = record_feeds(draft)
     joined = request(1, prompts[1])  # joins with 70 unseen tokens next to rows with 1
     rows = [short[0], joined, short[1], short[2]]
     out = together.propose(rows, [4] * 4).tokens.tolist()
@@ -106,14 +99,7 @@ def test_bounded_catch_up_feeds_at_most_the_budget_and_drafts_as_alone():
     assert single.propose([request(1, prompts[1])], [4]).tokens[0].tolist() == alone(1, prompts[1])
     drafter = DraftModelDrafter(draft, max_catch_up_tokens=budget)
     drafter.reserve(5, 128)
-    fed: list[list[int]] = []
-    forward = draft.forward
-
-    def spy(tokens, kv, num_logits):
-        fed.append(list(kv.num_new))
-        return forward(tokens, kv, num_logits)
-
-    draft.forward = spy
+    fed = record_feeds(draft)
     rows = [request(i, p) for i, p in enumerate(prompts)]
     drafted_at: dict[int, int] = {}
     for call in range(8):
@@ -134,7 +120,6 @@ def test_bounded_catch_up_feeds_at_most_the_budget_and_drafts_as_alone():
     # short prompts draft at once, and the 32-token catch-up that fits the budget; then the 44 and 69
     # tokens (growing by a committed token a call), shortest first, 32 slots a call
     assert drafted_at == {0: 0, 3: 0, 4: 0, 2: 2, 1: 4}
-    draft.forward = forward
 
 
 def test_engine_with_a_catch_up_budget_equals_target_greedy():

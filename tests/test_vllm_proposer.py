@@ -14,6 +14,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import record_feeds
 from model_folders import save, small_vocab_pair, tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -179,14 +180,7 @@ def test_reordered_dropped_and_added_rows(folders, draft_hf, with_ids):
     }
     drafts: dict[str, list[int]] = {}
     seen: dict[str, list[int]] = {}  # per request: tokens its draft KV should hold
-    first_feeds: list[list[int]] = []
-    inner = p.drafter.model.forward
-
-    def counting(tokens, kv, num_logits):
-        first_feeds.append(list(kv.num_new))
-        return inner(tokens, kv, num_logits)
-
-    p.drafter.model.forward = counting
+    first_feeds = record_feeds(p.drafter.model)
 
     def step(order, prefill=()):
         rows = [reqs[r] for r in order]
@@ -268,15 +262,7 @@ def test_request_ids_decide_over_tokens(folders):
 
 def test_accepted_tokens_are_not_recomputed(folders):
     p = make_proposer(folders)
-    model = p.drafter.model
-    calls: list[list[int]] = []
-    inner = model.forward
-
-    def counting(tokens, kv, num_logits):
-        calls.append(list(kv.num_new))
-        return inner(tokens, kv, num_logits)
-
-    model.forward = counting
+    calls = record_feeds(p.drafter.model)
     rng = np.random.default_rng(3)
     rows = prompts(3, rng, 6, 40)
     committed = [[r[-1]] for r in rows]
@@ -553,14 +539,7 @@ def test_catch_up_after_a_load_drop_is_bounded_per_step(folders, draft_hf):
             assert call(p, rows, [[r[-1]] for r in rows]) == [[]] * 6
             rows = [r + [int(rng.integers(3, VOCAB))] for r in rows]
         rows = rows[:2]  # the batch drops to 2 rows: each has ~30 tokens the draft has not seen
-        fed: list[list[int]] = []
-        inner = p.drafter.model.forward
-
-        def spy(tokens, kv, num_logits, inner=inner):
-            fed.append(list(kv.num_new))
-            return inner(tokens, kv, num_logits)
-
-        p.drafter.model.forward = spy
+        fed = record_feeds(p.drafter.model)
         waited = [0, 0]
         for _ in range(6):
             fed.clear()

@@ -105,6 +105,15 @@ def rotation(names: list[str], rounds: int):
             yield r, name
 
 
+def measured_rounds(servers: dict, names: list[str], args, read):
+    """Each turn of :func:`rotation`: ``(round, name, before, level, after)``, ``read(name)`` taken
+    before and after the round's ``--requests`` greedy 64-token requests at ``--concurrency``."""
+    for r, name in rotation(names, args.rounds):
+        before = read(name)
+        level = run_level(servers[name].url, servers[name].model, args.concurrency, args.requests, 64, 0.0)
+        yield r, name, before, level, read(name)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap, DEFAULT_VARIANTS, concurrency=1, requests=24, rounds=3, out="vllm_proposer_dtype.json")
@@ -114,10 +123,7 @@ def main(argv=None) -> None:
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         servers, stats = start_servers(stack, tmp, args, variants)
-        for r, name in rotation(names, args.rounds):
-            before = read_stats(stats[name])
-            level = run_level(servers[name].url, servers[name].model, args.concurrency, args.requests, 64, 0.0)
-            after = read_stats(stats[name])
+        for r, name, before, level, after in measured_rounds(servers, names, args, lambda n: read_stats(stats[n])):
             proposals = after["proposals"] - before["proposals"]
             ms = 1000 * (after["propose_seconds"] - before["propose_seconds"]) / proposals if proposals else None
             spread = slowest(before, after)

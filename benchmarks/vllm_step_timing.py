@@ -29,8 +29,7 @@ import statistics
 import tempfile
 import time
 
-from bench_vllm import run_level
-from bench_vllm_proposer import add_arguments, rotation, start_servers
+from bench_vllm_proposer import add_arguments, measured_rounds, start_servers
 
 DEFAULT_VARIANTS = {"spec-off, no async scheduling": {"spec_off": True, "server_flags": ["--no-async-scheduling"]},
                     "specbeam": {}}
@@ -75,10 +74,8 @@ def main(argv=None) -> None:
         dirs = {name: os.path.join(tmp, f"timing{i}") for i, name in enumerate(names)}
         servers, _ = start_servers(stack, tmp, args, variants, stats=False,
                                    env=lambda i, name: {"SPECBEAM_STEP_TIMING": dirs[name]})
-        for r, name in rotation(names, args.rounds):
-            before = worker_totals(dirs[name])
-            level = run_level(servers[name].url, servers[name].model, args.concurrency, args.requests, 64, 0.0)
-            run = per_step(before, worker_totals(dirs[name]), level["seconds"])
+        for r, name, before, level, after in measured_rounds(servers, names, args, lambda n: worker_totals(dirs[n])):
+            run = per_step(before, after, level["seconds"])
             run["tokens_per_s"] = level["tokens_per_s"]
             runs[name].append(run)
             cells = " ".join(f"{k} {run['ms_per_step'][k]:.2f}" for k in COLUMNS[:5])

@@ -42,20 +42,20 @@ def _separate_catch_up(feeds: dict[int, list[int]], short: int = 8) -> dict[int,
 def _bounded_catch_up(feeds: dict[int, list[int]], budget: int, short: int = 8) -> tuple[dict[int, list[int]], set[int]]:
     """Long catch-ups within ``budget`` padded token slots: ``(catch_up, waiting)``.
 
-    Rows whose catch-up (all but the last unseen token) is longer than ``short`` are taken shortest
-    first (the most rows drafting soonest, similar lengths padded together) while the catch-up
+    Rows with more than ``short`` unseen tokens (the long ones of :func:`_separate_catch_up`) are
+    taken shortest first (the most rows drafting soonest, similar lengths padded together) while the catch-up
     forward's padded slots (rows x longest catch-up) stay within the budget: such a row is caught
     up and drafts this call. The first row that does not fit is fed a chunk as long as the budget
     allows next to them, and it and every longer row draft nothing this call (``waiting``); they
     are caught up over the next calls, a backlog shrinking by about the budget a call. When nothing
     has to wait the choice is :func:`_separate_catch_up`'s, as without a budget, unless feeding every
     row in one drafting forward would pad it past the budget."""
-    long = sorted((r for r in feeds if len(feeds[r]) - 1 > short), key=lambda r: len(feeds[r]))  # stable
+    long = sorted((r for r in feeds if len(feeds[r]) > short), key=lambda r: len(feeds[r]))  # stable
     catch_up: dict[int, list[int]] = {}
     waiting: set[int] = set()
     widest = 0  # longest catch-up taken so far
     for k, r in enumerate(long):
-        need = len(feeds[r]) - 1  # >= widest: shortest first
+        need = len(feeds[r]) - 1  # its catch-up: all but the last unseen token; >= widest (shortest first)
         if not waiting and (k + 1) * need <= budget:
             catch_up[r], widest = feeds[r][:-1], need
             continue

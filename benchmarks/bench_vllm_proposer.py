@@ -76,6 +76,7 @@ def add_arguments(ap: argparse.ArgumentParser, variants: dict, concurrency: int,
     ap.add_argument("--concurrency", type=int, default=concurrency)
     ap.add_argument("--requests", type=int, default=requests, help="per variant and round")
     ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--temperature", type=float, default=0.0, help="of every request (0: greedy; seeded per request)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", out))
 
 
@@ -107,10 +108,11 @@ def rotation(names: list[str], rounds: int):
 
 def measured_rounds(servers: dict, names: list[str], args, read):
     """Each turn of :func:`rotation`: ``(round, name, before, level, after)``, ``read(name)`` taken
-    before and after the round's ``--requests`` greedy 64-token requests at ``--concurrency``."""
+    before and after the round's ``--requests`` 64-token requests (at ``--temperature``) at ``--concurrency``."""
     for r, name in rotation(names, args.rounds):
         before = read(name)
-        level = run_level(servers[name].url, servers[name].model, args.concurrency, args.requests, 64, 0.0)
+        level = run_level(servers[name].url, servers[name].model, args.concurrency, args.requests, 64,
+                          args.temperature)
         yield r, name, before, level, read(name)
 
 
@@ -127,10 +129,14 @@ def main(argv=None) -> None:
             proposals = after["proposals"] - before["proposals"]
             ms = 1000 * (after["propose_seconds"] - before["propose_seconds"]) / proposals if proposals else None
             spread = slowest(before, after)
+            looked = after.get("lookup_tokens", 0) - before.get("lookup_tokens", 0)
+            lookup_acceptance = (after["lookup_accepted"] - before["lookup_accepted"]) / looked if looked else None
             runs[name].append({"tokens_per_s": level["tokens_per_s"], "propose_ms": ms, "proposals": proposals,
-                               "propose_ms_histogram": spread[1], "slowest_proposal_ms": spread[0]})
+                               "propose_ms_histogram": spread[1], "slowest_proposal_ms": spread[0],
+                               "lookup_tokens": looked, "lookup_acceptance": lookup_acceptance})
+            lookup = f", lookup {looked} tokens, {lookup_acceptance:.0%} accepted" if looked else ""
             print(f"{name:28s} round {r + 1}: {level['tokens_per_s']:7.1f} tok/s, {ms_text(ms)} ms per proposal, "
-                  f"slowest {spread[0] or '–'}", flush=True)
+                  f"slowest {spread[0] or '–'}{lookup}", flush=True)
     print(f"\nconcurrency {args.concurrency}, γ = {args.gamma}, medians over {args.rounds} rounds\n")
     print("| variant | ms per proposal | tokens/s | × first variant, per round |\n|---|---|---|---|")
     summary = {}

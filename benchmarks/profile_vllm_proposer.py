@@ -27,6 +27,7 @@ import types
 import numpy as np
 import torch
 
+from specbeam_core import SamplingParams
 from specbeam_vllm.proposer import SpecBeamProposer
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "specbeam_hf", "demo_models")
@@ -52,8 +53,9 @@ class Driver:
     """The runner's side of ``propose``: a persistent batch of rows, their tokens and request ids."""
 
     def __init__(self, proposer: SpecBeamProposer, rows: int, accept: float, seed: int = 0,
-                 prompt_len: int = 0) -> None:
+                 prompt_len: int = 0, temperature: float = 0.0) -> None:
         self.p, self.rows, self.accept, self.prompt_len = proposer, rows, accept, prompt_len
+        self.params = SamplingParams(do_sample=temperature > 0, temperature=temperature or 1.0)
         self.vocab = proposer.vocab_size
         self.rng = np.random.default_rng(seed)
         self.tokens = np.zeros((MAX_ROWS, MAX_LEN), dtype=np.int32)  # [max_num_reqs, max_model_len]
@@ -89,6 +91,7 @@ class Driver:
             accepted = int(self.rng.binomial(len(self.last[i]), self.accept)) if self.last[i] else 0
             committed.append(self._append(i, accepted + 1))
         self.p.batch_req_ids = self.ids[: self.rows]
+        self.p.batch_params = [self.params] * self.rows  # as the runner hook passes them
         started = time.perf_counter()
         out = self.p.propose(committed, self.num.copy(), self.tokens)
         took = 1000 * (time.perf_counter() - started)
@@ -122,6 +125,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=0,
                     help="prompt tokens of each new request (default: 4 to 8): a request that joins the batch is "
                     "caught up on its prompt by the draft")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="of every row (0: greedy); sampled rows get sampled drafts and their probabilities")
     ap.add_argument("--drop-to", type=int, default=0,
                     help="instead: a load drop from --rows rows (no drafting) to this many (drafting); times each "
                     "proposal after it")
@@ -138,7 +143,8 @@ def main(argv=None) -> None:
     if args.drop_to:
         return load_drop(args)
     options = {} if args.max_catch_up_tokens is None else {"max_catch_up_tokens": int(args.max_catch_up_tokens)}
-    driver = Driver(make_proposer(args.gamma, **options), args.rows, args.accept, prompt_len=args.prompt_len)
+    driver = Driver(make_proposer(args.gamma, **options), args.rows, args.accept, prompt_len=args.prompt_len,
+                    temperature=args.temperature)
     for _ in range(30):
         driver.step()
     per_block = []
@@ -148,6 +154,7 @@ def main(argv=None) -> None:
             driver.step()
         per_block.append(1000 * driver.p.counters["propose_seconds"] / 40)
     prompts = f", prompts of {args.prompt_len} tokens" if args.prompt_len else ""
+    prompts += f", temperature {args.temperature}" if args.temperature else ""
     print(f"{args.rows} rows, γ = {args.gamma}{prompts}: {min(per_block):.2f} ms per proposal (min over {args.blocks} "
           f"blocks of 40 steps), median {statistics.median(per_block):.2f}")
     if args.profile:

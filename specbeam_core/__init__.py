@@ -11,6 +11,7 @@ from .hookspecs import hookimpl, hookspec
 from .kv_cache import KVCacheExhausted, PagedKVCache
 from .model import CausalLM, KVBatch, build_kv_batch
 from .plugins import get_plugin_manager, make_drafter
+from .prompt_lookup import PromptLookupDrafter, lookup_drafts
 from .request import Request
 from .sampling import SamplingParams, probabilities, warp_logits
 from .stats import SpecStats, StepRecord
@@ -31,6 +32,7 @@ __all__ = [
     "KVBatch",
     "KVCacheExhausted",
     "PagedKVCache",
+    "PromptLookupDrafter",
     "Request",
     "SamplingParams",
     "SpecEngine",
@@ -41,6 +43,7 @@ __all__ = [
     "get_plugin_manager",
     "hookimpl",
     "hookspec",
+    "lookup_drafts",
     "make_drafter",
     "probabilities",
     "verify_greedy",

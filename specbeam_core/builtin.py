@@ -1,4 +1,4 @@
-"""Built-in plugin: the draft-model drafter and the default draft-length policy."""
+"""Built-in plugin: the draft-model, tree and prompt-lookup drafters and the default draft-length policy."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from typing import Any
 from .drafting import DraftModelDrafter
 from .drafting_tree import DraftTreeDrafter, MergedTreeDrafter
 from .hookspecs import hookimpl
+from .prompt_lookup import PromptLookupDrafter
 
 
 @hookimpl
 def specbeam_drafter_names() -> list[str]:
-    return [DraftModelDrafter.name, DraftTreeDrafter.name, MergedTreeDrafter.name]
+    return [DraftModelDrafter.name, DraftTreeDrafter.name, MergedTreeDrafter.name, PromptLookupDrafter.name]
 
 
 def _tree_drafter(model, options: dict[str, Any]) -> DraftTreeDrafter:
@@ -32,6 +33,8 @@ def specbeam_make_drafter(name: str, options: dict[str, Any]):
         if len(models) < 1:
             raise ValueError("the multi_draft drafter needs draft models: pass SpecBeam([draft_a, draft_b], drafter='multi_draft')")
         return MergedTreeDrafter([_tree_drafter(m, options) for m in models])
+    if name == PromptLookupDrafter.name:  # no model: drafts copied from the request's own tokens
+        return PromptLookupDrafter(min_ngram=options.get("min_ngram", 2), max_ngram=options.get("max_ngram", 4))
     if name != DraftModelDrafter.name:
         return None
     if options.get("model") is None:

@@ -65,7 +65,7 @@ class SpecEngine:
         self.target = target
         self.drafter = drafter
         self.num_draft_tokens = check_draft_length(num_draft_tokens)
-        if drafter is not None and drafter.vocab_size != target.vocab_size:
+        if drafter is not None and drafter.vocab_size is not None and drafter.vocab_size != target.vocab_size:
             raise ValueError(
                 f"draft and target vocabularies differ: draft has {drafter.vocab_size} tokens, "
                 f"target has {target.vocab_size}; speculative decoding needs one shared vocabulary"

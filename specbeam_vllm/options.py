@@ -29,6 +29,16 @@ class SpecBeamVllmOptions(BaseModel):
         4, ge=0, description="default draft-length policy: the full draft length up to this many decoding rows")
     no_draft_min_batch: int = Field(
         8, ge=1, description="default draft-length policy: no drafting from this many decoding rows on")
+    lookup_draft_tokens: int = Field(
+        2, ge=0, le=64, description="in steps where the draft-length policy gives the draft model nothing to draft "
+        "(large batches), draft this many tokens by prompt lookup for rows whose last tokens occurred before in "
+        "them (no model runs: vLLM's ngram method; verified one-hot). 0: off")
+    lookup_min_acceptance: float = Field(
+        0.4, ge=0.0, le=1.0, description="prompt lookup: stop drafting by lookup while the batch-wide acceptance "
+        "of its recent drafts is below this (a verified position costs target compute that only an accepted "
+        "token repays); one probing step every 16 then checks whether it pays again")
+    lookup_min_ngram: int = Field(2, ge=1, description="prompt lookup: shortest suffix that must match")
+    lookup_max_ngram: int = Field(4, ge=1, description="prompt lookup: longest suffix tried first")
     confidence_threshold: float = Field(
         0.0, ge=0.0, lt=1.0, description="end a row's draft after a token the draft gives less probability "
         "than this (HF's assistant_confidence_threshold rule): fewer wasted draft forwards")
@@ -70,6 +80,14 @@ class SpecBeamVllmOptions(BaseModel):
             raise ValueError(f"draft model folder {value!r} does not exist (specbeam loads local drafts only)")
         if not os.path.isfile(os.path.join(value, "config.json")):
             raise ValueError(f"draft model folder {value!r} has no config.json")
+        return value
+
+    @field_validator("lookup_max_ngram")
+    @classmethod
+    def _ngram_order(cls, value: int, info) -> int:
+        low = info.data.get("lookup_min_ngram")
+        if low is not None and value < low:
+            raise ValueError(f"lookup_max_ngram ({value}) must be at least lookup_min_ngram ({low})")
         return value
 
     @field_validator("no_draft_min_batch")

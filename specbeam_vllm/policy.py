@@ -39,3 +39,43 @@ class BatchSizePolicy:
     @hookimpl
     def specbeam_draft_length(self, requests, default: int) -> int:
         return self.length(len(requests), default)
+
+
+class LookupGate:
+    """Whether prompt-lookup drafts pay, from their batch-wide acceptance.
+
+    A lookup draft costs nothing to make but a verified position in the target's next forward; on a
+    compute-bound batch that is a real share of the step, repaid only when the token is accepted.
+    The gate keeps exponentially decayed sums of drafted and accepted lookup tokens (``decay`` per
+    step that drafted) and stays open while the rate is at least ``min_acceptance`` or while fewer
+    than ``min_evidence`` tokens have been judged. Closed, it opens for one step every
+    ``probe_every`` steps, so a workload that turns repetitive is noticed again.
+    """
+
+    def __init__(self, min_acceptance: float, decay: float = 0.9, min_evidence: float = 16.0,
+                 probe_every: int = 16) -> None:
+        self.min_acceptance = min_acceptance
+        self.decay, self.min_evidence, self.probe_every = decay, min_evidence, probe_every
+        self.drafted = 0.0
+        self.accepted = 0.0
+        self.steps_closed = 0
+
+    @property
+    def rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted > 0 else None
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """The verdict on one step's lookup drafts: ``accepted`` of ``drafted`` tokens."""
+        self.drafted = self.drafted * self.decay + drafted
+        self.accepted = self.accepted * self.decay + accepted
+
+    def open(self) -> bool:
+        """Draft by lookup this step? (Call once per step that could.)"""
+        if self.drafted < self.min_evidence or self.accepted >= self.min_acceptance * self.drafted:
+            self.steps_closed = 0
+            return True
+        self.steps_closed += 1
+        if self.steps_closed >= self.probe_every:
+            self.steps_closed = 0
+            return True
+        return False

@@ -18,6 +18,10 @@ finished (when the runner hook in :mod:`specbeam_vllm.runner_hooks` is installed
 bounded; when it is full, idle states are evicted first and rows that still do not fit draft nothing.
 What the draft catches up in one step is bounded too (``max_catch_up_tokens``): rows whose unseen
 tokens do not fit are caught up over the next steps and draft nothing until they are.
+In steps where the draft-length policy gives the draft model nothing (large batches), rows whose
+last tokens occurred before get prompt-lookup drafts instead (``lookup_draft_tokens``; no draft
+forward), while their batch-wide acceptance stays above ``lookup_min_acceptance``
+(:class:`specbeam_vllm.policy.LookupGate`).
 
 Each request gets its own draft generator, seeded from a stream seeded by the configuration (never
 by the process), so every tensor-parallel rank proposes the same drafts.
@@ -40,10 +44,11 @@ import torch
 from specbeam_core import DraftModelDrafter, Request, SamplingParams, get_plugin_manager
 from specbeam_core.engine import check_draft_length
 from specbeam_core.hookspecs import PROJECT
+from specbeam_core.prompt_lookup import lookup_drafts
 
 from .cpu_gemm import use_vllm_cpu_gemm
 from .options import SpecBeamVllmOptions, catch_up_budget, parse_options
-from .policy import BatchSizePolicy
+from .policy import BatchSizePolicy, LookupGate
 from .rows import DraftState, RowMatcher
 
 logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers print ours
@@ -141,12 +146,15 @@ class SpecBeamProposer:
         self._digest = hashlib.sha256()  # of every proposal and draft distribution: equal on all TP ranks
         self.counters = {"proposals": 0, "draft_rows": 0, "drafted_tokens": 0, "states_created": 0,
                          "states_freed": 0, "rows_skipped_pool_full": 0, "rows_waiting_for_catch_up": 0,
-                         "sampled_draft_rows": 0, "propose_seconds": 0.0,
+                         "sampled_draft_rows": 0, "lookup_steps": 0, "lookup_rows": 0, "lookup_tokens": 0,
+                         "lookup_accepted": 0, "propose_seconds": 0.0,
                          "propose_ms_histogram": [0] * (len(PROPOSE_MS_BUCKETS) + 1)}
         # set by the runner hook before each propose() (specbeam_vllm.runner_hooks), else None
         self.batch_req_ids: list[str] | None = None
         self.batch_params: list[SamplingParams] | None = None
         self._last_draft_probs: torch.Tensor | None = None
+        self.lookup_gate = LookupGate(self.options.lookup_min_acceptance)
+        self._lookup_pending = 0  # lookup draft tokens proposed by the last call, judged by the next
         from .runner_hooks import install as install_runner_hooks
 
         self.runner_hooks = install_runner_hooks()
@@ -218,9 +226,14 @@ class SpecBeamProposer:
         self.step += 1
         self._last_draft_probs = None
         n_rows = len(sampled_token_ids)
+        if self._lookup_pending:  # this step verified the last step's lookup drafts (and no others)
+            accepted = min(sum(len(t) - 1 for t in sampled_token_ids if t), self._lookup_pending)
+            self.lookup_gate.record(self._lookup_pending, accepted)
+            self.counters["lookup_accepted"] += accepted
+            self._lookup_pending = 0
         if self._batch_policy_decides() and \
                 self._batch_policy.length(sum(1 for t in sampled_token_ids if t), self.num_speculative_tokens) == 0:
-            return [[] for _ in range(n_rows)]  # what the hook would say, without building its per-row view
+            return self._lookup(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)  # without the hook's per-row view
         rows = {i: np.asarray(token_ids_cpu[i, : int(num_tokens_no_spec[i])])
                 for i in range(n_rows) if sampled_token_ids[i]}  # decoding rows -> [num_tokens]
         proposals: list[list[int]] = [[] for _ in range(n_rows)]
@@ -234,8 +247,8 @@ class SpecBeamProposer:
             gamma = self.pm.hook.specbeam_draft_length(requests=placeholders, default=self.num_speculative_tokens)
             gamma = check_draft_length(gamma, "draft length chosen by the specbeam_draft_length hook", allow_zero=True)
             gamma = min(gamma, self.num_speculative_tokens)  # vLLM takes at most num_speculative_tokens per row
-            if gamma == 0:
-                return proposals  # plain decoding this step; states stay as they are (no matching cost)
+            if gamma == 0:  # no draft-model drafts this step; states stay as they are (no matching cost)
+                return self._lookup(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         matched = self._match(rows)
         for state in matched.values():
             state.last_claimed = self.step
@@ -291,6 +304,33 @@ class SpecBeamProposer:
         self.counters["draft_rows"] += len(draft_rows)
         self.counters["drafted_tokens"] += sum(draft.num_draft)
         self.counters["rows_waiting_for_catch_up"] += sum(1 for n in draft.num_draft if n == 0)
+        return proposals
+
+    def _lookup(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> list[list[int]]:
+        """Prompt-lookup drafts (``lookup_draft_tokens`` each) for decoding rows whose last tokens occurred
+        before: a step where the draft model does not pay may still gain from drafts that cost nothing."""
+        n_rows = len(sampled_token_ids)
+        proposals: list[list[int]] = [[] for _ in range(n_rows)]
+        k = min(self.options.lookup_draft_tokens, self.num_speculative_tokens)
+        decoding = [i for i in range(n_rows) if sampled_token_ids[i]]
+        if k == 0 or not decoding or not self.lookup_gate.open():
+            return proposals
+        lengths = torch.as_tensor(np.asarray(num_tokens_no_spec[:n_rows], dtype=np.int64))[decoding]  # [rows]
+        width = int(lengths.max())
+        tokens = torch.as_tensor(np.asarray(token_ids_cpu[:n_rows, :width], dtype=np.int64))[decoding]  # [rows, width]
+        drafts, num = lookup_drafts(tokens, lengths, k, self.options.lookup_min_ngram, self.options.lookup_max_ngram)
+        room = (self.max_model_len - 1 - lengths).clamp(min=0)  # [rows] verified tokens must fit the context
+        num = torch.minimum(num, room).tolist()
+        drafts = drafts.tolist()
+        for j, i in enumerate(decoding):
+            if num[j]:
+                proposals[i] = drafts[j][: num[j]]
+        self._lookup_pending = sum(num)
+        if self.options.stats_file:
+            self._digest.update(repr(proposals).encode())
+        self.counters["lookup_steps"] += 1
+        self.counters["lookup_rows"] += sum(1 for n in num if n)
+        self.counters["lookup_tokens"] += self._lookup_pending
         return proposals
 
     def _match(self, rows: dict[int, np.ndarray]) -> dict[int, DraftState]:
@@ -354,7 +394,7 @@ class SpecBeamProposer:
         used = self.cache.num_usable_blocks - self.cache.num_free_blocks
         return {"rank": self.rank, "proposal_digest": self._digest.hexdigest(), "states": len(self.matcher), "used_blocks": used, "free_blocks": self.cache.num_free_blocks,
                 "baseline_free_blocks": self.baseline_free_blocks, "total_blocks": self.cache.num_usable_blocks,
-                "step": self.step, **self.counters}
+                "step": self.step, "lookup_acceptance": self.lookup_gate.rate, **self.counters}
 
     def _write_stats(self, force: bool = False) -> None:
         """Write the counters to ``stats_file`` at most every ``STATS_INTERVAL_S`` (a file per engine step,

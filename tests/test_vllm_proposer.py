@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from specbeam_core import Request, SamplingParams, build_kv_batch, hookimpl
 from specbeam_vllm.cpu_fix import expand_kernel_impl
-from specbeam_vllm.policy import batch_draft_length
+from specbeam_vllm.policy import LookupGate, batch_draft_length
 import specbeam_vllm.proposer as proposer_module
 from specbeam_vllm.proposer import UNCLAIMED_STEPS, SpecBeamProposer
 
@@ -634,6 +634,54 @@ def test_plugin_draft_length_above_num_speculative_tokens(folders):
         assert "num_speculative_tokens" in str(err)
 
 
+def test_lookup_drafts_where_the_policy_gives_the_draft_nothing(folders):
+    """At a batch the policy gives no draft-model drafts, ``lookup_draft_tokens`` drafts by prompt
+    lookup (no draft forward), only for rows whose last tokens occurred before, capped at γ and at
+    the context; the next step's committed tokens are their verdict."""
+    p = make_proposer(folders, full_draft_max_batch=1, no_draft_min_batch=4, lookup_draft_tokens=2)
+    line = [5, 9, 14, 7]
+    rows = [line * 3 + line[:2], [3, 4, 5, 6, 7, 8], line + [20, 21] + line[:3], [10, 11, 10, 11, 10]]
+    forwards = p.drafter.model.forward_count
+    out = call(p, rows, [[r[-1]] for r in rows])
+    assert out == [[14, 7], [], [7, 20], [11, 10]]
+    assert p.drafter.model.forward_count == forwards and len(p.matcher) == 0  # no model, no draft state
+    # the verdict: row 0 kept both drafts (+ bonus), row 1 had none, row 2 none kept, row 3 one
+    committed = [[14, 7, 5], [9], [8], [11, 4]]
+    rows = [r + c for r, c in zip(rows, committed)]
+    out = call(p, rows, committed)
+    assert (p.counters["lookup_tokens"], p.counters["lookup_accepted"]) == (6 + sum(map(len, out)), 3)
+    assert p.lookup_gate.rate == 0.5
+    # a plugin's draft length is capped at γ; the context caps it too
+    p = make_proposer(folders, full_draft_max_batch=1, no_draft_min_batch=4, lookup_draft_tokens=8)
+    near_end = ([1, 2, 3] * 50)[: MAX_LEN - 2]
+    out = call(p, [rows[0], [10, 11, 10, 11, 10], near_end, rows[1]], [[1]] * 4)
+    assert [len(d) for d in out] == [GAMMA, GAMMA, 1, 0]
+    # below no_draft_min_batch the draft model drafts, not the lookup
+    assert [len(d) for d in call(p, rows[:1], [[1]])] == [GAMMA] and p.counters["proposals"] == 1
+
+
+def test_lookup_gate_closes_when_lookups_do_not_pay(folders):
+    p = make_proposer(folders, full_draft_max_batch=1, no_draft_min_batch=2, lookup_draft_tokens=3,
+                      lookup_min_acceptance=0.5)
+    rows = [[5, 6, 7, 5, 6], [8, 9, 8, 9]]
+    drafted = []
+    for _ in range(20):  # every draft rejected: the row goes on with a token that never repeats
+        out = call(p, rows, [[r[-1]] for r in rows])
+        drafted.append(sum(map(len, out)))
+        rows = [r + [30 - len(r)] + r[:3] for r in rows]  # a new token, then the start again: lookups find it
+    # judged tokens pass the 16 of evidence after 3 steps of 6; then one probing step in 16
+    assert drafted[:3] == [6, 6, 6] and drafted[3:18] == [0] * 15 and drafted[18] == 6
+
+
+def test_lookup_gate_rate_and_probes():
+    gate = LookupGate(0.4, decay=0.5, min_evidence=4, probe_every=3)
+    assert gate.open() and gate.rate is None
+    gate.record(4, 1)  # 25 %: below the threshold, with enough evidence
+    assert [gate.open() for _ in range(6)] == [False, False, True, False, False, True]
+    gate.record(4, 4)  # (1 * 0.5 + 4) / (4 * 0.5 + 4) = 75 %
+    assert gate.rate == 0.75 and gate.open()
+
+
 def test_drafts_capped_at_max_model_len(folders, draft_hf):
     max_len = 40
     p = make_proposer(folders, max_model_len=max_len)
@@ -682,6 +730,8 @@ def bad_drafts(tmp_path_factory, folders):
     ("policy_order", r"no_draft_min_batch \(4\) must be greater than full_draft_max_batch \(4\)"),
     ("bad_dtype", r"dtype must be float32, bfloat16 or float16"),
     ("catch_up_negative", r"bad specbeam option.*max_catch_up_tokens"),
+    ("lookup_negative", r"bad specbeam option.*lookup_draft_tokens"),
+    ("lookup_ngrams", r"lookup_max_ngram \(2\) must be at least lookup_min_ngram \(3\)"),
     ("vocab40", r"vocabulary"),
     ("vocab40_no_tokenizer", r"vocabulary of 32 tokens but the target has 40"),
     ("permuted_tokenizer", r"different vocabulary.*token/id pairs differ"),
@@ -709,6 +759,10 @@ def test_bad_setup_errors(folders, bad_drafts, case, match):
         cfg = vllm_config(draft, dtype="int8", **kwargs)
     elif case == "catch_up_negative":
         cfg = vllm_config(draft, max_catch_up_tokens=-1, **kwargs)
+    elif case == "lookup_negative":
+        cfg = vllm_config(draft, lookup_draft_tokens=-1, **kwargs)
+    elif case == "lookup_ngrams":
+        cfg = vllm_config(draft, lookup_min_ngram=3, lookup_max_ngram=2, **kwargs)
     elif case == "vocab40":
         cfg = vllm_config(bad_drafts["vocab40"], **kwargs)
     elif case == "vocab40_no_tokenizer":  # target 40, draft 32: smaller than the target

@@ -136,13 +136,16 @@ def test_streaming_clients_disconnect_and_blocks_come_back(specbeam_server, refe
     assert stats["states_created"] >= 8 and stats["drafted_tokens"] > 0
 
 
-def test_greedy_equals_spec_off_when_most_steps_have_no_drafts(tmp_path, reference):
-    """The default policy's regime under load: from 3 decoding rows on no row drafts, and such steps
-    run as spec-off steps (inputs without spec-decode metadata, the plain sampler); drafting resumes
-    whenever the batch thins out. Greedy tokens stay spec-off's through both kinds of step and the
-    switches between them, and the draft blocks come back."""
+@pytest.mark.parametrize("lookup", [0, 2], ids=["no_lookup", "lookup"])
+def test_greedy_equals_spec_off_when_most_steps_have_no_drafts(tmp_path, reference, lookup):
+    """The default policy's regime under load: from 3 decoding rows on the draft model drafts
+    nothing; without prompt lookup such steps run as spec-off steps (inputs without spec-decode
+    metadata, the plain sampler), with it rows whose last tokens repeat get lookup drafts. Drafting
+    resumes whenever the batch thins out. Greedy tokens stay spec-off's through every kind of step
+    and the switches between them, and the draft blocks come back."""
     stats = str(tmp_path / "stats.json")
-    flags = specbeam_flags(DRAFT, 4, stats_file=stats, full_draft_max_batch=1, no_draft_min_batch=3)
+    flags = specbeam_flags(DRAFT, 4, stats_file=stats, full_draft_max_batch=1, no_draft_min_batch=3,
+                           lookup_draft_tokens=lookup)
     with Server(TARGET, flags + COMMON_FLAGS, log_path=str(tmp_path / "server.log")) as server:
         prompts = PROMPTS + PROMPTS[::-1]
         outputs = run_all(lambda p: greedy_ids(server.url, p), prompts, concurrency=8)
@@ -159,6 +162,7 @@ def test_greedy_equals_spec_off_when_most_steps_have_no_drafts(tmp_path, referen
         log = server.log_tail(10_000_000).split("[shutdown]")[0]
     assert final, read_stats(stats)
     assert metrics["drafts"] > 0 and metrics["accepted_tokens"] > 0, metrics
+    assert (final["lookup_tokens"] > 0 and final["lookup_accepted"] > 0) == bool(lookup), final
     assert "Traceback" not in log, log[-4000:]
 
 

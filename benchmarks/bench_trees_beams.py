@@ -10,6 +10,8 @@ Rows:
   same depth γ; the tree is a draft beam search of width ``--tree-width`` with ``--tree-budget`` nodes;
 - ``multi_draft``: the demo draft plus a second draft (the demo draft with its weights perturbed by
   ``--second-draft-noise``, a stand-in for a second, differently trained draft), trees merged;
+- ``tree+lookup``: the tree with a branch drafted by prompt lookup merged in (the tokens that
+  followed the last earlier occurrence of the request's last 2-4 tokens; no draft forward);
 - ``hf-beam`` / ``specbeam-beam``: ``num_beams`` = B for B in ``--beams``; ``same`` says whether the
   sequences equal HF's token for token and the largest |Δ sequences_scores|; ``steps/pass`` is beam
   steps per target forward; ``KV blocks`` is the most blocks the running beams held between passes
@@ -108,6 +110,8 @@ def main(argv=None) -> int:
             ("chain", {}),
             ("tree", {"drafter": "draft_tree", "tree_width": args.tree_width, "tree_budget": args.tree_budget}),
             ("multi_draft", {"tree_width": args.tree_width, "tree_budget": args.tree_budget}),
+            ("tree+lookup", {"drafter": "draft_tree", "tree_width": args.tree_width, "tree_budget": args.tree_budget,
+                             "prompt_lookup": True}),
         ):
             drafts = [draft, second] if method == "multi_draft" else draft
             assistant = specbeam_hf.SpecBeam(drafts, num_draft_tokens=gamma, **options)
@@ -198,7 +202,7 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, style in (("chain", "o-"), ("tree", "s-"), ("multi_draft", "^-")):
+    for method, style in (("chain", "o-"), ("tree", "s-"), ("multi_draft", "^-"), ("tree+lookup", "d-")):
         sel = sorted((r for r in rows if r.get("method") == method), key=lambda r: r["gamma"])
         if sel:
             ax1.plot([r["gamma"] for r in sel], [r["tokens_per_pass"] for r in sel], style, label=method)

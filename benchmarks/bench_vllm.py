@@ -61,9 +61,16 @@ def run_level(url: str, model: str, concurrency: int, num_requests: int, max_tok
             "texts": [t for t, _ in results]}
 
 
+def level_requests(c: int, args) -> int:
+    """Requests at concurrency ``c``: ``--requests-per-level``, and at least ``--min-waves`` waves of ``c``
+    (requests of one length started together finish together: with only a few waves a level times
+    their ramps up and down, not serving at ``c``)."""
+    return max(c, args.requests_per_level, c * args.min_waves)
+
+
 def measure(server: Server, c: int, args) -> dict:
     before = spec_metrics(server.url)
-    level = run_level(server.url, server.model, c, max(c, args.requests_per_level), args.max_tokens, args.temperature)
+    level = run_level(server.url, server.model, c, level_requests(c, args), args.max_tokens, args.temperature)
     after = spec_metrics(server.url)
     level["delta"] = {k: after[k] - before[k] for k in after}
     return level
@@ -130,6 +137,8 @@ def main(argv=None) -> None:
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests-per-level", type=int, default=16, help="at least the concurrency")
+    ap.add_argument("--min-waves", type=int, default=1,
+                    help="at least this many requests per concurrent slot (e.g. 16: 256 requests at c = 16)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--configs", default="spec-off,vllm-draft_model,vllm-ngram,specbeam")

@@ -27,12 +27,14 @@ def specbeam_make_drafter(name: str, options: dict[str, Any]):
     if name == DraftTreeDrafter.name:
         if options.get("model") is None:
             raise ValueError("the draft_tree drafter needs a draft model: pass SpecBeam(draft_model, drafter='draft_tree')")
-        return _tree_drafter(options["model"], options)
+        tree = _tree_drafter(options["model"], options)
+        return MergedTreeDrafter([tree, PromptLookupDrafter()]) if options.get("prompt_lookup") else tree
     if name == MergedTreeDrafter.name:
         models = options.get("models") or []
         if len(models) < 1:
             raise ValueError("the multi_draft drafter needs draft models: pass SpecBeam([draft_a, draft_b], drafter='multi_draft')")
-        return MergedTreeDrafter([_tree_drafter(m, options) for m in models])
+        lookup = [PromptLookupDrafter()] if options.get("prompt_lookup") else []  # a branch copied from the request
+        return MergedTreeDrafter([_tree_drafter(m, options) for m in models] + lookup)
     if name == PromptLookupDrafter.name:  # no model: drafts copied from the request's own tokens
         return PromptLookupDrafter(min_ngram=options.get("min_ngram", 2), max_ngram=options.get("max_ngram", 4))
     if name != DraftModelDrafter.name:

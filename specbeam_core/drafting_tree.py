@@ -10,8 +10,9 @@ tree with EAGLE-2's reranking), and a tree never accepts fewer tokens than the c
 1 is a chain. The draft K/V of every expanded node is kept in the draft's paged pool until the next
 step, so whatever the target accepts is never recomputed by the draft.
 
-:class:`MergedTreeDrafter` runs several tree drafters (e.g. two draft models) and merges their trees
-into one, shared prefixes deduplicated (SpecInfer's merged token trees).
+:class:`MergedTreeDrafter` runs several tree drafters (e.g. two draft models, or a draft model and
+prompt lookup) and merges their trees into one, shared prefixes deduplicated (SpecInfer's merged
+token trees).
 
 Drafts are deterministic choices, so tree verification treats each child as a one-hot draft.
 """
@@ -184,11 +185,11 @@ class MergedTreeDrafter:
     def __init__(self, drafters: Sequence[DraftTreeDrafter]) -> None:
         if not drafters:
             raise ValueError("MergedTreeDrafter needs at least one drafter")
-        vocab = {d.vocab_size for d in drafters}
-        if len(vocab) != 1:
+        vocab = {d.vocab_size for d in drafters if d.vocab_size is not None}  # None: any (prompt lookup)
+        if len(vocab) > 1:
             raise ValueError(f"draft vocabularies differ: {sorted(vocab)}; merged drafts need one shared vocabulary")
         self.drafters = list(drafters)
-        self.vocab_size = vocab.pop()
+        self.vocab_size = vocab.pop() if vocab else None
         limits = [d.max_positions for d in drafters if d.max_positions]
         self.max_positions = min(limits) if limits else None
 

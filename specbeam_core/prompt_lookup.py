@@ -21,6 +21,7 @@ import torch
 
 from .drafting import Draft
 from .request import Request
+from .tree import TokenTree
 
 
 def lookup_drafts(tokens: torch.Tensor, lengths: torch.Tensor, num_draft: int,
@@ -65,6 +66,11 @@ class PromptLookupDrafter:
     A row whose suffix never occurred before gets no draft this step (``num_draft`` 0); the engine
     then decodes it one token at a time. Its drafts are the request's own tokens, so it fits any
     target's vocabulary (``vocab_size`` None skips the engine's vocabulary check).
+
+    It also proposes trees (each a chain, empty without a match), so that
+    :class:`~specbeam_core.drafting_tree.MergedTreeDrafter` can merge a lookup branch into a draft
+    model's trees: a branch that costs no draft forward, and none of the target's where it repeats
+    the model's own chain (shared prefixes are stored once).
     """
 
     name = "prompt_lookup"
@@ -93,3 +99,16 @@ class PromptLookupDrafter:
         drafts, num = lookup_drafts(tokens, lengths, g, self.min_ngram, self.max_ngram)  # [rows, g], [rows]
         counts = [min(int(n), want) for n, want in zip(num.tolist(), num_draft)]
         return Draft(tokens=drafts, num_draft=counts, probs=None)
+
+    def max_tree_nodes(self, depth: int) -> int:
+        return depth
+
+    def propose_trees(self, requests: list[Request], depths: list[int]) -> list[TokenTree]:
+        draft = self.propose(requests, depths)
+        trees = []
+        for r, n in enumerate(draft.num_draft):
+            tree, parent = TokenTree(), -1
+            for token in draft.tokens[r, :n].tolist():
+                parent = tree.add(token, parent)
+            trees.append(tree)
+        return trees

@@ -23,7 +23,10 @@ class SpecBeam:
     list), ``confidence_threshold`` (chains: stop a row's draft after a token the draft gives less
     than this probability, default 0 = always draft ``num_draft_tokens``), ``tree_width`` (top tokens
     offered per tree node, default 3), ``tree_budget`` (tree nodes
-    per request and step, default width × depth); ``num_draft_tokens`` is the chain length or the tree depth.
+    per request and step, default width × depth), ``prompt_lookup`` (trees: merge a branch drafted by
+    prompt lookup into every tree, no draft forward; default False; ``drafter="prompt_lookup"`` alone
+    drafts chains by prompt lookup with no draft model); ``num_draft_tokens`` is the chain length or
+    the tree depth.
     With ``num_beams > 1``: ``beam_depth`` (levels drafted ahead at most, default 3),
     ``beam_candidates`` (draft candidates per level and prompt, default ``num_beams + 2``) and
     ``beam_adaptive`` (default True: each pass drafts the depth, 0 .. ``beam_depth``, that has cost
@@ -33,7 +36,7 @@ class SpecBeam:
 
     _OPTIONS = {
         "block_size", "drafter", "plugin_manager", "confidence_threshold", "tree_width", "tree_budget",
-        "beam_depth", "beam_candidates", "beam_adaptive",
+        "beam_depth", "beam_candidates", "beam_adaptive", "prompt_lookup",
     }
 
     def __init__(self, draft_model=None, num_draft_tokens: int = 4, **options: Any) -> None:
@@ -49,7 +52,8 @@ class SpecBeam:
         drafts = list(draft_model) if isinstance(draft_model, (list, tuple)) else [] if draft_model is None else [draft_model]
         self.drafts = [draft_causal_lm(d) for d in drafts]  # lean forward for llama-shaped drafts
         self.draft = self.drafts[0] if self.drafts else None
-        tree_options = {k: options[k] for k in ("tree_width", "tree_budget", "confidence_threshold") if k in options}
+        tree_options = {k: options[k] for k in ("tree_width", "tree_budget", "confidence_threshold", "prompt_lookup")
+                        if k in options}
         if isinstance(draft_model, (list, tuple)):
             tree_options["models"] = self.drafts
         if len(self.drafts) > 1 and self.drafter_name == "draft_model":

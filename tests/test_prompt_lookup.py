@@ -156,3 +156,60 @@ def test_hf_generate_with_prompt_lookup_equals_hf_greedy():
     assert torch.equal(out, ref)
     assert assistant.last_stats.drafted > 0
     assert_pools_free(assistant.engine_for(target).target_cache)
+
+
+def test_lookup_trees_are_chains():
+    drafter = PromptLookupDrafter()
+    requests = [Request(request_id=i, prompt=p, params=SamplingParams(), max_new_tokens=4, tokens=list(p))
+                for i, p in enumerate(([5, 6, 5, 6, 5], [1, 2, 3]))]
+    trees = drafter.propose_trees(requests, [3, 3])
+    assert trees[0].tokens == [6, 5, 6] and trees[0].parents == [-1, 0, 1]
+    assert len(trees[1]) == 0 and drafter.max_tree_nodes(3) == 3
+
+
+def test_tree_with_a_lookup_branch_equals_target_greedy(llama_pair):
+    """``SpecBeam(draft, drafter="draft_tree", prompt_lookup=True)``: the draft's tree with a lookup
+    branch merged in; outputs equal HF greedy, and the lookup branch adds accepted tokens."""
+    import specbeam_hf
+    from specbeam_core.drafting_tree import MergedTreeDrafter
+
+    target, draft = llama_pair
+    prompts = repetitive_prompts(3, seed=7)
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)  # [batch, width] left-padded
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    ref = target.generate(**kwargs)
+    tree = specbeam_hf.SpecBeam(draft, num_draft_tokens=3, drafter="draft_tree", tree_width=2)
+    both = specbeam_hf.SpecBeam(draft, num_draft_tokens=3, drafter="draft_tree", tree_width=2, prompt_lookup=True)
+    assert isinstance(both.drafter, MergedTreeDrafter)
+    for assistant in (tree, both):
+        out = target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
+        assert torch.equal(out, ref)
+        assert_pools_free(assistant.engine_for(target).target_cache)
+    assert all(max(len(t) for t in rec.drafted_tokens) <= 6 + 3 for rec in both.last_stats.records)
+    assert both.last_stats.mean_accepted_length >= tree.last_stats.mean_accepted_length
+
+
+def test_tree_sampling_with_a_lookup_branch_follows_the_target(small_pair):
+    """Sampled rows over merged trees whose lookup branch often repeats a model branch and often
+    differs: the joint distribution of three tokens is still the target's."""
+    from specbeam_core.drafting_tree import DraftTreeDrafter, MergedTreeDrafter
+    from test_sampling import empirical, exact_joint, fit, P_MIN
+
+    target, draft = small_pair
+    prompt = [3, 7, 5, 3, 7]
+    params = SamplingParams(do_sample=True, temperature=0.8)
+    drafter = MergedTreeDrafter([DraftTreeDrafter(HFCausalLM(draft), width=2), PromptLookupDrafter()])
+    engine = SpecEngine(HFCausalLM(target), drafter, num_draft_tokens=2)
+    n = 6000
+    per_request = [SamplingParams(do_sample=True, temperature=0.8, seed=i) for i in range(n)]
+    requests = engine.generate([prompt] * n, per_request, max_new_tokens=3)
+    assert engine.stats.accepted > 500 and engine.stats.recovered > 500
+    pvalue, tv, bound = fit(empirical([r.output for r in requests], 3, SMALL_VOCAB),
+                            exact_joint(target, prompt, 3, params))
+    assert pvalue > P_MIN, f"chi-square p={pvalue:.2e}"
+    assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
+    assert_pools_free(engine.target_cache, drafter.drafters[0].cache)

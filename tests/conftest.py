@@ -105,6 +105,27 @@ def ragged_batch(lengths, vocab_size: int = 96, seed: int = 0, low: int = 3):
     return ids, mask
 
 
+@torch.no_grad()
+def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """HF ``generate``'s greedy continuation of each prompt, one prompt at a time (no padding)."""
+    out = []
+    for p in prompts:
+        ids = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        out.append(ids[0, len(p):].tolist())
+    return out
+
+
+def left_padded(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` [batch, longest] for ``prompts``, padded on the left."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [batch, width]
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    return ids, mask
+
+
 def record_feeds(model) -> list[list[int]]:
     """Make ``model.forward`` (a CausalLM's) record each call's tokens fed per row (``kv.num_new``);
     returns the record, which the caller may clear between steps."""

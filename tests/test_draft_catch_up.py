@@ -125,19 +125,14 @@ def test_bounded_catch_up_feeds_at_most_the_budget_and_drafts_as_alone():
 def test_engine_with_a_catch_up_budget_equals_target_greedy():
     """Through the core engine a row that waits for its catch-up is verified without drafts: the
     output stays the target's own greedy continuation, and every block comes back."""
-    from conftest import assert_pools_free, perturbed_copy
+    from conftest import assert_pools_free, greedy_continuations, perturbed_copy
     from specbeam_core import SpecEngine
 
     target_model = build_model(seed=0)
     draft_model = perturbed_copy(target_model, noise=0.01, seed=1)
     rng = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 96, (n,), generator=rng).tolist() for n in (60, 5, 41)]
-    with torch.no_grad():
-        expected = []
-        for p in prompts:
-            out = target_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                        max_new_tokens=12, do_sample=False, pad_token_id=0)
-            expected.append(out[0, len(p):].tolist())
+    expected = greedy_continuations(target_model, prompts, 12)
     drafter = DraftModelDrafter(HFCausalLM(draft_model), max_catch_up_tokens=16)
     engine = SpecEngine(HFCausalLM(target_model), drafter, 3)
     done = engine.generate(prompts, max_new_tokens=12)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from conftest import SMALL_VOCAB, assert_pools_free, build_model
+from conftest import SMALL_VOCAB, assert_pools_free, build_model, greedy_continuations, left_padded
 from specbeam_core import PromptLookupDrafter, Request, SamplingParams, SpecEngine, get_plugin_manager, lookup_drafts, make_drafter
 from specbeam_hf import HFCausalLM
 
@@ -104,12 +104,7 @@ def repetitive_prompts(n: int, seed: int) -> list[list[int]]:
 def test_engine_greedy_equals_target_greedy():
     target_model = build_model(seed=0)
     prompts = repetitive_prompts(4, seed=1)
-    with torch.no_grad():
-        expected = []
-        for p in prompts:
-            out = target_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                        max_new_tokens=16, do_sample=False, pad_token_id=0)
-            expected.append(out[0, len(p):].tolist())
+    expected = greedy_continuations(target_model, prompts, 16)
     engine = SpecEngine(HFCausalLM(target_model), PromptLookupDrafter(), 4)
     done = engine.generate(prompts, max_new_tokens=16)
     assert [r.tokens[len(r.prompt):] for r in done] == expected
@@ -144,11 +139,7 @@ def test_hf_generate_with_prompt_lookup_equals_hf_greedy():
 
     target = build_model(seed=0)
     prompts = repetitive_prompts(3, seed=4)
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)  # [batch, width] left-padded
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    ids, mask = left_padded(prompts)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
     ref = target.generate(**kwargs)
     assistant = specbeam_hf.SpecBeam(drafter="prompt_lookup", num_draft_tokens=3)
@@ -175,11 +166,7 @@ def test_tree_with_a_lookup_branch_equals_target_greedy(llama_pair):
 
     target, draft = llama_pair
     prompts = repetitive_prompts(3, seed=7)
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)  # [batch, width] left-padded
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    ids, mask = left_padded(prompts)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
     ref = target.generate(**kwargs)
     tree = specbeam_hf.SpecBeam(draft, num_draft_tokens=3, drafter="draft_tree", tree_width=2)

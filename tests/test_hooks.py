@@ -308,7 +308,7 @@ def test_custom_drafter_plugin_is_used_and_exact(llama_pair):
     plugin = OraclePlugin(drafter)
     pm.register(plugin)
     names = {n for group in pm.hook.specbeam_drafter_names() for n in group}
-    assert names == {"draft_model", "draft_tree", "multi_draft", "oracle"}
+    assert names == {"draft_model", "draft_tree", "multi_draft", "prompt_lookup", "oracle"}
     assistant = specbeam_hf.SpecBeam(None, num_draft_tokens=4, drafter="oracle", plugin_manager=pm)
     assert assistant.drafter is drafter and plugin.options == {"model": None, "block_size": 16}
     out = spec(target, assistant, **kwargs)

@@ -34,8 +34,8 @@ class SpecBeamVllmOptions(BaseModel):
         "(large batches), draft this many tokens by prompt lookup for rows whose last tokens occurred before in "
         "them (no model runs: vLLM's ngram method; verified one-hot). 0: off")
     lookup_min_acceptance: float = Field(
-        0.4, ge=0.0, le=1.0, description="prompt lookup: stop drafting by lookup while the batch-wide acceptance "
-        "of its recent drafts is below this (a verified position costs target compute that only an accepted "
+        0.4, ge=0.0, le=1.0, description="prompt lookup: stop drafting by lookup while the acceptance of its recent "
+        "drafts, over the batch or for the request, is below this (a verified position costs target compute that only an accepted "
         "token repays); one probing step every 16 then checks whether it pays again")
     lookup_min_ngram: int = Field(2, ge=1, description="prompt lookup: shortest suffix that must match")
     lookup_max_ngram: int = Field(4, ge=1, description="prompt lookup: longest suffix tried first")

@@ -42,14 +42,16 @@ class BatchSizePolicy:
 
 
 class LookupGate:
-    """Whether prompt-lookup drafts pay, from their batch-wide acceptance.
+    """Whether prompt-lookup drafts pay, from their measured acceptance.
 
     A lookup draft costs nothing to make but a verified position in the target's next forward; on a
     compute-bound batch that is a real share of the step, repaid only when the token is accepted.
     The gate keeps exponentially decayed sums of drafted and accepted lookup tokens (``decay`` per
-    step that drafted) and stays open while the rate is at least ``min_acceptance`` or while fewer
-    than ``min_evidence`` tokens have been judged. Closed, it opens for one step every
-    ``probe_every`` steps, so a workload that turns repetitive is noticed again.
+    verdict recorded) and stays open while the rate is at least ``min_acceptance`` or while fewer
+    than ``min_evidence`` tokens have been judged. Closed, it opens once every ``probe_every``
+    times it is asked, so a workload that turns repetitive is noticed again. The proposer keeps one
+    for the whole batch and, where it knows vLLM's request ids, one per request (a request whose
+    text does not repeat stops drafting by lookup without stopping the others).
     """
 
     def __init__(self, min_acceptance: float, decay: float = 0.9, min_evidence: float = 16.0,

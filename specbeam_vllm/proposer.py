@@ -20,8 +20,8 @@ What the draft catches up in one step is bounded too (``max_catch_up_tokens``): 
 tokens do not fit are caught up over the next steps and draft nothing until they are.
 In steps where the draft-length policy gives the draft model nothing (large batches), rows whose
 last tokens occurred before get prompt-lookup drafts instead (``lookup_draft_tokens``; no draft
-forward), while their batch-wide acceptance stays above ``lookup_min_acceptance``
-(:class:`specbeam_vllm.policy.LookupGate`).
+forward), while their acceptance, over the batch and per request, stays above
+``lookup_min_acceptance`` (:class:`specbeam_vllm.policy.LookupGate`).
 
 Each request gets its own draft generator, seeded from a stream seeded by the configuration (never
 by the process), so every tensor-parallel rank proposes the same drafts.
@@ -155,6 +155,8 @@ class SpecBeamProposer:
         self._last_draft_probs: torch.Tensor | None = None
         self.lookup_gate = LookupGate(self.options.lookup_min_acceptance)
         self._lookup_pending = 0  # lookup draft tokens proposed by the last call, judged by the next
+        self._lookup_by_req: dict[str, int] = {}  # the same per vLLM request id (runner hook installed)
+        self._lookup_gates: dict[str, LookupGate] = {}  # vLLM request id -> its own lookup gate
         from .runner_hooks import install as install_runner_hooks
 
         self.runner_hooks = install_runner_hooks()
@@ -191,6 +193,7 @@ class SpecBeamProposer:
             return
         freed = 0
         for req_id in req_ids:
+            self._lookup_gates.pop(req_id, None)
             state = self._by_req_id.get(req_id)
             if state is not None:
                 self._free(state)
@@ -227,10 +230,7 @@ class SpecBeamProposer:
         self._last_draft_probs = None
         n_rows = len(sampled_token_ids)
         if self._lookup_pending:  # this step verified the last step's lookup drafts (and no others)
-            accepted = min(sum(len(t) - 1 for t in sampled_token_ids if t), self._lookup_pending)
-            self.lookup_gate.record(self._lookup_pending, accepted)
-            self.counters["lookup_accepted"] += accepted
-            self._lookup_pending = 0
+            self._judge_lookups(sampled_token_ids)
         if self._batch_policy_decides() and \
                 self._batch_policy.length(sum(1 for t in sampled_token_ids if t), self.num_speculative_tokens) == 0:
             return self._lookup(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)  # without the hook's per-row view
@@ -322,7 +322,13 @@ class SpecBeamProposer:
         room = (self.max_model_len - 1 - lengths).clamp(min=0)  # [rows] verified tokens must fit the context
         num = torch.minimum(num, room).tolist()
         drafts = drafts.tolist()
+        ids = self.batch_req_ids
         for j, i in enumerate(decoding):
+            if num[j] and ids is not None and i < len(ids):
+                if not self._request_gate(ids[i]).open():
+                    num[j] = 0  # this request's lookups have not paid lately
+                else:
+                    self._lookup_by_req[ids[i]] = num[j]
             if num[j]:
                 proposals[i] = drafts[j][: num[j]]
         self._lookup_pending = sum(num)
@@ -332,6 +338,37 @@ class SpecBeamProposer:
         self.counters["lookup_rows"] += sum(1 for n in num if n)
         self.counters["lookup_tokens"] += self._lookup_pending
         return proposals
+
+    def _request_gate(self, req_id: str) -> LookupGate:
+        gate = self._lookup_gates.get(req_id)
+        if gate is None:
+            if len(self._lookup_gates) >= 4 * self.max_num_seqs:  # requests gone without a finish report
+                live = set(self.batch_req_ids or ())
+                self._lookup_gates = {r: g for r, g in self._lookup_gates.items() if r in live}
+            gate = self._lookup_gates[req_id] = LookupGate(self.options.lookup_min_acceptance, decay=0.8,
+                                                           min_evidence=4.0)
+        return gate
+
+    def _judge_lookups(self, sampled_token_ids) -> None:
+        """Count the last step's lookup tokens that this step accepted: a row commits its accepted
+        drafts plus one token. By request where the ids are known (rows may have moved, finished or
+        been preempted since), else over the whole batch (the last step drafted by lookup alone)."""
+        ids = self.batch_req_ids
+        if self._lookup_by_req and ids is not None:
+            drafted = accepted = 0
+            for i, req_id in enumerate(ids[: len(sampled_token_ids)]):
+                d = self._lookup_by_req.get(req_id)
+                if d:
+                    a = min(max(len(sampled_token_ids[i]) - 1, 0), d)
+                    self._request_gate(req_id).record(d, a)
+                    drafted, accepted = drafted + d, accepted + a
+        else:
+            drafted = self._lookup_pending
+            accepted = min(sum(len(t) - 1 for t in sampled_token_ids if t), drafted)
+        self.lookup_gate.record(drafted, accepted)
+        self.counters["lookup_accepted"] += accepted
+        self._lookup_pending = 0
+        self._lookup_by_req = {}
 
     def _match(self, rows: dict[int, np.ndarray]) -> dict[int, DraftState]:
         """Each row's state: by vLLM's request id where the runner hook gave the batch's ids (the state

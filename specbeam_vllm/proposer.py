@@ -345,8 +345,9 @@ class SpecBeamProposer:
             if len(self._lookup_gates) >= 4 * self.max_num_seqs:  # requests gone without a finish report
                 live = set(self.batch_req_ids or ())
                 self._lookup_gates = {r: g for r, g in self._lookup_gates.items() if r in live}
-            gate = self._lookup_gates[req_id] = LookupGate(self.options.lookup_min_acceptance, decay=0.8,
-                                                           min_evidence=4.0)
+            # quick to close and to probe again: a request's text may repeat only after its first lines
+            gate = self._lookup_gates[req_id] = LookupGate(self.options.lookup_min_acceptance, decay=0.7,
+                                                           min_evidence=4.0, probe_every=4)
         return gate
 
     def _judge_lookups(self, sampled_token_ids) -> None:

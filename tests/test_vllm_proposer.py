@@ -675,7 +675,7 @@ def test_lookup_gate_closes_when_lookups_do_not_pay(folders):
 
 def test_lookup_gate_per_request(folders):
     """With vLLM's request ids, each request has its own gate: one whose lookups keep failing stops
-    drafting by lookup (then probes one step in 16) while the batch's other request goes on."""
+    drafting by lookup (then probes one step in 4) while the batch's other request goes on."""
     p = make_proposer(folders, full_draft_max_batch=1, no_draft_min_batch=2, lookup_draft_tokens=2)
     loop, fails = [5, 6, 7, 5, 6], [8, 9, 8, 9]
     drafted = {"loop": [], "fails": []}
@@ -690,8 +690,8 @@ def test_lookup_gate_per_request(folders):
         loop = loop + committed[0]
         fails = fails + [20 + step % 8] + fails[:2]  # a new token, then a repeat: lookups find a match, then fail
     assert drafted["loop"] == [2] * 22  # the batch gate stays open: half of all lookup tokens kept at first
-    # "fails" judged on 2 tokens a step: past 4 tokens of evidence after its third verdict, then a probe in 16
-    assert drafted["fails"][:3] == [2, 2, 2] and drafted["fails"][3:19] == [0] * 15 + [2]
+    # "fails" judged on 2 tokens a step: past 4 tokens of evidence after its third verdict, then a probe in 4
+    assert drafted["fails"][:3] == [2, 2, 2] and drafted["fails"][3:] == ([0, 0, 0, 2] * 5)[:19]
     assert p.counters["lookup_accepted"] == 2 * 21 and set(p._lookup_gates) == {"loop", "fails"}
     p.finish_requests(["fails"])
     assert set(p._lookup_gates) == {"loop"}

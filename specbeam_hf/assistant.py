@@ -58,6 +58,10 @@ class SpecBeam:
             tree_options["models"] = self.drafts
         if len(self.drafts) > 1 and self.drafter_name == "draft_model":
             self.drafter_name = "multi_draft"
+        if options.get("prompt_lookup") and self.drafter_name not in ("draft_tree", "multi_draft"):
+            raise ValueError(
+                f"prompt_lookup=True merges a lookup branch into token trees, but drafter={self.drafter_name!r} drafts "
+                "chains: use drafter='draft_tree' (or several draft models), or drafter='prompt_lookup' for lookup chains")
         self.drafter = make_drafter(
             self.pm, self.drafter_name, model=self.draft, block_size=self.block_size, **tree_options
         )

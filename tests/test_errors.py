@@ -251,6 +251,13 @@ def test_unknown_specbeam_option(llama_pair):
         specbeam_hf.SpecBeam(draft, foo=1)
 
 
+def test_prompt_lookup_option_needs_a_tree_drafter(llama_pair):
+    _, draft = llama_pair
+    with pytest.raises(ValueError, match="prompt_lookup=True merges a lookup branch into token trees.*'draft_model'"):
+        specbeam_hf.SpecBeam(draft, prompt_lookup=True)
+    assert specbeam_hf.SpecBeam(draft, drafter="draft_tree", prompt_lookup=True).drafter.drafters[1].name == "prompt_lookup"
+
+
 def test_unknown_drafter_name(llama_pair):
     _, draft = llama_pair
     with pytest.raises(ValueError, match="unknown drafter 'nope'; available: draft_model"):

@@ -16,6 +16,10 @@ Rows:
   sequences equal HF's token for token and the largest |Δ sequences_scores|; ``steps/pass`` is beam
   steps per target forward; ``KV blocks`` is the most blocks the running beams held between passes
   against the bound ⌈P/16⌉ + B·(⌈G/16⌉ + 1) blocks (P + B·G tokens plus one partly filled block per beam).
+
+Timing: ``--repeats`` rounds in which the methods take turns on each prompt; a method's seconds are
+the sum over prompts of its fastest run of that prompt. Load on a shared host comes in bursts of a few
+seconds; timed this way a burst costs one run of one prompt instead of a whole method's measurement.
 """
 
 from __future__ import annotations
@@ -43,16 +47,27 @@ DEMO = Path(specbeam_hf.__file__).parent / "demo_models"
 RESULTS = Path(__file__).parent / "results"
 
 
-def timed(fn, repeats: int):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        sync()
-        secs = time.perf_counter() - t0
-        if secs < best:
-            best, out = secs, result
-    return best, out
+def interleaved(methods: dict, num_prompts: int, repeats: int) -> dict:
+    """Time every method on every prompt, ``repeats`` rounds, the methods taking turns on each prompt.
+
+    ``methods[name](i)`` runs prompt ``i`` and returns ``(output, extra)``. A method's seconds are the
+    sum over prompts of its fastest run of that prompt: a burst of load on the host slows one run of
+    one prompt, not one method's whole measurement, and every method meets the same bursts. Returns
+    ``{name: (seconds, outputs, extras)}`` (outputs and extras of the last round; the runs are
+    deterministic)."""
+    best = {name: [float("inf")] * num_prompts for name in methods}
+    outputs = {name: [None] * num_prompts for name in methods}
+    extras = {name: [None] * num_prompts for name in methods}
+    for _ in range(max(repeats, 1)):
+        for i in range(num_prompts):
+            for name, fn in methods.items():
+                sync()
+                t0 = time.perf_counter()
+                out, extra = fn(i)
+                sync()
+                best[name][i] = min(best[name][i], time.perf_counter() - t0)
+                outputs[name][i], extras[name][i] = out, extra
+    return {name: (sum(best[name]), outputs[name], extras[name]) for name in methods}
 
 
 def main(argv=None) -> int:
@@ -70,7 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--beam-candidates", type=int, default=None, help="tree nodes per level and prompt (default: B + 2)")
     p.add_argument("--no-beam-adaptive", action="store_true", help="always draft --beam-depth levels (no per-depth timing)")
     p.add_argument("--beam-prompts", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds; a method's time is the sum over prompts of its fastest run of each, the methods taking turns")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda: where both models (and their KV pools) run")
     p.add_argument("--quick", action="store_true")
@@ -102,9 +118,8 @@ def main(argv=None) -> int:
     target.generate(**encs[0], max_new_tokens=4, do_sample=False, pad_token_id=pad)  # warm-up
 
     # ---------------------------------------------------------------- trees vs chains (greedy, batch 1)
-    base_secs, base_out = timed(lambda: [target.generate(**e, **common) for e in encs], args.repeats)
     n_new = len(encs) * max_new
-    rows.append({"kind": "decode", "method": "hf", "gamma": 0, "tokens_per_s": n_new / base_secs, "seconds": base_secs})
+    methods = {"hf": lambda i: (target.generate(**encs[i], **common), None)}
     for gamma in gammas:
         for method, options in (
             ("chain", {}),
@@ -115,25 +130,24 @@ def main(argv=None) -> int:
         ):
             drafts = [draft, second] if method == "multi_draft" else draft
             assistant = specbeam_hf.SpecBeam(drafts, num_draft_tokens=gamma, **options)
-            per_pass = []
 
-            def run():
-                outs = []
-                per_pass.clear()
-                for e in encs:
-                    outs.append(target.generate(**e, custom_generate=specbeam_hf.generate, assistant=assistant, **common))
-                    per_pass.append(assistant.last_stats.mean_accepted_length)
-                return outs
+            def run(i, assistant=assistant):
+                out = target.generate(**encs[i], custom_generate=specbeam_hf.generate, assistant=assistant, **common)
+                return out, assistant.last_stats.mean_accepted_length
 
-            secs, outs = timed(run, args.repeats)
-            row = {
-                "kind": "decode", "method": method, "gamma": gamma, "tokens_per_s": n_new / secs, "seconds": secs,
-                "speedup": base_secs / secs, "tokens_per_pass": sum(per_pass) / len(per_pass),
-                "exact": all(torch.equal(a, b) for a, b in zip(outs, base_out)),
-            }
-            rows.append(row)
-            console.print(f"γ={gamma} {method}: {row['tokens_per_s']:.1f} tok/s ({row['speedup']:.2f}×), "
-                          f"{row['tokens_per_pass']:.2f} tokens/pass, exact={row['exact']}")
+            methods[(method, gamma)] = run
+    timings = interleaved(methods, len(encs), args.repeats)
+    base_secs, base_out, _ = timings.pop("hf")
+    rows.append({"kind": "decode", "method": "hf", "gamma": 0, "tokens_per_s": n_new / base_secs, "seconds": base_secs})
+    for (method, gamma), (secs, outs, per_pass) in timings.items():
+        row = {
+            "kind": "decode", "method": method, "gamma": gamma, "tokens_per_s": n_new / secs, "seconds": secs,
+            "speedup": base_secs / secs, "tokens_per_pass": sum(per_pass) / len(per_pass),
+            "exact": all(torch.equal(a, b) for a, b in zip(outs, base_out)),
+        }
+        rows.append(row)
+        console.print(f"γ={gamma} {method}: {row['tokens_per_s']:.1f} tok/s ({row['speedup']:.2f}×), "
+                      f"{row['tokens_per_pass']:.2f} tokens/pass, exact={row['exact']}")
 
     # ---------------------------------------------------------------- beam search
     beam_prompts = prompts[: args.beam_prompts]
@@ -141,22 +155,19 @@ def main(argv=None) -> int:
     for b in beams:
         kwargs = dict(num_beams=b, max_new_tokens=max_new, do_sample=False, pad_token_id=pad, eos_token_id=None,
                       early_stopping=False, return_dict_in_generate=True, output_scores=True)
-        hf_secs, hf_out = timed(lambda: [target.generate(**e, **kwargs) for e in benc], args.repeats)
-        rows.append({"kind": "beam", "method": "hf-beam", "beams": b, "seconds": hf_secs,
-                     "tokens_per_s": len(benc) * max_new / hf_secs})
         assistant = specbeam_hf.SpecBeam(draft, beam_depth=args.beam_depth, beam_candidates=args.beam_candidates,
                                          beam_adaptive=not args.no_beam_adaptive)
-        stats = []
 
-        def run_beam():
-            outs = []
-            stats.clear()
-            for e in benc:
-                outs.append(target.generate(**e, custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs))
-                stats.append(assistant.last_beam_stats)
-            return outs
+        def run_beam(i, assistant=assistant, kwargs=kwargs):
+            out = target.generate(**benc[i], custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
+            return out, assistant.last_beam_stats
 
-        secs, outs = timed(run_beam, args.repeats)
+        timings = interleaved({"hf": lambda i, kwargs=kwargs: (target.generate(**benc[i], **kwargs), None), "specbeam": run_beam},
+                              len(benc), args.repeats)
+        hf_secs, hf_out, _ = timings["hf"]
+        secs, outs, stats = timings["specbeam"]
+        rows.append({"kind": "beam", "method": "hf-beam", "beams": b, "seconds": hf_secs,
+                     "tokens_per_s": len(benc) * max_new / hf_secs})
         same = all(torch.equal(a.sequences, r.sequences) for a, r in zip(outs, hf_out))
         dscore = max(float((a.sequences_scores - r.sequences_scores).abs().max()) for a, r in zip(outs, hf_out)) if same else None
         prompt_lens = [e["input_ids"].shape[1] for e in benc]
@@ -209,7 +220,8 @@ def plot(rows, path: Path) -> None:
     ax1.set_xlabel("depth γ")
     ax1.set_ylabel("tokens per target pass")
     ax1.set_title("greedy, batch 1")
-    ax1.legend()
+    if ax1.lines:
+        ax1.legend()
     hf = sorted((r for r in rows if r["method"] == "hf-beam"), key=lambda r: r["beams"])
     sb = sorted((r for r in rows if r["method"] == "specbeam-beam"), key=lambda r: r["beams"])
     if hf:
@@ -218,7 +230,8 @@ def plot(rows, path: Path) -> None:
     ax2.set_xlabel("num_beams B")
     ax2.set_ylabel("new tokens / s")
     ax2.set_title("beam search")
-    ax2.legend()
+    if ax2.lines:
+        ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -9,7 +9,7 @@ from .drafting import Draft, Drafter, DraftModelDrafter
 from .engine import SpecEngine
 from .hookspecs import hookimpl, hookspec
 from .kv_cache import KVCacheExhausted, PagedKVCache
-from .model import CausalLM, KVBatch, build_kv_batch
+from .model import CausalLM, KVBatch, PackedRows, build_kv_batch, build_packed_kv_batch, forward_rows, pack_is_cheaper
 from .plugins import get_plugin_manager, make_drafter
 from .prompt_lookup import PromptLookupDrafter, lookup_drafts
 from .request import Request
@@ -40,6 +40,10 @@ __all__ = [
     "StepRecord",
     "VerifyResult",
     "build_kv_batch",
+    "build_packed_kv_batch",
+    "PackedRows",
+    "forward_rows",
+    "pack_is_cheaper",
     "get_plugin_manager",
     "hookimpl",
     "hookspec",

@@ -9,7 +9,9 @@ forward covers several steps:
    under the running beam they descend from, and the best ``num_beams`` of them that are not EOS
    expand at the next level;
 2. **score**: one target forward over every running beam's unseen tokens and its whole tree
-   (ancestor masks over the paged cache) gives the target's logits after every node;
+   (ancestor masks over the paged cache) gives the target's logits after every node; the beams'
+   trees differ in size (most nodes sit under the best beams), so their rows are packed side by side
+   into one row (:func:`~specbeam_core.model.build_packed_kv_batch`) rather than padded to the largest;
 3. **replay**: the target's own beam search (:class:`~specbeam_core.beam_state.BeamSearchState`)
    steps on those logits for as long as every running beam's sequence is a scored node; the first
    step whose running beams leave the trees ends the replay, and the next pass drafts from there.
@@ -34,7 +36,7 @@ import torch
 
 from .beam_state import BeamSearchState
 from .kv_cache import PagedKVCache
-from .model import CausalLM, build_kv_batch
+from .model import CausalLM, build_kv_batch, forward_rows
 from .sampling import check_finite
 from .tree import TokenTree
 
@@ -405,35 +407,27 @@ class SpecBeamSearch:
             feeds = [list(unseen[i]) + trees[i].tokens for i in rows]
             t_max = max(len(f) for f in feeds)
             self.cache.ensure_free(sum(_blocks(self.cache, len(f)) for f in feeds))
-            tokens = torch.zeros(len(rows), t_max, dtype=torch.long)  # [N, T] left-padded
             masks = torch.zeros(len(rows), t_max, t_max, dtype=torch.bool)  # [N, T, T] own order
             depths = torch.zeros(len(rows), t_max, dtype=torch.long)  # [N, T] own order
             for j, (i, f) in enumerate(zip(rows, feeds)):
-                tokens[j, t_max - len(f) :] = torch.tensor(f)
                 masks[j, : len(f), : len(f)] = trees[i].row_mask(len(unseen[i]))
                 depths[j, : len(f)] = trees[i].row_depths(len(unseen[i]))
-            kv = build_kv_batch(
-                self.cache, [seqs[i] for i in rows], [len(f) for f in feeds], self.cache.dtype,
-                new_token_mask=masks, new_token_depths=depths,
-            )
             needed = [len(trees[i]) + (1 if unseen[i] else 0) for i in rows]
-            logits = self.target.forward(tokens, kv, max(needed))  # [N, max(needed), vocab]
-            check_finite(logits, "target model logits")
+            # beams' trees differ in size (most nodes under the best beams): packed where that is cheaper
+            row_logits, row_slots = forward_rows(self.target, self.cache, [seqs[i] for i in rows], feeds, needed, masks, depths)
             self.stats.target_forwards += 1
             self.stats.tree_nodes += sum(len(trees[i]) for i in rows)
-            write_slots = kv.write_slots.view(len(rows), t_max).tolist()
-            width = logits.shape[1]
             for j, i in enumerate(rows):
                 b, gen = roots[i]
                 tree, u = trees[i], len(unseen[i])
-                first = width - needed[j]  # column of this row's first needed logits
+                first = 0  # this row's needed logits: its root's (when unseen), then every node's
                 if u:
-                    new_logits[roots[i]] = logits[j, first]
+                    new_logits[roots[i]] = row_logits[j][first]
                     first += 1
-                node_slots = write_slots[j][t_max - len(tree) :] if len(tree) else []
+                node_slots = row_slots[j][len(row_slots[j]) - len(tree) :] if len(tree) else []
                 for n in range(len(tree)):
                     key = (b, gen + tree.path_tokens(n))
-                    new_logits[key] = logits[j, first + n]
+                    new_logits[key] = row_logits[j][first + n]
                     new_nodes[key] = node_slots[n]
         lengths = {k: len(prompts[k[0]]) + len(k[1]) for k in roots}
         self.index.replace({k: (seqs[i], lengths[k]) for i, k in enumerate(roots)}, new_nodes)

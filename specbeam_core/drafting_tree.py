@@ -115,14 +115,16 @@ class DraftTreeDrafter:
         for level in range(max(depths, default=0)):
             expand = []
             by_row: dict[int, list] = {}
-            for f in frontier:
-                if depths[f[0]] > level:
-                    by_row.setdefault(f[0], []).append(f)
+            live = [f for f in frontier if depths[f[0]] > level]
+            if not live:
+                break
+            top_lp, top_tok = torch.topk(torch.stack([f[4] for f in live]), self.width)  # [F, width] one topk a level
+            for f, lps, toks in zip(live, top_lp.tolist(), top_tok.tolist()):
+                by_row.setdefault(f[0], []).append((f, lps, toks))
             for i, entries in by_row.items():
                 offered = []
-                for f in entries:
-                    top_lp, top_tok = torch.topk(f[4], self.width)  # [width]
-                    for k, (lp, tok) in enumerate(zip(top_lp.tolist(), top_tok.tolist())):
+                for f, lps, toks in entries:
+                    for k, (lp, tok) in enumerate(zip(lps, toks)):
                         cands[i].append((f[5] + lp, level + 1, tok, f[1]))
                         offered.append((len(cands[i]) - 1, f))
                         if k == 0 and f[1] == (chain[i][-1] if chain[i] else -1):

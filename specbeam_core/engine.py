@@ -26,7 +26,7 @@ import torch
 
 from .drafting import Drafter
 from .kv_cache import PagedKVCache
-from .model import CausalLM, build_kv_batch
+from .model import CausalLM, build_kv_batch, forward_rows
 from .plugins import get_plugin_manager
 from .request import LogitsProcessor, Request
 from .sampling import SamplingParams, check_finite, probabilities, probabilities_per_row, warp_logits
@@ -265,26 +265,20 @@ class SpecEngine:
         unseen = [r.tokens[r.target_len :] for r in requests]
         feeds = [u + t.tokens for u, t in zip(unseen, trees)]
         t_max = max(len(f) for f in feeds)
-        tokens = torch.zeros(len(requests), t_max, dtype=torch.long)  # [N, T] left-padded
         masks = torch.zeros(len(requests), t_max, t_max, dtype=torch.bool)  # [N, T, T] each row's own order
         positions = torch.zeros(len(requests), t_max, dtype=torch.long)  # [N, T] each row's own order
         for i, f in enumerate(feeds):
-            tokens[i, t_max - len(f) :] = torch.tensor(f)
             masks[i, : len(f), : len(f)] = trees[i].row_mask(len(unseen[i]))
             positions[i, : len(f)] = trees[i].row_depths(len(unseen[i]))
-        kv = build_kv_batch(
-            self.target_cache, [r.target_seq for r in requests], [len(f) for f in feeds], self.target_cache.dtype,
-            new_token_mask=masks, new_token_depths=positions,
+        needed = [len(t) + 1 for t in trees]  # the root's logits (after the last unseen token), then every node's
+        row_logits, row_slots = forward_rows(
+            self.target, self.target_cache, [r.target_seq for r in requests], feeds, needed, masks, positions
         )
-        n_max = max(len(t) for t in trees)
-        logits = self.target.forward(tokens, kv, n_max + 1)  # [N, n + 1, vocab]: last unseen token, then nodes
-        check_finite(logits, "target model logits")
-        slots = kv.write_slots.view(len(requests), t_max).tolist()
 
         accepted, outputs, bonus = [], [], []
         for i, (r, tree) in enumerate(zip(requests, trees)):
             n = len(tree)
-            row = logits[i, n_max - n :]  # [n + 1, vocab]: root, then node j at j + 1
+            row = row_logits[i]  # [n + 1, vocab]: root, then node j at j + 1
             raw = row
             if r.logits_processor is not None:
                 contexts = [r.tokens] + [r.tokens + list(tree.path_tokens(j)) for j in range(n)]
@@ -294,7 +288,7 @@ class SpecEngine:
             else:
                 res = verify_tree_rejection_sampling(tree, probabilities(row, r.params), r.generator)
             # move the accepted path's K/V next to the sequence (node j of the path -> tree slot j), drop the rest
-            node_slots = slots[i][t_max - n :] if n else []
+            node_slots = row_slots[i][len(row_slots[i]) - n :] if n else []
             path = res.accepted_nodes
             if r.record_scores:  # the first output token was chosen at the root, the next ones at the accepted nodes
                 at = torch.tensor([0] + [j + 1 for j in path])

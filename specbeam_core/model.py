@@ -14,6 +14,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 from .kv_cache import NULL_SLOT, PagedKVCache
+from .sampling import check_finite
 
 
 @dataclass
@@ -34,6 +35,7 @@ class KVBatch:
     positions: torch.Tensor  # [N, T] position id of each new token
     num_cached: list[int]
     num_new: list[int]
+    key_positions: torch.Tensor | None = None  # [N, K] position of every key, set where keys are not 0..K-1 (packed rows)
 
     def __post_init__(self) -> None:
         # The engine keeps its bookkeeping on the host; the slot indices the pool reads and writes
@@ -161,6 +163,196 @@ def build_kv_batch(
     )
 
 
+@dataclass
+class PackedRows:
+    """Where :func:`build_packed_kv_batch` put each row's new tokens in its single packed row.
+
+    ``columns[r]`` lists the packed columns of row ``r``'s new tokens, in the row's own order. Every
+    row's last ``num_needed[r]`` tokens sit at the end of the packed row, row after row, so a forward
+    returning the last ``sum(num_needed)`` columns returns them in that order."""
+
+    columns: list[list[int]]
+    num_needed: list[int]
+
+    @property
+    def total_needed(self) -> int:
+        return sum(self.num_needed)
+
+    def tokens(self, feeds: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The packed input ids ``[1, T]`` of the rows' ``feeds`` (each row's new tokens, own order)."""
+        out = torch.zeros(1, sum(len(c) for c in self.columns), dtype=torch.long)  # [1, T]
+        for cols, feed in zip(self.columns, feeds):
+            out[0, cols] = torch.tensor(list(feed), dtype=torch.long)
+        return out
+
+    def split(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of the last ``total_needed`` packed columns ``[1, total_needed, vocab]`` → each row's
+        ``[num_needed[r], vocab]``."""
+        return list(logits[0].split(self.num_needed))
+
+
+def build_packed_kv_batch(
+    cache: PagedKVCache,
+    seq_ids: Sequence[int],
+    num_new: Sequence[int],
+    num_needed: Sequence[int],
+    dtype: torch.dtype,
+    new_token_mask: torch.Tensor | None = None,
+    new_token_depths: torch.Tensor | None = None,
+) -> tuple[KVBatch, PackedRows]:
+    """:func:`build_kv_batch` for ragged rows, packed into **one** row with no padding.
+
+    A left-padded batch computes ``N × max(num_new)`` positions; rows of very different lengths
+    (beam trees: most nodes under the best beam) waste most of them in every linear layer. Here the
+    rows' new tokens are laid side by side (``T = sum(num_new)``) and so are their keys (each row's
+    cached keys, then its new ones: ``K = sum(num_cached + num_new)``); the mask lets a query see only
+    its own row's keys, in the row's causal or tree order, and positions are the row's own. Rows'
+    tokens that need no logits come first, then every row's last ``num_needed[r]`` tokens, row after
+    row (see :class:`PackedRows`). Masks and depths are as for :func:`build_kv_batch`.
+    """
+    n_rows = len(seq_ids)
+    if n_rows == 0 or min(num_new) < 1:
+        raise ValueError("every row of a KV batch must feed at least one token")
+    if any(not 0 <= k <= n for k, n in zip(num_needed, num_new)):
+        raise ValueError(f"num_needed {list(num_needed)} must lie within num_new {list(num_new)}")
+    t_max = max(num_new)
+    num_cached = [cache.length(s) for s in seq_ids]
+    new_slots: list[list[int]] = []
+    try:
+        for s, n in zip(seq_ids, num_new):
+            new_slots.append(cache.append_slots(s, n))
+    except Exception:
+        for s, n in zip(seq_ids[: len(new_slots)], num_new[: len(new_slots)]):
+            cache.rollback(s, n)
+        raise
+    total = [c + n for c, n in zip(num_cached, num_new)]
+    read_table = cache.read_slot_table(list(seq_ids), total, max(total))  # [N, max total]
+
+    # columns: every row's leading (no-logits) tokens, then every row's needed tokens
+    columns: list[list[int]] = [[] for _ in range(n_rows)]
+    col = 0
+    for r, (n, k) in enumerate(zip(num_new, num_needed)):
+        columns[r].extend(range(col, col + n - k))
+        col += n - k
+    for r, (n, k) in enumerate(zip(num_new, num_needed)):
+        columns[r].extend(range(col, col + k))
+        col += k
+    t_total = col
+
+    q_row = torch.empty(t_total, dtype=torch.long)  # [T] row of each packed query
+    q_own = torch.empty(t_total, dtype=torch.long)  # [T] its index among the row's new tokens
+    write = [0] * t_total
+    for r in range(n_rows):
+        cols = torch.tensor(columns[r], dtype=torch.long)
+        q_row[cols] = r
+        q_own[cols] = torch.arange(num_new[r])
+        for j, c in enumerate(columns[r]):
+            write[c] = new_slots[r][j]
+    k_total = sum(total)
+    k_row = torch.repeat_interleave(torch.arange(n_rows), torch.tensor(total))  # [K] row of each packed key
+    k_start = torch.tensor([0] + total[:-1]).cumsum(0)  # [N] first packed key of each row
+    k_idx = torch.arange(k_total) - k_start[k_row]  # [K] index among the row's keys
+    read_slots = read_table[k_row, k_idx][None]  # [1, K]
+
+    cached_t = torch.tensor(num_cached)  # [N]
+    if new_token_depths is None:
+        q_depth = q_own
+    else:
+        q_depth = new_token_depths[q_row, q_own]  # [T]
+    positions = (cached_t[q_row] + q_depth)[None]  # [1, T]
+    k_new = k_idx - cached_t[k_row]  # [K] index among the row's new tokens (< 0: a cached key)
+    key_pos = k_idx.clone()
+    is_new = k_new >= 0
+    if new_token_depths is not None:
+        key_pos[is_new] = cached_t[k_row[is_new]] + new_token_depths[k_row[is_new], k_new[is_new]]
+
+    same_row = q_row[:, None] == k_row[None, :]  # [T, K]
+    if new_token_mask is None:
+        new_ok = k_new[None, :] <= q_own[:, None]  # [T, K] causal among the row's new tokens
+    else:
+        new_ok = new_token_mask[q_row[:, None], q_own[:, None], k_new.clamp(min=0, max=t_max - 1)[None, :]]  # [T, K]
+    allowed = same_row & (~is_new[None, :] | new_ok)  # [T, K]
+    attention_mask = torch.zeros(1, 1, t_total, k_total, dtype=dtype)  # [1, 1, T, K]
+    attention_mask.masked_fill_(~allowed[None, None], torch.finfo(dtype).min)
+
+    kv = KVBatch(
+        cache=cache,
+        write_slots=torch.tensor(write, dtype=torch.long),
+        write_start=None,
+        read_slots=read_slots,
+        read_start=None,
+        attention_mask=attention_mask,
+        positions=positions,
+        num_cached=[k_total - t_total],
+        num_new=[t_total],
+        key_positions=key_pos[None],
+    )
+    return kv, PackedRows(columns=columns, num_needed=list(num_needed))
+
+
+DEFAULT_KEYS_PER_TOKEN = 1024.0  # a CausalLM that does not say: a model of hidden size ~200 to ~500
+
+
+def pack_is_cheaper(num_cached: Sequence[int], num_new: Sequence[int], keys_per_token: float) -> bool:
+    """Whether packing ragged rows into one (:func:`build_packed_kv_batch`) costs less work than
+    left-padding them (:func:`build_kv_batch`).
+
+    Work is counted in (query, key) attention pairs: a query token costs ``keys_per_token`` pairs' worth
+    in the linear layers, plus one pair per key it is scored against. Padded: ``N * max(num_new)``
+    queries, each against ``max(num_cached + num_new)`` keys. Packed: ``sum(num_new)`` queries, each
+    against all ``sum(num_cached + num_new)`` keys (other rows' masked). Short contexts and ragged rows
+    favour packing; long contexts favour padding, whose attention stays per row.
+    """
+    total = [c + n for c, n in zip(num_cached, num_new)]
+    padded = len(num_new) * max(num_new) * (keys_per_token + max(total))
+    packed = sum(num_new) * (keys_per_token + sum(total))
+    return packed < padded
+
+
+def forward_rows(
+    model: "CausalLM",
+    cache: PagedKVCache,
+    seq_ids: Sequence[int],
+    feeds: Sequence[Sequence[int]],
+    num_needed: Sequence[int],
+    new_token_mask: torch.Tensor,
+    new_token_depths: torch.Tensor,
+) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """One forward of ``model`` over ragged rows (``feeds[r]`` new tokens after sequence ``seq_ids[r]``,
+    in the order of ``new_token_mask`` ``[N, T, T]`` and ``new_token_depths`` ``[N, T]``, as for
+    :func:`build_kv_batch`), padded or packed, whichever :func:`pack_is_cheaper` says.
+
+    Returns each row's logits of its last ``num_needed[r]`` tokens ``[num_needed[r], vocab]`` and the
+    pool slots its new tokens' K/V were written to, in the row's own order.
+    """
+    num_new = [len(f) for f in feeds]
+    keys_per_token = getattr(model, "keys_per_token", None)
+    if keys_per_token is None:
+        keys_per_token = DEFAULT_KEYS_PER_TOKEN
+    if len(feeds) > 1 and pack_is_cheaper([cache.length(s) for s in seq_ids], num_new, keys_per_token):
+        kv, packed = build_packed_kv_batch(
+            cache, seq_ids, num_new, num_needed, cache.dtype,
+            new_token_mask=new_token_mask, new_token_depths=new_token_depths,
+        )
+        logits = model.forward(packed.tokens(feeds), kv, packed.total_needed)  # [1, sum(num_needed), vocab]
+        check_finite(logits, "target model logits")
+        write_slots = kv.write_slots.tolist()
+        return packed.split(logits), [[write_slots[c] for c in cols] for cols in packed.columns]
+    t_max = max(num_new)
+    tokens = torch.zeros(len(feeds), t_max, dtype=torch.long)  # [N, T] left-padded
+    for r, f in enumerate(feeds):
+        tokens[r, t_max - len(f) :] = torch.tensor(list(f), dtype=torch.long)
+    kv = build_kv_batch(
+        cache, seq_ids, num_new, cache.dtype, new_token_mask=new_token_mask, new_token_depths=new_token_depths
+    )
+    width = max(num_needed)
+    logits = model.forward(tokens, kv, width)  # [N, max(num_needed), vocab]
+    check_finite(logits, "target model logits")
+    write_slots = kv.write_slots.view(len(feeds), t_max).tolist()
+    rows = [logits[r, width - k :] for r, k in enumerate(num_needed)]
+    return rows, [write_slots[r][t_max - n :] for r, n in enumerate(num_new)]
+
+
 def _single_chain(cache: PagedKVCache, seq_id: int, n: int, dtype: torch.dtype) -> KVBatch:
     """The decode hot path (one sequence, a chain of ``n`` new tokens): no padding, a causal mask."""
     cached = cache.length(seq_id)
@@ -185,7 +377,12 @@ def _single_chain(cache: PagedKVCache, seq_id: int, n: int, dtype: torch.dtype) 
 
 @runtime_checkable
 class CausalLM(Protocol):
-    """What the engine needs of a model. Implemented by ``specbeam_hf.HFCausalLM`` for transformers."""
+    """What the engine needs of a model. Implemented by ``specbeam_hf.HFCausalLM`` for transformers.
+
+    Optional: ``keys_per_token``, how many (query, key) attention pairs cost as much as one token
+    through the linear layers (linear parameters / attention multiply-adds per pair); it decides
+    between padded and packed ragged rows (:func:`pack_is_cheaper`). Without it,
+    ``DEFAULT_KEYS_PER_TOKEN``."""
 
     vocab_size: int
     max_positions: int | None

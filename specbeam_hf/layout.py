@@ -118,7 +118,9 @@ def attention_kind(model: PreTrainedModel, config) -> AttentionKind:
 
 def key_positions(kv: KVBatch) -> torch.Tensor:
     """Position id of every key of the batch ``[N, K]``: cached keys sit at their index, new ones
-    (chain tokens or tree nodes, in the row's own order) at ``kv.positions``."""
+    (chain tokens or tree nodes, in the row's own order) at ``kv.positions``; packed rows carry theirs."""
+    if kv.key_positions is not None:
+        return kv.key_positions
     n_rows, t_max = kv.positions.shape
     keys = torch.arange(kv.kv_length).repeat(n_rows, 1)  # [N, K]
     for r, (cached, new) in enumerate(zip(kv.num_cached, kv.num_new)):

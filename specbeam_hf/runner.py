@@ -44,6 +44,20 @@ def _text_config(model: PreTrainedModel):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _keys_per_token(model: PreTrainedModel, config, shapes) -> float | None:
+    """Linear-layer multiply-adds of one token over attention multiply-adds of one (query, key) pair
+    (``specbeam_core.pack_is_cheaper``); None where the config does not say its query heads."""
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads or not shapes.num_layers:
+        return None
+    emb_in = model.get_input_embeddings().weight
+    emb_out = model.get_output_embeddings().weight
+    # parameters() counts a tied LM head once, as the input embedding: a lookup, not a matmul, but the head is one
+    linear = sum(p.numel() for p in model.parameters()) - emb_in.numel() + (emb_out.numel() if emb_out is emb_in else 0)
+    per_pair = int(heads) * (shapes.head_dim + shapes.value_head_dim) * shapes.num_layers
+    return linear / per_pair
+
+
 class HFCausalLM:
     """A ``transformers`` causal LM seen through the ``specbeam_core.CausalLM`` interface."""
 
@@ -67,6 +81,7 @@ class HFCausalLM:
         self.num_kv_heads = shapes.num_kv_heads
         self.head_dim = shapes.head_dim
         self.value_head_dim = shapes.value_head_dim
+        self.keys_per_token = _keys_per_token(model, config, shapes)
 
     @property
     def dtype(self) -> torch.dtype:

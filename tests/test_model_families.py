@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import specbeam_hf
 from conftest import assert_pools_free
+from specbeam_core import TokenTree, build_kv_batch, build_packed_kv_batch, forward_rows, pack_is_cheaper
 
 SIZES = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -148,3 +149,118 @@ def test_latent_attention_keys_and_values_of_different_widths():
     assert runner.value_head_dim != runner.head_dim
     cache = runner.make_cache(4, 4)
     assert cache.keys[0].shape[-1] == runner.head_dim and cache.values[0].shape[-1] == runner.value_head_dim
+
+
+@pytest.mark.parametrize(
+    "model_type, window", [("llama", None), ("gpt2", None), ("mistral", WINDOW), ("gemma2", WINDOW), ("qwen2", WINDOW)]
+)
+def test_packed_rows_equal_plain_forward(model_type, window):
+    """Ragged rows packed into one row (build_packed_kv_batch: a tree after unseen tokens, a chain,
+    a tree with no unseen token; different cached lengths): every needed logit equals a plain HF
+    forward of that row's prefix, sliding windows included, and the pool returns to its baseline."""
+    model = build(model_type, sliding_window=window)
+    lm = specbeam_hf.HFCausalLM(model)
+    cache = lm.make_cache(64, 4)
+    baseline = cache.num_free_blocks
+    prompts = [[5, 17, 33, 8, 61, 22, 40, 9], [9, 70, 14, 3, 55], [12, 4, 77, 31, 6, 2, 19, 48, 23, 11, 60]]
+    unseen = [[40, 9], [], []]  # row 0's last two prompt tokens are fed with its tree
+    seqs = [cache.new_sequence() for _ in prompts]
+    for s, p, u in zip(seqs, prompts, unseen):
+        done = p[: len(p) - len(u)]
+        lm.forward(torch.tensor([done]), build_kv_batch(cache, [s], [len(done)], cache.dtype), 1)
+    tree_a = TokenTree(tokens=[10, 11, 12, 12, 10, 15], parents=[-1, -1, 0, 0, 1, 2])
+    tree_c = TokenTree(tokens=[7, 7, 30, 44], parents=[-1, 0, 0, 2])
+    chain = [44, 12, 80]
+    feeds = [unseen[0] + tree_a.tokens, chain, tree_c.tokens]
+    t = max(len(f) for f in feeds)
+    masks = torch.zeros(3, t, t, dtype=torch.bool)  # [N, T, T] each row's own order
+    depths = torch.zeros(3, t, dtype=torch.long)  # [N, T]
+    masks[0, : len(feeds[0]), : len(feeds[0])] = tree_a.row_mask(2)
+    depths[0, : len(feeds[0])] = tree_a.row_depths(2)
+    masks[1, :3, :3] = torch.ones(3, 3, dtype=torch.bool).tril()
+    depths[1, :3] = torch.arange(3)
+    masks[2, :4, :4] = tree_c.row_mask(0)
+    depths[2, :4] = tree_c.row_depths(0)
+    needed = [len(feeds[0]) - 1, 3, 2]  # row 0: its last unseen token and every node; row 2: its last two nodes
+    kv, packed = build_packed_kv_batch(
+        cache, seqs, [len(f) for f in feeds], needed, cache.dtype, new_token_mask=masks, new_token_depths=depths
+    )
+    assert kv.read_slots.shape == (1, sum(len(p) for p in prompts) + len(tree_a) + 3 + len(tree_c))
+    logits = lm.forward(packed.tokens(feeds), kv, packed.total_needed)  # [1, sum(needed), vocab]
+    rows = packed.split(logits)
+    assert [r.shape[0] for r in rows] == needed
+
+    def plain(tokens):
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([tokens])).logits[0, -1].float()  # [vocab]
+
+    expected = [[plain(prompts[0])] + [plain(prompts[0] + list(tree_a.path_tokens(n))) for n in range(len(tree_a))],
+                [plain(prompts[1] + chain[: j + 1]) for j in range(3)],
+                [plain(prompts[2] + list(tree_c.path_tokens(n))) for n in (2, 3)]]
+    for r, (got, want) in enumerate(zip(rows, expected)):
+        for j, w in enumerate(want):
+            torch.testing.assert_close(got[j].float(), w, atol=1e-5, rtol=0, msg=f"row {r}, logit {j}")
+    # the rows' written K/V is their own: continuing row 1 after its chain sees only its own history
+    nxt = lm.forward(torch.tensor([[3]]), build_kv_batch(cache, [seqs[1]], [1], cache.dtype), 1)[0, -1]
+    torch.testing.assert_close(nxt.float(), plain(prompts[1] + chain + [3]), atol=1e-5, rtol=0)
+    for s in seqs:
+        cache.free(s)
+    assert cache.num_free_blocks == baseline
+
+
+def test_packed_rows_reject_bad_counts():
+    lm = specbeam_hf.HFCausalLM(build("llama"))
+    cache = lm.make_cache(8, 4)
+    s = cache.new_sequence()
+    with pytest.raises(ValueError, match="at least one token"):
+        build_packed_kv_batch(cache, [s], [0], [0], cache.dtype)
+    with pytest.raises(ValueError, match="num_needed"):
+        build_packed_kv_batch(cache, [s], [2], [3], cache.dtype)
+    assert cache.length(s) == 0
+
+
+def test_pack_is_cheaper_weighs_linear_against_attention_work():
+    # ragged rows over short contexts: padding wastes linear work -> pack
+    assert pack_is_cheaper([20, 20, 20, 20], [25, 3, 2, 1], keys_per_token=2000)
+    # the same rows over long contexts: packed queries would attend to every row's keys -> pad
+    assert not pack_is_cheaper([16000, 16000, 16000, 16000], [25, 3, 2, 1], keys_per_token=2000)
+    # rows of equal length: nothing to save -> pad
+    assert not pack_is_cheaper([20, 20], [5, 5], keys_per_token=2000)
+
+
+@pytest.mark.parametrize("model_type, window", [("llama", None), ("mistral", WINDOW)])
+def test_forward_rows_padded_and_packed_agree(model_type, window, monkeypatch):
+    """forward_rows gives the same per-row logits and leaves the same K/V whichever layout it picks."""
+    import specbeam_core.model as core_model
+
+    model = build(model_type, sliding_window=window)
+    prompts = [[5, 17, 33, 8, 61, 22, 40, 9], [9, 70, 14, 3, 55]]
+    tree = TokenTree(tokens=[10, 11, 12, 12, 10, 15], parents=[-1, -1, 0, 0, 1, 2])
+    feeds = [[9] + tree.tokens, [44]]
+    masks = torch.zeros(2, 7, 7, dtype=torch.bool)  # [N, T, T]
+    depths = torch.zeros(2, 7, dtype=torch.long)  # [N, T]
+    masks[0], depths[0] = tree.row_mask(1), tree.row_depths(1)
+    masks[1, 0, 0] = True
+    needed = [7, 1]
+    packs = []
+    real = core_model.build_packed_kv_batch
+    monkeypatch.setattr(core_model, "build_packed_kv_batch", lambda *a, **k: packs.append(1) or real(*a, **k))
+    results = []
+    for pack in (True, False):
+        monkeypatch.setattr(core_model, "pack_is_cheaper", lambda *a, pack=pack: pack)
+        lm = specbeam_hf.HFCausalLM(model)
+        cache = lm.make_cache(32, 4)
+        seqs = [cache.new_sequence() for _ in prompts]
+        for s, p, f in zip(seqs, prompts, feeds):
+            done = p[:-1] if f[0] == p[-1] else p
+            lm.forward(torch.tensor([done]), build_kv_batch(cache, [s], [len(done)], cache.dtype), 1)
+        rows, slots = forward_rows(lm, cache, seqs, feeds, needed, masks, depths)
+        assert [r.shape[0] for r in rows] == needed and [len(s) for s in slots] == [len(f) for f in feeds]
+        # what was written is each row's own: one more token after row 1's
+        nxt = lm.forward(torch.tensor([[3]]), build_kv_batch(cache, [seqs[1]], [1], cache.dtype), 1)[0, -1]
+        results.append((rows, nxt))
+    assert len(packs) == 1
+    (rows_a, nxt_a), (rows_b, nxt_b) = results
+    for a, b in zip(rows_a, rows_b):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(nxt_a, nxt_b, atol=1e-5, rtol=0)

@@ -171,3 +171,20 @@ def llama_pair():
 @pytest.fixture(scope="session")
 def family_pairs():
     return {f: make_pair(f) for f in FAMILIES}
+
+
+@pytest.fixture(params=["packed", "padded"])
+def rows_layout(request, monkeypatch):
+    """Force specbeam_core.forward_rows to pack ragged rows into one row, or to pad them, whatever
+    pack_is_cheaper would say; yields the list of layouts forward_rows used with more than one row."""
+    import specbeam_core.model as core_model
+
+    used: list[str] = []
+    pack = request.param == "packed"
+
+    def forced(num_cached, num_new, keys_per_token):
+        used.append(request.param)
+        return pack
+
+    monkeypatch.setattr(core_model, "pack_is_cheaper", forced)
+    yield used

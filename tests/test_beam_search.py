@@ -130,15 +130,17 @@ def test_beam_search_equals_hf_with_eos(llama_pair, num_beams, lengths, length_p
 
 @pytest.mark.parametrize("early_stopping", [True, False, "never"])
 @pytest.mark.parametrize("num_beams", [2, 4])
-def test_beam_search_equals_hf_without_eos(llama_pair, num_beams, early_stopping):
+def test_beam_search_equals_hf_without_eos(llama_pair, num_beams, early_stopping, rows_layout):
+    """Both layouts of the beams' ragged rows in the scoring pass (packed into one row, left-padded)."""
     target, draft = llama_pair
     ids, mask = ragged_batch([6, 11], seed=8)
-    assistant = specbeam_hf.SpecBeam(draft)
+    assistant = specbeam_hf.SpecBeam(draft, beam_adaptive=False)
     ref, _ = compare(
         target, assistant, input_ids=ids, attention_mask=mask, num_beams=num_beams, max_new_tokens=MAX_NEW,
         early_stopping=early_stopping, num_return_sequences=num_beams,
     )
     assert ref.sequences.shape[1] == ids.shape[1] + MAX_NEW
+    assert rows_layout  # the scoring passes went through the forced layout
 
 
 def test_plain_tensor_output_and_repeated_requests(llama_pair):

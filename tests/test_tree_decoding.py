@@ -30,7 +30,8 @@ def spec(target, assistant, **kwargs):
 
 @pytest.mark.parametrize("depth", [1, 3, 6])
 @pytest.mark.parametrize("lengths", [[7], [5, 9, 1, 12]], ids=["batch1", "batch4"])
-def test_tree_greedy_equals_hf(llama_pair, lengths, depth):
+def test_tree_greedy_equals_hf(llama_pair, lengths, depth, rows_layout):
+    """Both layouts of a batch's ragged tree rows (packed into one row, left-padded)."""
     target, draft = llama_pair
     ids, mask = ragged_batch(lengths, seed=40 + depth)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
@@ -42,6 +43,7 @@ def test_tree_greedy_equals_hf(llama_pair, lengths, depth):
     assert stats.accepted > 0
     assert all(max(len(t) for t in rec.drafted_tokens) <= 6 for rec in stats.records)
     assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
+    assert bool(rows_layout) == (len(lengths) > 1)  # one row needs no layout choice
 
 
 def test_tree_accepts_more_per_target_pass_than_a_chain(llama_pair):

@@ -46,7 +46,8 @@ def _text_config(model: PreTrainedModel):
 
 def _keys_per_token(model: PreTrainedModel, config, shapes) -> float | None:
     """Linear-layer multiply-adds of one token over attention multiply-adds of one (query, key) pair
-    (``specbeam_core.pack_is_cheaper``); None where the config does not say its query heads."""
+    (``specbeam_core.pack_is_cheaper``); None where the config does not say its query heads. Every
+    parameter counts, so a mixture of experts reads as costlier per token than it runs."""
     heads = getattr(config, "num_attention_heads", None)
     if not heads or not shapes.num_layers:
         return None

@@ -133,6 +133,8 @@ class BeamTreeDrafter:
         self.index = PrefixIndex(self.cache)
         self.log_probs: dict[Key, torch.Tensor] = {}  # draft log-probs after every kept state [vocab]
         self.forward_count = 0
+        # the last pass's candidates: per level, per prompt, the keys of its tree nodes, best draft score first
+        self.last_levels: list[dict[int, list[Key]]] = []
 
     def _forward(self, seqs: list[int], feeds: list[list[int]]) -> torch.Tensor:
         self.forward_count += 1
@@ -167,8 +169,10 @@ class BeamTreeDrafter:
 
         # frontier entries: (root index, node index or -1, key, draft sequence, log-probs, score)
         frontier = [(i, -1, k, seqs[i], log_probs[i], root_scores[i]) for i, k in enumerate(roots)]
+        self.last_levels = []
         for level in range(depth):
             chosen = []  # (frontier entry, token, node, key, score), best first per prompt
+            self.last_levels.append({})
             by_prompt: dict[int, list] = {}
             for f in frontier:
                 by_prompt.setdefault(f[2][0], []).append(f)
@@ -181,6 +185,7 @@ class BeamTreeDrafter:
                     token = flat % self.vocab_size
                     node = trees[f[0]].add(token, f[1])
                     chosen.append((f, token, node, (b, f[2][1] + (token,)), score))
+                self.last_levels[-1][b] = [c[3] for c in chosen[len(chosen) - k :]]
             if level == depth - 1:
                 break
             expand, per_prompt = [], {}
@@ -205,6 +210,7 @@ class BeamTreeDrafter:
     def clear(self) -> None:
         self.index.clear()
         self.log_probs = {}
+        self.last_levels = []
 
 
 class DepthChooser:

@@ -545,3 +545,44 @@ def test_adaptive_depth_tries_every_depth_and_stays_exact(llama_pair):
     assert set(depths) <= {0, 1, 2}
     searcher = assistant.beam_searcher_for(target)
     assert_pools_free(searcher.cache, assistant._beam_drafter.cache)
+
+
+def test_last_levels_rank_every_node_by_draft_score(llama_pair):
+    """``BeamTreeDrafter.last_levels`` (read by benchmarks/beam_coverage.py) lists, per level and
+    prompt, exactly the tree nodes of that level, best cumulative draft score first; the nodes that
+    have children are among the first ``num_beams`` of their level."""
+    target, draft = llama_pair
+    ids, mask = ragged_batch([6, 9], seed=4)
+    num_beams, width, depth = 3, 5, 3
+    assistant = specbeam_hf.SpecBeam(draft, beam_adaptive=False, beam_depth=depth, beam_candidates=width)
+    drafter = assistant.beam_searcher_for(target).drafter
+    original = drafter.trees
+    checked = []
+
+    def checking(roots, root_scores, prompts, **kwargs):
+        trees = original(roots, root_scores, prompts, **kwargs)
+        levels = drafter.last_levels
+        assert len(levels) == depth
+        score = dict(zip(roots, root_scores))
+        for level, by_prompt in enumerate(levels):
+            nodes = {
+                (b, gen + tree.path_tokens(n))
+                for (b, gen), tree in zip(roots, trees)
+                for n, d in enumerate(tree.depths) if d == level + 1
+            }
+            assert {k for keys in by_prompt.values() for k in keys} == nodes
+            for b, keys in by_prompt.items():
+                assert len(keys) <= width
+                for key in keys:  # cumulative draft log-prob: the parent's score + the draft's log-prob of the token
+                    parent = (b, key[1][:-1])
+                    score[key] = score[parent] + float(drafter.log_probs[parent][key[1][-1]]) if parent in drafter.log_probs else None
+                known = [score[k] for k in keys if score[k] is not None]
+                assert known == sorted(known, reverse=True)
+                expanded = {(b, key[1][:-1]) for k2 in levels[level + 1:level + 2] for key in k2.get(b, [])}
+                assert expanded <= set(keys[:num_beams])
+        checked.append(len(roots))
+        return trees
+
+    drafter.trees = checking
+    compare(target, assistant, input_ids=ids, attention_mask=mask, num_beams=num_beams, max_new_tokens=MAX_NEW)
+    assert checked

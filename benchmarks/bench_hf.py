@@ -21,6 +21,7 @@ top-2 logits on (bf16 rounding: "near-tie"), or not ("NO"). Prints a table, writ
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -147,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--target", default=str(DEMO / "target"))
     p.add_argument("--draft", default=str(DEMO / "draft"))
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--draft-dtype", default=None, choices=["bfloat16", "float32"],
+                   help="run specbeam's draft in this dtype (SpecBeam's draft_dtype; HF assisted generation keeps --dtype)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--gammas", default="1,2,3,4,5,6,7,8")
     p.add_argument("--batch-gammas", default="2,3,4,5,6")
@@ -176,7 +179,10 @@ def main(argv=None) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     common = dict(pad_token_id=pad, eos_token_id=None)  # fixed lengths: every run makes max_new_tokens per row
 
-    t_target, t_draft = decode_cost(target), decode_cost(draft)
+    costed = draft  # c is the cost of the draft specbeam runs: in --draft-dtype where that is given
+    if args.draft_dtype not in (None, args.dtype):
+        costed = copy.deepcopy(draft).to(getattr(torch, args.draft_dtype))
+    t_target, t_draft = decode_cost(target), decode_cost(costed)
     c = t_draft / t_target
     console.print(f"decode cost at batch 1: target {t_target * 1e3:.2f} ms, draft {t_draft * 1e3:.2f} ms, c = {c:.4f}")
 
@@ -229,7 +235,7 @@ def main(argv=None) -> int:
         else:
             settings += [(g, args.batch_confidence) for g in batch_gammas if g >= 3]
         for gamma, confidence in settings:
-            assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=gamma, confidence_threshold=confidence)
+            assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=gamma, confidence_threshold=confidence, draft_dtype=args.draft_dtype)
             accepted = drafted = steps = rejected = 0
 
             def one(enc):
@@ -270,7 +276,8 @@ def main(argv=None) -> int:
                 + f"exact={r['exact']}"
             )
 
-    table = Table(title=f"specbeam vs HF generate — demo pair, {args.dtype}, {max_new} new tokens, {describe(args.device)}")
+    drafts_in = f" (specbeam's draft {args.draft_dtype})" if args.draft_dtype not in (None, args.dtype) else ""
+    table = Table(title=f"specbeam vs HF generate — demo pair, {args.dtype}{drafts_in}, {max_new} new tokens, {describe(args.device)}")
     for col in ("method", "batch", "mode", "γ", "setting", "tok/s", "speed-up", "α", "c", "bound", "of bound", "exact"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -303,12 +310,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-        "dtype": args.dtype, "max_new_tokens": max_new, "prompts": prompts, "threads": torch.get_num_threads(),
+        "dtype": args.dtype, "draft_dtype": args.draft_dtype or args.dtype, "max_new_tokens": max_new, "prompts": prompts, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "platform": platform.platform(), "processor": platform.processor(),
         "device": describe(args.device),
         "decode_ms": {"target": t_target * 1e3, "draft": t_draft * 1e3}, "c": c,
     }
-    stem = f"bench_hf_{args.dtype}" + ("" if args.device == "cpu" else "_" + args.device.split(":")[0]) + ("_quick" if args.quick else "")
+    stem = f"bench_hf_{args.dtype}" + (f"_draft_{args.draft_dtype}" if args.draft_dtype not in (None, args.dtype) else "") + ("" if args.device == "cpu" else "_" + args.device.split(":")[0]) + ("_quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
     plot(rows, args.out / f"{stem}.png", args.dtype)
     console.print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")

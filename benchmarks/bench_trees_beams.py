@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--target", default=str(DEMO / "target"))
     p.add_argument("--draft", default=str(DEMO / "draft"))
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--draft-dtype", default=None, choices=["bfloat16", "float32"],
+                   help="run the drafts in this dtype (SpecBeam's draft_dtype; default: --dtype)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--gammas", default="3,4,6")
     p.add_argument("--tree-width", type=int, default=3)
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
                              "prompt_lookup": True}),
         ):
             drafts = [draft, second] if method == "multi_draft" else draft
-            assistant = specbeam_hf.SpecBeam(drafts, num_draft_tokens=gamma, **options)
+            assistant = specbeam_hf.SpecBeam(drafts, num_draft_tokens=gamma, draft_dtype=args.draft_dtype, **options)
 
             def run(i, assistant=assistant):
                 out = target.generate(**encs[i], custom_generate=specbeam_hf.generate, assistant=assistant, **common)
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
     for b in beams:
         kwargs = dict(num_beams=b, max_new_tokens=max_new, do_sample=False, pad_token_id=pad, eos_token_id=None,
                       early_stopping=False, return_dict_in_generate=True, output_scores=True)
-        assistant = specbeam_hf.SpecBeam(draft, beam_depth=args.beam_depth, beam_candidates=args.beam_candidates,
+        assistant = specbeam_hf.SpecBeam(draft, beam_depth=args.beam_depth, beam_candidates=args.beam_candidates, draft_dtype=args.draft_dtype,
                                          beam_adaptive=not args.no_beam_adaptive)
 
         def run_beam(i, assistant=assistant, kwargs=kwargs):
@@ -183,7 +185,8 @@ def main(argv=None) -> int:
         console.print(f"beams={b}: HF {hf_secs:.2f}s, specbeam {secs:.2f}s ({row['speedup']:.2f}×), same={same}, "
                       f"Δscore={dscore}, {row['steps_per_pass']:.2f} steps/pass, KV blocks {row['kv_blocks']} ≤ {bound}")
 
-    table = Table(title=f"trees, drafters and beams — demo pair, {args.dtype}, {max_new} new tokens, {describe(args.device)}")
+    drafts_in = f" (drafts {args.draft_dtype})" if args.draft_dtype not in (None, args.dtype) else ""
+    table = Table(title=f"trees, drafters and beams — demo pair, {args.dtype}{drafts_in}, {max_new} new tokens, {describe(args.device)}")
     for col in ("kind", "method", "γ / B", "tok/s", "speed-up", "tokens/pass or steps/pass", "exact / same", "KV blocks (bound)"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -196,9 +199,9 @@ def main(argv=None) -> int:
         )
     console.print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_trees_beams_{args.dtype}" + ("" if args.device == "cpu" else "_" + args.device.split(":")[0]) + ("_quick" if args.quick else "")
+    stem = f"bench_trees_beams_{args.dtype}" + (f"_draft_{args.draft_dtype}" if args.draft_dtype not in (None, args.dtype) else "") + ("" if args.device == "cpu" else "_" + args.device.split(":")[0]) + ("_quick" if args.quick else "")
     meta = {"command": " ".join(["bench_trees_beams.py"] + (argv if argv is not None else sys.argv[1:])),
-            "dtype": args.dtype, "max_new_tokens": max_new, "threads": torch.get_num_threads(), "device": describe(args.device),
+            "dtype": args.dtype, "draft_dtype": args.draft_dtype or args.dtype, "max_new_tokens": max_new, "threads": torch.get_num_threads(), "device": describe(args.device),
             "torch": torch.__version__, "platform": platform.platform()}
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     plot(rows, args.out / f"{stem}.png")

@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16"], help="run the draft in this dtype (default: --dtype)")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--torch-profile", action="store_true", help="also print torch.profiler's top operators")
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     console = Console()
     rows = []
     for name, (options, extra) in workloads.items():
-        assistant = specbeam_hf.SpecBeam(draft, **options)
+        assistant = specbeam_hf.SpecBeam(draft, draft_dtype=args.draft_dtype, **options)
         run = lambda: [target.generate(**e, **common, **extra, custom_generate=specbeam_hf.generate, assistant=assistant)  # noqa: E731
                        for e in encs]
         run()  # warm-up: pools sized, kernels chosen
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
             with torch.profiler.profile() as prof:
                 run()
             console.print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    table = Table(title=f"one pass, demo pair, {args.dtype}, {describe(args.device)} (timing syncs the device around each forward)")
+    drafts_in = f" (draft {args.draft_dtype})" if args.draft_dtype not in (None, args.dtype) else ""
+    table = Table(title=f"one pass, demo pair, {args.dtype}{drafts_in}, {describe(args.device)} (timing syncs the device around each forward)")
     for col in ("workload", "passes", "ms / pass", "target forward", "draft forwards", "draft calls / pass", "specbeam host + gaps"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
                       f"{r['host_ms_per_pass']:.2f} ({r['host_ms_per_pass'] / r['ms_per_pass']:.0%})")
     console.print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"profile_pass_{args.dtype}_{args.device.split(':')[0]}.json"
+    path = args.out / (f"profile_pass_{args.dtype}" + (f"_draft_{args.draft_dtype}" if drafts_in else "") + f"_{args.device.split(':')[0]}.json")
     meta = {"command": " ".join(["profile_pass.py"] + (argv if argv is not None else sys.argv[1:])),
             "device": describe(args.device), "torch": torch.__version__}
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

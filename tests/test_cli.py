@@ -32,6 +32,20 @@ def test_generate_greedy_equals_target_and_writes_json_log(tmp_path, capsys):
     assert data["summary"]["target_forwards"] == len(data["steps"])
 
 
+def test_generate_with_a_bfloat16_draft_equals_the_float32_target(tmp_path):
+    log = tmp_path / "run.json"
+    assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "16", "--dtype", "float32",
+                 "--draft-dtype", "bfloat16", "--json-log", str(log)]) == 0
+    data = json.loads(log.read_text())
+    assert data["options"]["draft_dtype"] == "bfloat16"
+    tok = AutoTokenizer.from_pretrained(DEMO_DIR / "target")
+    target = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "target", dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    ref = target.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert data["output_token_ids"] == ref[: len(data["output_token_ids"])]
+    assert len(data["output_token_ids"]) == 16 or data["finish_reason"] == "eos"
+
+
 def test_config_file_and_flags_override_it(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"prompt: {json.dumps(PROMPT)}\nmax-new-tokens: 5\ndraft_length: 2\ndtype: float32\n")

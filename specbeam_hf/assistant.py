@@ -38,7 +38,7 @@ class SpecBeam:
     ``draft_dtype`` (``"bfloat16"``, ``"float16"``, ``"float32"`` or a ``torch.dtype``; default None:
     the draft's own): run the drafts on a copy of their weights in this dtype, the models passed in
     are left as they are. A float32 target with a bfloat16 draft is the fast pairing on CPUs with
-    bfloat16 matrix units (AVX512-BF16, AMX) and on GPUs; outputs stay exactly the target's, since
+    bfloat16 matrix units (AVX512-BF16, AMX; measured in BENCHMARKS.md); outputs stay exactly the target's, since
     every draft token is verified against the target and sampled drafts against the very
     probabilities they were drawn from. The copy costs the draft's size in the new dtype.
     """

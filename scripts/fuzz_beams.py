@@ -3,6 +3,7 @@ kwargs and specbeam options; every case must equal ``target.generate`` (sequence
 sequences_scores within 1e-4 absolute / 1e-6 relative: one float32 ulp of a score of 1e3).
 
     python scripts/fuzz_beams.py --cases 60 --seed 7
+    python scripts/fuzz_beams.py --cases 60 --seed 7 --draft-dtype bfloat16   # bf16 drafts, float32 target
 
 Prints every failing case and a count; exits 1 if any failed. Not a test: a case runs seconds.
 """
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--draft-dtype", default=None, choices=["bfloat16", "float32"],
+                   help="run the draft in this dtype in every case (SpecBeam's draft_dtype; default: float32, as loaded)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(DEMO / "target", padding_side="left")
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
         enc = tok(batch, return_tensors="pt", padding=True)
         ref = target.generate(**enc, **kwargs)
         out = target.generate(**enc, **kwargs, custom_generate=specbeam_hf.generate,
-                              assistant=specbeam_hf.SpecBeam(draft, **options))
+                              assistant=specbeam_hf.SpecBeam(draft, draft_dtype=args.draft_dtype, **options))
         same = (torch.equal(ref.sequences, out.sequences) and torch.equal(ref.beam_indices, out.beam_indices)
                 and torch.allclose(ref.sequences_scores, out.sequences_scores, atol=1e-4, rtol=1e-6))
         if not same:

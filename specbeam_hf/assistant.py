@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import weakref
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from specbeam_core import BeamTreeDrafter, SpecBeamSearch, SpecEngine, SpecStats, get_plugin_manager, make_drafter
 
@@ -137,10 +137,16 @@ def _dtype(value) -> torch.dtype | None:
 
 
 def _in_dtype(model, dtype: torch.dtype):
-    """``model`` itself if it already runs in ``dtype``, else a copy of it in ``dtype``."""
-    current = getattr(model, "dtype", None)
-    if current is None:
-        raise ValueError(f"draft_dtype needs a model with parameters to cast; got {type(model).__name__}")
-    if current == dtype:
+    """``model`` itself if it already runs in ``dtype``, else a copy of it in ``dtype``: made as
+    ``from_pretrained(..., dtype=dtype)`` makes it (the class built from the config in ``dtype``, then
+    the weights loaded into it), so buffers kept in float32 stay so (a rotary embedding's ``inv_freq``:
+    ``model.to(dtype)`` would round it and shift every position's angle)."""
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"draft_dtype needs a transformers PreTrainedModel draft, got {type(model).__name__}")
+    if model.dtype == dtype:
         return model
-    return copy.deepcopy(model).to(dtype).eval()
+    converted = type(model)._from_config(model.config, dtype=dtype)
+    missing, unexpected = converted.load_state_dict(model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"cannot copy {type(model).__name__} into {dtype}: weights missing {missing}, unexpected {unexpected}")
+    return converted.to(model.device).eval()

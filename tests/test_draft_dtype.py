@@ -98,3 +98,31 @@ def test_bad_draft_dtype_is_refused(llama_pair, value):
 def test_draft_dtype_without_a_draft_is_refused():
     with pytest.raises(ValueError, match="draft_dtype sets the dtype of the draft model, but no draft model was given"):
         specbeam_hf.SpecBeam(None, drafter="prompt_lookup", draft_dtype="bfloat16")
+
+
+def test_the_copy_is_what_from_pretrained_makes_in_that_dtype(llama_pair):
+    """Weights rounded to bf16, buffers kept as they are: ``model.to(bfloat16)`` would round the
+    rotary embedding's ``inv_freq`` too and shift every position's angle."""
+    _, draft = llama_pair
+    copy = specbeam_hf.SpecBeam(draft, draft_dtype="bfloat16").draft.model
+    assert copy is not draft and copy.dtype == torch.bfloat16
+    params = dict(draft.named_parameters())
+    for name, p in copy.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, params[name].to(torch.bfloat16)), name
+    buffers = dict(draft.named_buffers())
+    assert any("inv_freq" in n for n in buffers)
+    for name, b in copy.named_buffers():
+        assert b.dtype == buffers[name].dtype and torch.equal(b, buffers[name]), name
+    assert not copy.training
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "qwen2"])
+def test_bf16_drafts_of_other_families(family_pairs, family):
+    target, draft = family_pairs[family]
+    assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=3, draft_dtype="bfloat16")
+    ids, mask = ragged_batch([4, 8], seed=2)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=PAD_ID, eos_token_id=None)
+    assert torch.equal(target.generate(**kwargs, custom_generate=specbeam_hf.generate, assistant=assistant), target.generate(**kwargs))
+    assert assistant.last_stats.mean_accepted_length > 1.0
+    engine = assistant.engine_for(target)
+    assert_pools_free(engine.target_cache, engine.drafter.cache)

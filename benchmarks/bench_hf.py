@@ -21,7 +21,6 @@ top-2 logits on (bf16 rounding: "near-tie"), or not ("NO"). Prints a table, writ
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -179,9 +178,7 @@ def main(argv=None) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     common = dict(pad_token_id=pad, eos_token_id=None)  # fixed lengths: every run makes max_new_tokens per row
 
-    costed = draft  # c is the cost of the draft specbeam runs: in --draft-dtype where that is given
-    if args.draft_dtype not in (None, args.dtype):
-        costed = copy.deepcopy(draft).to(getattr(torch, args.draft_dtype))
+    costed = specbeam_hf.SpecBeam(draft, draft_dtype=args.draft_dtype).draft.model  # the draft specbeam runs (its --draft-dtype copy)
     t_target, t_draft = decode_cost(target), decode_cost(costed)
     c = t_draft / t_target
     console.print(f"decode cost at batch 1: target {t_target * 1e3:.2f} ms, draft {t_draft * 1e3:.2f} ms, c = {c:.4f}")

@@ -33,7 +33,9 @@ class SpecBeam:
     With ``num_beams > 1``: ``beam_depth`` (levels drafted ahead at most, default 3),
     ``beam_candidates`` (draft candidates per level and prompt, default ``num_beams + 2``) and
     ``beam_adaptive`` (default True: each pass drafts the depth, 0 .. ``beam_depth``, that has cost
-    the fewest seconds per beam step so far; False: always ``beam_depth``);
+    the fewest seconds per beam step so far, measured per workload — prompts x beams, processors or
+    not — and revisited every 16 passes: ``specbeam_core.beam_search.DepthChooser``; False: always
+    ``beam_depth``);
     ``last_beam_stats`` then holds steps per target pass. ``block_size``: KV block size (16).
     ``draft_dtype`` (``"bfloat16"``, ``"float16"``, ``"float32"`` or a ``torch.dtype``; default None:
     the draft's own): run the drafts on a copy of their weights in this dtype, the models passed in

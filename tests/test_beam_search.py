@@ -540,7 +540,8 @@ def test_adaptive_depth_tries_every_depth_and_stays_exact(llama_pair):
     compare(target, assistant, **kwargs)  # the measurements carry over between requests
     chooser = assistant.beam_searcher_for(target).chooser
     assert all(chooser.passes[d] >= chooser.trials for d in (0, 1, 2))
-    assert all(chooser.seconds[d] > 0 and chooser.steps[d] >= chooser.passes[d] for d in (0, 1, 2))
+    assert all(chooser.seconds[d] > 0 and chooser.steps[d] > 0 for d in (0, 1, 2))
+    assert list(chooser.workloads) == [(2, 3, True)]  # two prompts, three beams, HF's processors
     depths = [r["depth"] for r in assistant.last_beam_stats.records]
     assert set(depths) <= {0, 1, 2}
     searcher = assistant.beam_searcher_for(target)
@@ -586,3 +587,45 @@ def test_last_levels_rank_every_node_by_draft_score(llama_pair):
     drafter.trees = checking
     compare(target, assistant, input_ids=ids, attention_mask=mask, num_beams=num_beams, max_new_tokens=MAX_NEW)
     assert checked
+
+
+def _drive(chooser, cost_per_step, steps_per_pass, passes, clock):
+    """Run ``passes`` passes of one search through ``chooser`` on a fake clock: a pass at depth d takes
+    ``cost_per_step[d] * steps_per_pass[d]`` seconds and covers ``steps_per_pass[d]`` steps."""
+    steps, chosen = 0, []
+    for i in range(passes):
+        d = chooser.choose(clock[0], steps, first_pass=i == 0)
+        chosen.append(d)
+        clock[0] += cost_per_step[d] * steps_per_pass[d]
+        steps += steps_per_pass[d]
+    return chosen
+
+
+def test_depth_chooser_keeps_workloads_apart_and_revisits_its_choice():
+    """What a depth costs is measured per workload (prompts x beams, processors): a batch where plain
+    beam search wins does not switch speculation off for single prompts; and a depth that has become
+    cheaper since it was last tried is found again by the periodic re-trial."""
+    from specbeam_core.beam_search import DepthChooser
+
+    chooser, clock = DepthChooser(3, trials=2, explore_every=8), [0.0]
+    steps_per_pass = {0: 1, 1: 2, 2: 2, 3: 3}
+    single = {0: 0.020, 1: 0.015, 2: 0.013, 3: 0.010}  # seconds per beam step: depth 3 pays
+    batched = {0: 0.020, 1: 0.030, 2: 0.040, 3: 0.050}  # depth 0 pays
+    chooser.begin_search((1, 4, False))
+    first = _drive(chooser, single, steps_per_pass, 30, clock)
+    assert first[:9] == [3, 3, 3, 2, 2, 1, 1, 0, 0]  # the prefill pass, then each depth twice, deepest first
+    assert first[-5:].count(3) >= 4
+    chooser.begin_search((2, 4, False))
+    batch = _drive(chooser, batched, steps_per_pass, 60, clock)
+    assert batch[-20:].count(0) >= 17
+    chooser.begin_search((1, 4, False))
+    again = _drive(chooser, single, steps_per_pass, 20, clock)
+    assert again[1:].count(3) >= 16, again  # the batch's measurements did not carry over
+    # the load changes: depth 1 is now the cheapest; a re-trial finds it and the choice moves there
+    cheaper_one = {0: 0.020, 1: 0.004, 2: 0.013, 3: 0.010}
+    later = _drive(chooser, cheaper_one, steps_per_pass, 200, clock)
+    assert later[-20:].count(1) >= 17, later
+    with pytest.raises(ValueError, match="decay"):
+        DepthChooser(3, decay=0.0)
+    with pytest.raises(ValueError, match="explore_every"):
+        DepthChooser(3, explore_every=0)

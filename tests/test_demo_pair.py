@@ -82,3 +82,22 @@ def test_demo_pair_sampling_runs_seeded_and_reproducibly(demo_fp32):
         )
     assert torch.equal(outs[0], outs[1])
     assert assistant.last_stats.accepted > 0
+
+
+@pytest.mark.parametrize("num_beams, stop", [(1, "):"), (4, "self")])
+def test_stop_strings_through_a_stopping_criterion(demo_fp32, num_beams, stop):
+    """transformers 5.19 drops ``tokenizer`` before it calls a ``custom_generate`` callable, so
+    ``stop_strings=`` fails inside HF's own ``generate`` ("could not locate a tokenizer"); the same
+    stop as a ``StopStringCriteria`` (what HF builds from ``stop_strings``) gives HF's output."""
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    tok, target, draft = demo_fp32
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    kwargs = dict(**enc, num_beams=num_beams, max_new_tokens=30, do_sample=False, pad_token_id=tok.pad_token_id)
+    ref = target.generate(stop_strings=[stop], tokenizer=tok, **kwargs)
+    texts = tok.batch_decode(ref[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    assert any(t.endswith(stop) for t in texts), texts  # the stop string ended a row
+    criterion = StoppingCriteriaList([StopStringCriteria(tok, [stop])])
+    assistant = specbeam_hf.SpecBeam(draft)
+    out = target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, stopping_criteria=criterion, **kwargs)
+    assert torch.equal(out, ref), tok.batch_decode(out)

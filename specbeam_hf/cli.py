@@ -2,6 +2,7 @@
 
     specbeam generate --prompt "def fibonacci(n):" --draft-length 4 --max-new-tokens 64
     specbeam generate --prompt "import os" --mode sample --temperature 0.8 --seed 1 --verbose
+    specbeam generate --prompt "def parse(" --num-beams 4 --num-return-sequences 2 --compare-hf
     specbeam generate --config examples/config.yaml --json-log run.json
     specbeam evaluate [--quick] [--out runs/eval]      # modes compared, γ and tree sweeps: JSON + PNG
     specbeam dashboard [--host 127.0.0.1] [--port 8765] # watch iterations in a browser, browse runs
@@ -122,6 +123,15 @@ def _add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--draft-dtype", choices=DTYPES, default=None,
                    help="load the draft in this dtype instead (e.g. bfloat16 beside a float32 target: faster drafts on CPUs "
                         "with AVX512-BF16 or AMX; the output is the target's either way); default: --dtype")
+    p.add_argument("--num-beams", type=_positive_int, default=1, metavar="B",
+                   help="beam search with B beams (exact speculative beam search: the hypotheses of the target's own "
+                        "generate(num_beams=B)); 1 = speculative decoding of one sequence")
+    p.add_argument("--num-return-sequences", type=_positive_int, default=1, metavar="R", help="beam search: hypotheses to print (<= B)")
+    p.add_argument("--length-penalty", type=float, default=1.0, metavar="L", help="beam search: HF's length_penalty")
+    p.add_argument("--early-stopping", choices=["false", "true", "never"], default="false", help="beam search: HF's early_stopping")
+    p.add_argument("--compare-hf", action="store_true",
+                   help="beam search: also run HF's own beam search, report whether the sequences are the same and the speed-up "
+                        "(exit status 1 if they differ)")
     p.add_argument("--verbose", "-v", action=argparse.BooleanOptionalAction, default=False,
                    help="show every iteration (accepted / corrected / bonus / rejected tokens) and a statistics table")
     p.add_argument("--json-log", default=None, metavar="FILE",
@@ -434,6 +444,10 @@ def _cmd_generate(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
+    if args.num_beams > 1 and args.mode != "greedy":
+        raise UsageError("beam sampling is not supported: --num-beams > 1 runs beam search (use --mode greedy)")
+    if args.num_beams == 1 and args.compare_hf:
+        raise UsageError("--compare-hf compares beam searches: give --num-beams 2 or more")
     err = Console(stderr=True, highlight=False)
     if args.mode == "greedy":
         ignored = [f"--{n.replace('_', '-')}" for n in ("temperature", "top_k", "top_p", "seed") if getattr(args, n) is not None]
@@ -457,6 +471,10 @@ def _cmd_generate(args) -> int:
     if not prompt_ids:
         raise UsageError("empty prompt: the prompt tokenizes to no tokens")
     eos_ids = _eos_ids(tokenizer, target)
+    if args.num_beams > 1:
+        from .cli_beam import run_beams
+
+        return run_beams(args, tokenizer, target, assistant, prompt_ids, eos_ids, load_seconds, UsageError)
 
     out = Console(highlight=False, soft_wrap=True)
     if args.verbose:

@@ -72,3 +72,43 @@ def test_bad_input_is_one_line_with_status_2(tmp_path, capsys):
         assert main(argv) == 2, argv
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("specbeam generate: error:")]
         assert len(errors) == 1 and message in errors[0], (argv, errors)  # one line (HF's load bars aside)
+
+
+def test_generate_beam_search_equals_hf_and_compares(tmp_path, capsys):
+    """``--num-beams 4 --num-return-sequences 2``: the hypotheses and scores of the target's own
+    ``generate(num_beams=4, ...)``; ``--compare-hf`` runs that and says the sequences are the same."""
+    log = tmp_path / "beams.json"
+    assert main(["generate", "--prompt", PROMPT, "--num-beams", "4", "--num-return-sequences", "2",
+                 "--length-penalty", "0.8", "--early-stopping", "true", "--max-new-tokens", "16",
+                 "--compare-hf", "--verbose", "--json-log", str(log)]) == 0
+    captured = capsys.readouterr()
+    assert "hypothesis 2" in captured.out and "beam steps per target pass" in captured.out
+    assert "same sequences as HF's beam search" in captured.err
+    data = json.loads(log.read_text())
+    tok = AutoTokenizer.from_pretrained(DEMO_DIR / "target")
+    target = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "target", dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    ref = target.generate(ids, attention_mask=torch.ones_like(ids), num_beams=4, num_return_sequences=2,
+                          length_penalty=0.8, early_stopping=True, max_new_tokens=16, do_sample=False,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                          return_dict_in_generate=True, output_scores=True)
+    assert [h["rank"] for h in data["hypotheses"]] == [1, 2]
+    for h, seq, score in zip(data["hypotheses"], ref.sequences, ref.sequences_scores):
+        assert h["token_ids"] == [t for t in seq[ids.shape[1]:].tolist() if t != tok.pad_token_id]
+        assert abs(h["score"] - float(score)) < 1e-4
+    assert data["compare_hf"]["same_sequences"] is True
+    assert data["summary"]["steps"] == 16 and data["summary"]["target_forwards"] == len(data["summary"]["depths"])
+
+
+def test_generate_beam_search_bad_options(capsys):
+    cases = [
+        (["generate", "--prompt", "x", "--num-beams", "2", "--mode", "sample"], "beam sampling is not supported"),
+        (["generate", "--prompt", "x", "--num-beams", "2", "--num-return-sequences", "3"], "at most --num-beams"),
+        (["generate", "--prompt", "x", "--compare-hf"], "--num-beams 2 or more"),
+        (["generate", "--prompt", "x", "--num-beams", "0"], "expected an integer >= 1"),
+        (["generate", "--prompt", "x", "--num-beams", "2", "--max-new-tokens", "5000"], "position limit"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("specbeam generate: error:")]
+        assert len(errors) == 1 and message in errors[0], (argv, errors)

@@ -51,16 +51,15 @@ def run_beams(args, tokenizer, target, assistant: SpecBeam, prompt_ids: list[int
     if args.num_return_sequences > args.num_beams:
         raise usage_error(f"--num-return-sequences ({args.num_return_sequences}) must be at most --num-beams ({args.num_beams})")
     input_ids = torch.tensor([prompt_ids], dtype=torch.long)  # [1, prompt_len]
+    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))  # [1, prompt_len] each
     kwargs = beam_kwargs(args, tokenizer, eos_ids)
     if args.compare_hf:  # untimed warm-up of both paths, so neither timing pays first-call costs
         warm = dict(kwargs, max_new_tokens=min(8, args.max_new_tokens))
-        target.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **warm)
-        target.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **warm,
-                        custom_generate=specbeam_generate, assistant=assistant)
+        target.generate(**inputs, **warm)
+        target.generate(**inputs, **warm, custom_generate=specbeam_generate, assistant=assistant)
     started = time.perf_counter()
     try:
-        result = target.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs,
-                                 custom_generate=specbeam_generate, assistant=assistant)
+        result = target.generate(**inputs, **kwargs, custom_generate=specbeam_generate, assistant=assistant)
     except ValueError as exc:  # e.g. prompt + new tokens past the models' positions
         raise usage_error(" ".join(str(exc).split())) from None
     seconds = time.perf_counter() - started
@@ -77,7 +76,7 @@ def run_beams(args, tokenizer, target, assistant: SpecBeam, prompt_ids: list[int
     comparison = None
     if args.compare_hf:
         started = time.perf_counter()
-        ref = target.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        ref = target.generate(**inputs, **kwargs)
         hf_seconds = time.perf_counter() - started
         same = ref.sequences.shape == result.sequences.shape and torch.equal(ref.sequences, result.sequences)
         comparison = {

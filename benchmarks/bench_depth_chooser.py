@@ -10,12 +10,16 @@ over prompts of its fastest of ``--rounds`` runs, HF's plain beam search and the
 turns (the order reversed every round). Part 2 ("mixed"): one request of ``--batch-prompts`` prompts
 at B = 4 (16 beams, where plain beam search is cheaper here, so depth 0 wins its measurements), then ``--after``
 single-prompt B = 4 requests; the time of those later requests for each chooser (fresh assistants).
-Every output is checked against HF's. Prints tables and writes JSON.
+Part 1 also records, per chooser, the depths its passes drafted and its own estimate of ms per beam
+step for each depth. Exactness: for each B, both choosers' outputs equal HF's on two prompts
+(untimed, 24 tokens); in part 2 every request's output equals HF's. Prints tables and writes JSON
+(``benchmarks/results/depth_chooser/bench_depth_chooser.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import time
@@ -66,19 +70,28 @@ def steady(target, draft, encs, b: int, rounds: int, max_new: int) -> dict:
     methods = {"hf": None, **assistants(draft, target)}
     best = {m: [float("inf")] * len(encs) for m in methods}
     steps = {m: [] for m in methods if m != "hf"}
+    depths = {m: collections.Counter() for m in methods if m != "hf"}
     for r in range(rounds):
         for i, enc in enumerate(encs):
             for name in list(methods)[:: -1 if r % 2 else 1]:
                 seconds, _ = timed(target, enc, kwargs, methods[name])
                 best[name][i] = min(best[name][i], seconds)
                 if name != "hf":
-                    steps[name].append(methods[name].last_beam_stats.steps_per_target_forward)
+                    stats = methods[name].last_beam_stats
+                    steps[name].append(stats.steps_per_target_forward)
+                    depths[name].update(rec["depth"] for rec in stats.records)
     tokens = len(encs) * max_new
-    row = {"beams": b, "prompts": len(encs), "rounds": rounds, "tokens_per_s": {}, "steps_per_pass": {}}
+    row = {"beams": b, "prompts": len(encs), "rounds": rounds, "tokens_per_s": {}, "steps_per_pass": {},
+           "passes_by_depth": {}, "estimated_ms_per_step_by_depth": {}}
     for name in methods:
         row["tokens_per_s"][name] = tokens / sum(best[name])
         if name != "hf":
             row["steps_per_pass"][name] = sum(steps[name]) / len(steps[name])
+            row["passes_by_depth"][name] = dict(sorted(depths[name].items()))
+            chooser = methods[name].beam_searcher_for(target).chooser  # its measurements for this workload
+            row["estimated_ms_per_step_by_depth"][name] = {
+                d: 1e3 * chooser.seconds[d] / chooser.steps[d] for d in chooser.depths if chooser.steps[d] > 0
+            }
     return row
 
 
@@ -96,8 +109,11 @@ def mixed(target, draft, tok, encs, batch_prompts: int, after: int, max_new: int
     kwargs = dict(num_beams=4, max_new_tokens=max_new, do_sample=False, pad_token_id=0, eos_token_id=None)
     batch = tok(PROMPTS[:batch_prompts], return_tensors="pt", padding=True)
     row = {"batch_prompts": batch_prompts, "after": after, "seconds": {}, "first_batch_seconds": {}, "steps_per_pass": {}}
+    expected_batch = target.generate(**batch, **kwargs)
     for name, assistant in assistants(draft, target).items():
-        row["first_batch_seconds"][name], _ = timed(target, batch, kwargs, assistant)
+        row["first_batch_seconds"][name], out = timed(target, batch, kwargs, assistant)
+        if not torch.equal(out, expected_batch):
+            raise AssertionError(f"{name}: beam search over the batch differs from HF's")
         total, steps = 0.0, []
         for i in range(after):
             enc = encs[i % len(encs)]
@@ -120,7 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-prompts", type=int, default=4, help="prompts in the batched request of part 2")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "depth_chooser")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(DEMO / "target", padding_side="left")
@@ -143,6 +159,10 @@ def main(argv=None) -> int:
                       f"{s['shipped']:.2f}", f"{t['earlier']:.1f}", f"{t['earlier'] / t['hf']:.2f}×",
                       f"{s['earlier']:.2f}")
     console.print(table)
+    for r in rows:
+        for name in ("shipped", "earlier"):
+            est = ", ".join(f"{d}: {ms:.1f}" for d, ms in r["estimated_ms_per_step_by_depth"][name].items())
+            console.print(f"B = {r['beams']} {name}: passes by depth {r['passes_by_depth'][name]}; its ms per beam step by depth {est}")
     result = {"steady": rows}
     if args.after:
         m = mixed(target, draft, tok, encs, args.batch_prompts, args.after, args.max_new_tokens)

@@ -474,7 +474,7 @@ def _cmd_generate(args) -> int:
     if args.num_beams > 1:
         from .cli_beam import run_beams
 
-        return run_beams(args, tokenizer, target, assistant, prompt_ids, eos_ids, load_seconds, UsageError)
+        return run_beams(args, tokenizer, target, assistant, prompt_ids, eos_ids, load_seconds)
 
     out = Console(highlight=False, soft_wrap=True)
     if args.verbose:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .assistant import SpecBeam
+from .cli import UsageError
 from .generate import generate as specbeam_generate
 
 
@@ -43,13 +44,13 @@ def beam_kwargs(args, tokenizer, eos_ids: list[int]) -> dict[str, Any]:
 
 
 def run_beams(args, tokenizer, target, assistant: SpecBeam, prompt_ids: list[int], eos_ids: list[int],
-              load_seconds: float, usage_error) -> int:
+              load_seconds: float) -> int:
     from rich.console import Console
     from rich.table import Table
 
     out, err = Console(highlight=False, soft_wrap=True), Console(stderr=True, highlight=False)
     if args.num_return_sequences > args.num_beams:
-        raise usage_error(f"--num-return-sequences ({args.num_return_sequences}) must be at most --num-beams ({args.num_beams})")
+        raise UsageError(f"--num-return-sequences ({args.num_return_sequences}) must be at most --num-beams ({args.num_beams})")
     input_ids = torch.tensor([prompt_ids], dtype=torch.long)  # [1, prompt_len]
     inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))  # [1, prompt_len] each
     kwargs = beam_kwargs(args, tokenizer, eos_ids)
@@ -61,7 +62,7 @@ def run_beams(args, tokenizer, target, assistant: SpecBeam, prompt_ids: list[int
     try:
         result = target.generate(**inputs, **kwargs, custom_generate=specbeam_generate, assistant=assistant)
     except ValueError as exc:  # e.g. prompt + new tokens past the models' positions
-        raise usage_error(" ".join(str(exc).split())) from None
+        raise UsageError(" ".join(str(exc).split())) from None
     seconds = time.perf_counter() - started
     stats = assistant.last_beam_stats
     width = input_ids.shape[1]
@@ -120,5 +121,5 @@ def run_beams(args, tokenizer, target, assistant: SpecBeam, prompt_ids: list[int
         try:
             Path(args.json_log).expanduser().write_text(json.dumps(log, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         except OSError as exc:
-            raise usage_error(f"cannot write --json-log {args.json_log}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot write --json-log {args.json_log}: {exc.strerror or exc}") from None
     return 1 if comparison is not None and not comparison["same_sequences"] else 0

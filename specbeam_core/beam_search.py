@@ -11,8 +11,8 @@ forward covers several steps:
 2. **score**: one target forward over every running beam's unseen tokens and its whole tree
    (ancestor masks over the paged cache) gives the target's logits after every node; the beams'
    trees differ in size (most nodes sit under the best beams), so their rows are packed side by side
-   into one row rather than padded to the largest wherever that costs less
-   (:func:`~specbeam_core.model.forward_rows`);
+   into one row rather than padded to the largest wherever that costs less, with the cached prefix
+   they share (forked blocks) read and attended once (:func:`~specbeam_core.model.forward_rows`);
 3. **replay**: the target's own beam search (:class:`~specbeam_core.beam_state.BeamSearchState`)
    steps on those logits for as long as every running beam's sequence is a scored node; the first
    step whose running beams leave the trees ends the replay, and the next pass drafts from there.

@@ -92,6 +92,11 @@ class PagedKVCache:
         return self.num_blocks - 1
 
     @property
+    def num_slots(self) -> int:
+        """Token slots in the pool (block 0's included): flat slot ids lie in ``[0, num_slots)``."""
+        return self.num_blocks * self.block_size
+
+    @property
     def num_sequences(self) -> int:
         return len(self._sequences)
 
@@ -276,6 +281,62 @@ class PagedKVCache:
         index = (torch.tensor([q.offset for q in seqs])[:, None] + column).clamp(max=most * bs - 1)  # [N, width]
         slots = flat.gather(1, index)  # [N, width]
         return slots.masked_fill_(column >= torch.tensor(lengths)[:, None], NULL_SLOT)
+
+    def _shared_spans(self, seq_ids: list[int], lengths: list[int]) -> dict[tuple[int, int], list[tuple[int, int, int]]] | None:
+        """None if no two of the sequences share a block; else, for every distinct (first position,
+        block) pair, the (row, first, end) slots within the block each sequence holding it uses."""
+        seqs = [self._seq(s) for s in seq_ids]
+        tables = [q.blocks[: self.blocks_needed(q.used(n))] for q, n in zip(seqs, lengths)]
+        if len({b for t in tables for b in t}) == sum(len(t) for t in tables):
+            return None
+        bs = self.block_size
+        spans: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        for r, (q, n, table) in enumerate(zip(seqs, lengths, tables)):
+            used = q.used(n)
+            for i, b in enumerate(table):
+                first, end = max(q.offset - i * bs, 0), min(used - i * bs, bs)
+                spans.setdefault((i * bs - q.offset, b), []).append((r, first, end))
+        return spans
+
+    def num_distinct_slots(self, seq_ids: list[int], lengths: list[int]) -> int:
+        """How many distinct (position, slot) pairs hold the sequences' first ``lengths[r]`` tokens:
+        ``sum(lengths)`` less what forks share."""
+        spans = self._shared_spans(seq_ids, lengths)
+        if spans is None:
+            return sum(lengths)
+        return sum(max(e for _, _, e in held) - min(f for _, f, _ in held) for held in spans.values())
+
+    def distinct_slot_table(self, seq_ids: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sequences' first ``lengths[r]`` tokens, each (position, slot) pair **once** however many
+        of them share it (forks share blocks): ``slots`` ``[U]`` and ``positions`` ``[U]`` in position
+        order, and ``holds`` ``[N, U]``, which sequence holds which."""
+        spans = self._shared_spans(seq_ids, lengths)
+        if spans is None:  # nothing shared: every sequence's own slots, one after another
+            width = max(max(lengths), 1)
+            table = self.read_slot_table(seq_ids, lengths, width)  # [N, width]
+            column = torch.arange(width)[None, :].expand_as(table)  # [N, width]
+            held = column < torch.tensor(lengths)[:, None]  # [N, width]
+            rows = torch.arange(len(seq_ids))[:, None].expand_as(table)[held]  # [U]
+            holds = torch.zeros(len(seq_ids), int(held.sum()), dtype=torch.bool)  # [N, U]
+            holds[rows, torch.arange(rows.numel())] = True
+            return table[held], column[held], holds
+        bs = self.block_size
+        slots: list[int] = []
+        positions: list[int] = []
+        hold_rows: list[int] = []
+        hold_cols: list[int] = []
+        for (base, block), held in sorted(spans.items()):
+            first = min(f for _, f, _ in held)
+            end = max(e for _, _, e in held)
+            col = len(slots)
+            slots.extend(range(block * bs + first, block * bs + end))
+            positions.extend(range(base + first, base + end))
+            for r, f, e in held:
+                hold_rows.extend([r] * (e - f))
+                hold_cols.extend(range(col + f - first, col + e - first))
+        holds = torch.zeros(len(seq_ids), len(slots), dtype=torch.bool)  # [N, U]
+        holds[torch.tensor(hold_rows, dtype=torch.long), torch.tensor(hold_cols, dtype=torch.long)] = True
+        return torch.tensor(slots, dtype=torch.long), torch.tensor(positions, dtype=torch.long), holds
 
     def contiguous_start(self, seq_id: int, length: int) -> int | None:
         """First slot if the sequence's first ``length`` tokens lie in consecutive blocks, else None."""

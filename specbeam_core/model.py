@@ -204,11 +204,14 @@ def build_packed_kv_batch(
 
     A left-padded batch computes ``N × max(num_new)`` positions; rows of very different lengths
     (beam trees: most nodes under the best beam) waste most of them in every linear layer. Here the
-    rows' new tokens are laid side by side (``T = sum(num_new)``) and so are their keys (each row's
-    cached keys, then its new ones: ``K = sum(num_cached + num_new)``); the mask lets a query see only
-    its own row's keys, in the row's causal or tree order, and positions are the row's own. Rows'
-    tokens that need no logits come first, then every row's last ``num_needed[r]`` tokens, row after
-    row (see :class:`PackedRows`). Masks and depths are as for :func:`build_kv_batch`.
+    rows' new tokens are laid side by side (``T = sum(num_new)``) and so are their keys: first the
+    rows' cached keys, each pool slot **once** however many rows hold it (beams forked from one
+    another share their prefix blocks, so a shared prefix is read and attended once, not once per
+    beam), in position order, then every row's new keys, row after row. The mask lets a query see
+    the cached keys of its own row and its row's new keys in the row's causal or tree order;
+    positions are the row's own. Rows' tokens that need no logits come first, then every row's last
+    ``num_needed[r]`` tokens, row after row (see :class:`PackedRows`). Masks and depths are as for
+    :func:`build_kv_batch`.
     """
     n_rows = len(seq_ids)
     if n_rows == 0 or min(num_new) < 1:
@@ -225,8 +228,6 @@ def build_packed_kv_batch(
         for s, n in zip(seq_ids[: len(new_slots)], num_new[: len(new_slots)]):
             cache.rollback(s, n)
         raise
-    total = [c + n for c, n in zip(num_cached, num_new)]
-    read_table = cache.read_slot_table(list(seq_ids), total, max(total))  # [N, max total]
 
     # columns: every row's leading (no-logits) tokens, then every row's needed tokens
     columns: list[list[int]] = [[] for _ in range(n_rows)]
@@ -248,11 +249,10 @@ def build_packed_kv_batch(
         q_own[cols] = torch.arange(num_new[r])
         for j, c in enumerate(columns[r]):
             write[c] = new_slots[r][j]
-    k_total = sum(total)
-    k_row = torch.repeat_interleave(torch.arange(n_rows), torch.tensor(total))  # [K] row of each packed key
-    k_start = torch.tensor([0] + total[:-1]).cumsum(0)  # [N] first packed key of each row
-    k_idx = torch.arange(k_total) - k_start[k_row]  # [K] index among the row's keys
-    read_slots = read_table[k_row, k_idx][None]  # [1, K]
+
+    # cached keys, each (position, slot) pair once: the prefix that forked beams share is read once
+    cached_slots, cached_pos, row_sees = cache.distinct_slot_table(list(seq_ids), num_cached)  # [U], [U], [N, U]
+    n_distinct = cached_slots.numel()
 
     cached_t = torch.tensor(num_cached)  # [N]
     if new_token_depths is None:
@@ -260,18 +260,21 @@ def build_packed_kv_batch(
     else:
         q_depth = new_token_depths[q_row, q_own]  # [T]
     positions = (cached_t[q_row] + q_depth)[None]  # [1, T]
-    k_new = k_idx - cached_t[k_row]  # [K] index among the row's new tokens (< 0: a cached key)
-    key_pos = k_idx.clone()
-    is_new = k_new >= 0
-    if new_token_depths is not None:
-        key_pos[is_new] = cached_t[k_row[is_new]] + new_token_depths[k_row[is_new], k_new[is_new]]
-
-    same_row = q_row[:, None] == k_row[None, :]  # [T, K]
-    if new_token_mask is None:
-        new_ok = k_new[None, :] <= q_own[:, None]  # [T, K] causal among the row's new tokens
+    k_row = torch.repeat_interleave(torch.arange(n_rows), torch.tensor(list(num_new)))  # [sum(num_new)] row of each new key
+    k_new = torch.cat([torch.arange(n) for n in num_new])  # [sum(num_new)] its index among the row's new tokens
+    if new_token_depths is None:
+        new_pos = cached_t[k_row] + k_new
     else:
-        new_ok = new_token_mask[q_row[:, None], q_own[:, None], k_new.clamp(min=0, max=t_max - 1)[None, :]]  # [T, K]
-    allowed = same_row & (~is_new[None, :] | new_ok)  # [T, K]
+        new_pos = cached_t[k_row] + new_token_depths[k_row, k_new]  # [sum(num_new)]
+    key_pos = torch.cat([cached_pos, new_pos])  # [K]
+    read_slots = torch.cat([cached_slots, torch.tensor([s for slots in new_slots for s in slots])])[None]  # [1, K]
+
+    if new_token_mask is None:
+        new_ok = k_new[None, :] <= q_own[:, None]  # [T, sum(num_new)] causal among the row's new tokens
+    else:
+        new_ok = new_token_mask[q_row[:, None], q_own[:, None], k_new[None, :]]  # [T, sum(num_new)]
+    allowed = torch.cat([row_sees[q_row], new_ok & (q_row[:, None] == k_row[None, :])], dim=1)  # [T, K]
+    k_total = allowed.shape[1]
     attention_mask = torch.zeros(1, 1, t_total, k_total, dtype=dtype)  # [1, 1, T, K]
     attention_mask.masked_fill_(~allowed[None, None], torch.finfo(dtype).min)
 
@@ -283,29 +286,43 @@ def build_packed_kv_batch(
         read_start=None,
         attention_mask=attention_mask,
         positions=positions,
-        num_cached=[k_total - t_total],
-        num_new=[t_total],
+        num_cached=[n_distinct],
+        num_new=[k_total - n_distinct],
         key_positions=key_pos[None],
     )
     return kv, PackedRows(columns=columns, num_needed=list(num_needed))
 
 
 DEFAULT_KEYS_PER_TOKEN = 1024.0  # a CausalLM that does not say: a model of hidden size ~200 to ~500
+# Gathering one key (and its value) out of the paged pool costs about as much as scoring 16 (query, key)
+# pairs: a copy of heads x dim values through memory against as many multiply-adds in cache (demo
+# target, CPU: 4 forked beams over an 800-token prompt, one token each: 25.9 ms padded (4 x 817 keys
+# read) against 22.1 ms packed (868 keys), the attention work about equal).
+KEY_READ_PAIRS = 16.0
 
 
-def pack_is_cheaper(num_cached: Sequence[int], num_new: Sequence[int], keys_per_token: float) -> bool:
+def pack_is_cheaper(
+    num_cached: Sequence[int], num_new: Sequence[int], keys_per_token: float, distinct_cached: int | None = None
+) -> bool:
     """Whether packing ragged rows into one (:func:`build_packed_kv_batch`) costs less work than
     left-padding them (:func:`build_kv_batch`).
 
     Work is counted in (query, key) attention pairs: a query token costs ``keys_per_token`` pairs' worth
-    in the linear layers, plus one pair per key it is scored against. Padded: ``N * max(num_new)``
-    queries, each against ``max(num_cached + num_new)`` keys. Packed: ``sum(num_new)`` queries, each
-    against all ``sum(num_cached + num_new)`` keys (other rows' masked). Short contexts and ragged rows
-    favour packing; long contexts favour padding, whose attention stays per row.
+    in the linear layers, plus one pair per key it is scored against, and every key read from the pool
+    ``KEY_READ_PAIRS``. Padded: ``N * max(num_new)`` queries, each against ``max(num_cached + num_new)``
+    keys, and every row reads that many. Packed: ``sum(num_new)`` queries, each against the packed
+    row's keys, read once: the rows' ``distinct_cached`` cached keys (a prefix the rows share counted
+    once; ``sum(num_cached)`` when not given) and all ``sum(num_new)`` new ones (other rows' masked).
+    Ragged rows and shared prefixes favour packing; long contexts the rows do not share favour
+    padding, whose attention stays per row.
     """
     total = [c + n for c, n in zip(num_cached, num_new)]
-    padded = len(num_new) * max(num_new) * (keys_per_token + max(total))
-    packed = sum(num_new) * (keys_per_token + sum(total))
+    if distinct_cached is None:
+        distinct_cached = sum(num_cached)
+    padded_keys = max(total)
+    packed_keys = distinct_cached + sum(num_new)
+    padded = len(num_new) * (max(num_new) * (keys_per_token + padded_keys) + KEY_READ_PAIRS * padded_keys)
+    packed = sum(num_new) * (keys_per_token + packed_keys) + KEY_READ_PAIRS * packed_keys
     return packed < padded
 
 
@@ -329,7 +346,10 @@ def forward_rows(
     keys_per_token = getattr(model, "keys_per_token", None)
     if keys_per_token is None:
         keys_per_token = DEFAULT_KEYS_PER_TOKEN
-    if len(feeds) > 1 and pack_is_cheaper([cache.length(s) for s in seq_ids], num_new, keys_per_token):
+    num_cached = [cache.length(s) for s in seq_ids]
+    if len(feeds) > 1 and pack_is_cheaper(
+        num_cached, num_new, keys_per_token, cache.num_distinct_slots(list(seq_ids), num_cached)
+    ):
         kv, packed = build_packed_kv_batch(
             cache, seq_ids, num_new, num_needed, cache.dtype,
             new_token_mask=new_token_mask, new_token_depths=new_token_depths,

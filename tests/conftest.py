@@ -182,7 +182,7 @@ def rows_layout(request, monkeypatch):
     used: list[str] = []
     pack = request.param == "packed"
 
-    def forced(num_cached, num_new, keys_per_token):
+    def forced(num_cached, num_new, keys_per_token, distinct_cached=None):
         used.append(request.param)
         return pack
 

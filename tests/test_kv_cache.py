@@ -217,6 +217,37 @@ def test_rollback_of_shared_block_keeps_sibling():
     assert_holds(cache, p, [1] * 7)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+def test_distinct_slot_table_lists_shared_slots_once(aligned):
+    """Forks share blocks: the distinct table holds every (position, slot) pair once, and what each
+    sequence holds of it is exactly its own slots at its own positions (a sibling rolled back inside
+    a shared block holds only its first tokens of it)."""
+    cache = make_cache(num_blocks=16)
+    root = cache.new_sequence(end_aligned_at=6 if aligned else None)
+    cache.append_slots(root, 6)
+    forks = [cache.fork(root) for _ in range(3)]
+    cache.append_slots(forks[0], 5)  # grows past the shared blocks
+    cache.rollback(forks[1], 1)  # stays inside the shared block, holding one token less of it
+    seqs = [root] + forks
+    lengths = [cache.length(s) for s in seqs]
+    slots, positions, holds = cache.distinct_slot_table(seqs, lengths)  # [U], [U], [N, U]
+    assert holds.shape == (len(seqs), slots.numel())
+    pairs = list(zip(slots.tolist(), positions.tolist()))
+    assert len(set(pairs)) == len(pairs)  # each pair once
+    for r, s in enumerate(seqs):
+        own = sorted(zip(cache.read_slots(s).tolist(), range(lengths[r])))
+        assert sorted(p for p, held in zip(pairs, holds[r].tolist()) if held) == own
+    # the root's six and fork 0's own five, and unaligned, fork 0's copy of the two in the block it wrote into
+    assert slots.numel() == cache.num_distinct_slots(seqs, lengths) == (6 + 5 if aligned else 6 + 2 + 5)
+    # nothing shared: each sequence's own slots, one after another
+    other = cache.new_sequence()
+    cache.append_slots(other, 3)
+    slots, positions, holds = cache.distinct_slot_table([forks[0], other], [11, 3])
+    assert slots.tolist() == cache.read_slots(forks[0]).tolist() + cache.read_slots(other).tolist()
+    assert positions.tolist() == list(range(11)) + list(range(3))
+    assert holds.sum(1).tolist() == [11, 3] and cache.num_distinct_slots([forks[0], other], [11, 3]) == 14
+
+
 @pytest.mark.parametrize("n", [-1, 6])
 def test_rollback_out_of_range(n):
     cache = make_cache()

@@ -208,6 +208,60 @@ def test_packed_rows_equal_plain_forward(model_type, window):
     assert cache.num_free_blocks == baseline
 
 
+@pytest.mark.parametrize("model_type, window", [("llama", None), ("mistral", WINDOW)])
+def test_packed_rows_read_a_shared_prefix_once(model_type, window):
+    """Beams forked from one sequence share its prefix blocks: the packed row reads and attends each
+    shared key once (the keys are the distinct cached slots, then the new tokens), and every logit
+    still equals a plain HF forward of that beam's own tokens; the pool returns to its baseline."""
+    model = build(model_type, sliding_window=window)
+    lm = specbeam_hf.HFCausalLM(model)
+    cache = lm.make_cache(64, 4)
+    baseline = cache.num_free_blocks
+    prompt = [5, 17, 33, 8, 61, 22, 40, 9, 70, 14]  # 10 tokens: two full blocks and half of a third
+    root = cache.new_sequence()
+    lm.forward(torch.tensor([prompt]), build_kv_batch(cache, [root], [len(prompt)], cache.dtype), 1)
+    beams = [cache.fork(root) for _ in range(3)]
+    cache.free(root)
+    own = [[3], [3, 55], [12]]  # each beam's own tokens after the prompt (beam 1 wrote into its copy of block 3)
+    for b, toks in zip(beams, own):
+        lm.forward(torch.tensor([toks]), build_kv_batch(cache, [b], [len(toks)], cache.dtype), 1)
+    tree = TokenTree(tokens=[10, 11, 12, 12], parents=[-1, -1, 0, 1])
+    feeds = [tree.tokens, [44, 6], [7]]
+    masks = torch.zeros(3, 4, 4, dtype=torch.bool)  # [N, T, T]
+    depths = torch.zeros(3, 4, dtype=torch.long)  # [N, T]
+    masks[0], depths[0] = tree.row_mask(0), tree.row_depths(0)
+    masks[1, :2, :2] = torch.ones(2, 2, dtype=torch.bool).tril()
+    depths[1, :2] = torch.arange(2)
+    masks[2, 0, 0] = True
+    needed = [4, 2, 1]
+    num_cached = [cache.length(b) for b in beams]
+    # 11 + 12 + 11 cached keys: blocks 1-2 (8 prompt keys) are shared by all three beams; the third block
+    # was copied on write by the first two beams to write into it (2 prompt keys + their own), the last
+    # beam writes into the original: 8 + (2 + 1) + (2 + 2) + (2 + 1) = 18 distinct keys
+    distinct = cache.num_distinct_slots(beams, num_cached)
+    assert (num_cached, distinct) == ([11, 12, 11], 18)
+    kv, packed = build_packed_kv_batch(
+        cache, beams, [len(f) for f in feeds], needed, cache.dtype, new_token_mask=masks, new_token_depths=depths
+    )
+    assert kv.read_slots.shape == (1, distinct + sum(len(f) for f in feeds))
+    rows = packed.split(lm.forward(packed.tokens(feeds), kv, packed.total_needed))
+
+    def plain(tokens):
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([tokens])).logits[0, -1].float()  # [vocab]
+
+    history = [prompt + o for o in own]
+    expected = [[plain(history[0] + list(tree.path_tokens(n))) for n in range(len(tree))],
+                [plain(history[1] + feeds[1][: j + 1]) for j in range(2)],
+                [plain(history[2] + feeds[2])]]
+    for r, (got, want) in enumerate(zip(rows, expected)):
+        for j, w in enumerate(want):
+            torch.testing.assert_close(got[j].float(), w, atol=1e-5, rtol=0, msg=f"row {r}, logit {j}")
+    for b in beams:
+        cache.free(b)
+    assert cache.num_free_blocks == baseline
+
+
 def test_packed_rows_reject_bad_counts():
     lm = specbeam_hf.HFCausalLM(build("llama"))
     cache = lm.make_cache(8, 4)
@@ -224,6 +278,12 @@ def test_pack_is_cheaper_weighs_linear_against_attention_work():
     assert pack_is_cheaper([20, 20, 20, 20], [25, 3, 2, 1], keys_per_token=2000)
     # the same rows over long contexts: packed queries would attend to every row's keys -> pad
     assert not pack_is_cheaper([16000, 16000, 16000, 16000], [25, 3, 2, 1], keys_per_token=2000)
+    # ... unless the rows are beams sharing most of that context, which the packed row reads once -> pack
+    assert pack_is_cheaper([16000, 16000, 16000, 16000], [25, 3, 2, 1], keys_per_token=2000, distinct_cached=16300)
+    # one token per row (beam search at depth 0) over a long context: padding reads every row's keys, packing
+    # reads a shared prefix once -> pack when the rows are beams sharing it, pad when they share nothing
+    assert pack_is_cheaper([817] * 4, [1] * 4, keys_per_token=2476, distinct_cached=864)
+    assert not pack_is_cheaper([817] * 4, [1] * 4, keys_per_token=2476)
     # rows of equal length: nothing to save -> pad
     assert not pack_is_cheaper([20, 20], [5, 5], keys_per_token=2000)
 

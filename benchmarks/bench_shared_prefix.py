@@ -19,7 +19,8 @@ Workloads (B = 4, EOS off): the benchmark prompts with 64 and with 256 new token
 a long input). Each method's time is the sum over prompts of its fastest of ``--rounds`` runs (the
 order reversed every round); every run's output is compared with HF's. Also recorded: keys each
 scoring pass read (mean over passes of the packed row's keys, per method). Prints a table and writes
-JSON (``benchmarks/results/shared_prefix/bench_shared_prefix.json``).
+JSON (``benchmarks/results/shared_prefix/bench_shared_prefix_b4.json``; ``_b8``, ``_b4_depth3``... for other
+options).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
                       f"{s['per beam']:.2f}", fmt(k["per beam"]))
     console.print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("bench_shared_prefix.json" if args.depth is None else f"bench_shared_prefix_depth{args.depth}.json")
+    path = args.out / f"bench_shared_prefix_b{args.beams}{'' if args.depth is None else f'_depth{args.depth}'}.json"
     meta = {"command": " ".join(["bench_shared_prefix.py"] + (argv if argv is not None else sys.argv[1:])),
             "device": describe("cpu"), "torch": torch.__version__}
     path.write_text(json.dumps({"meta": meta, "workloads": rows}, indent=1))

@@ -21,7 +21,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import specbeam_hf
 from specbeam_core import beam_state
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hf import PROMPTS, describe  # noqa: E402
+from bench_hf import PROMPTS, write_result  # noqa: E402
 
 DEMO = Path(specbeam_hf.__file__).parent / "demo_models"
 
@@ -153,11 +152,8 @@ def main(argv=None) -> int:
         cells = [f"{lv['covered']:.0%} ({lv['parent_not_expanded']:.0%}) of {lv['reached']}" for lv in r["levels"]]
         table.add_row(str(r["beams"]), str(r["width"]), *(cells + [""] * (args.depth - len(cells))), f"{r['steps_per_pass']:.2f}")
     console.print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"beam_coverage_{args.dtype}.json"
-    meta = {"command": " ".join(["beam_coverage.py"] + (argv if argv is not None else sys.argv[1:])),
-            "device": describe("cpu"), "torch": torch.__version__}
-    path.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+    write_result(path, "beam_coverage.py", argv, {"rows": results})
     console.print(f"wrote {path}")
     return 0
 

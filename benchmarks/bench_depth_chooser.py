@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import specbeam_hf
 from specbeam_core.beam_search import DepthChooser
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hf import PROMPTS, describe  # noqa: E402
+from bench_hf import PROMPTS, write_result  # noqa: E402
 
 DEMO = Path(specbeam_hf.__file__).parent / "demo_models"
 
@@ -175,11 +174,8 @@ def main(argv=None) -> int:
             table.add_row(name, f"{m['first_batch_seconds'][name]:.2f}", f"{m['seconds'][name]:.2f}",
                           f"{m['steps_per_pass'][name]:.2f}")
         console.print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_depth_chooser.json"
-    meta = {"command": " ".join(["bench_depth_chooser.py"] + (argv if argv is not None else sys.argv[1:])),
-            "device": describe("cpu"), "torch": torch.__version__}
-    path.write_text(json.dumps({"meta": meta, **result}, indent=1))
+    write_result(path, "bench_depth_chooser.py", argv, result)
     console.print(f"wrote {path}")
     return 0
 

@@ -100,6 +100,14 @@ def describe(device: str) -> str:
     return f"CPU {torch.get_num_threads()} threads"
 
 
+def write_result(path: Path, script: str, argv, payload: dict) -> None:
+    """``payload`` as JSON at ``path``, after a ``meta`` entry: the command line, the CPU, torch's version."""
+    meta = {"command": " ".join([script] + (argv if argv is not None else sys.argv[1:])),
+            "device": describe("cpu"), "torch": torch.__version__}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, **payload}, indent=1))
+
+
 def run(target, batches, max_new: int, repeats: int, **gen_kwargs):
     """Best-of-``repeats`` wall time over all batches; returns (seconds, new tokens, outputs)."""
     best, outputs, new_tokens = float("inf"), None, 0

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import torch
@@ -43,7 +41,8 @@ import specbeam_hf
 from specbeam_core import PagedKVCache
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hf import PROMPTS, describe  # noqa: E402
+from bench_depth_chooser import timed  # noqa: E402
+from bench_hf import PROMPTS, describe, write_result  # noqa: E402
 
 DEMO = Path(specbeam_hf.__file__).parent / "demo_models"
 LONG_SOURCES = ["textwrap.py", "shlex.py", "bisect.py", "fnmatch.py"]
@@ -89,15 +88,6 @@ def long_prompts(tok, n: int, tokens: int) -> list[str]:
     return out
 
 
-def run(target, enc, kwargs, assistant=None):
-    t0 = time.perf_counter()
-    if assistant is None:
-        out = target.generate(**enc, **kwargs)
-    else:
-        out = target.generate(**enc, **kwargs, custom_generate=specbeam_hf.generate, assistant=assistant)
-    return time.perf_counter() - t0, out
-
-
 def workload(target, draft, encs, b: int, max_new: int, rounds: int, depth: int | None) -> dict:
     kwargs = dict(num_beams=b, max_new_tokens=max_new, do_sample=False, pad_token_id=0, eos_token_id=None)
     options = {} if depth is None else dict(beam_adaptive=False, beam_depth=depth)
@@ -111,7 +101,7 @@ def workload(target, draft, encs, b: int, max_new: int, rounds: int, depth: int 
             for name in list(methods)[:: -1 if r % 2 else 1]:
                 layout = per_beam_keys() if name == "per beam" else contextlib.nullcontext()
                 with layout, KeyCounter() as counter:
-                    seconds, out = run(target, enc, kwargs, methods[name])
+                    seconds, out = timed(target, enc, kwargs, methods[name])
                 best[name][i] = min(best[name][i], seconds)
                 if name == "hf":
                     expected[i] = out if expected[i] is None else expected[i]
@@ -123,7 +113,7 @@ def workload(target, draft, encs, b: int, max_new: int, rounds: int, depth: int 
         for i, enc in enumerate(encs):
             layout = per_beam_keys() if name == "per beam" else contextlib.nullcontext()
             with layout:
-                _, out = run(target, enc, kwargs, methods[name])
+                _, out = timed(target, enc, kwargs, methods[name])
             if not torch.equal(out, expected[i]):
                 raise AssertionError(f"{name}: beam search with B = {b} differs from HF's on prompt {i}")
     tokens = len(encs) * max_new
@@ -157,7 +147,7 @@ def main(argv=None) -> int:
         "short-256": (PROMPTS[: args.prompts], 256),
         "long-prompt": (long_prompts(tok, args.prompts, args.long_tokens), 64),
     }
-    run(target, tok(["def f("], return_tensors="pt"), dict(max_new_tokens=4, do_sample=False, pad_token_id=0))  # warm-up
+    timed(target, tok(["def f("], return_tensors="pt"), dict(max_new_tokens=4, do_sample=False, pad_token_id=0))  # warm-up
     console = Console(width=200)
     rows = []
     for name in [w for w in args.workloads.split(",") if w]:
@@ -178,11 +168,8 @@ def main(argv=None) -> int:
                       fmt(k["shared once"]), f"{t['per beam']:.1f}", f"{t['per beam'] / t['hf']:.2f}×",
                       f"{s['per beam']:.2f}", fmt(k["per beam"]))
     console.print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_shared_prefix_b{args.beams}{'' if args.depth is None else f'_depth{args.depth}'}.json"
-    meta = {"command": " ".join(["bench_shared_prefix.py"] + (argv if argv is not None else sys.argv[1:])),
-            "device": describe("cpu"), "torch": torch.__version__}
-    path.write_text(json.dumps({"meta": meta, "workloads": rows}, indent=1))
+    write_result(path, "bench_shared_prefix.py", argv, {"workloads": rows})
     console.print(f"wrote {path}")
     return 0
 

@@ -218,7 +218,6 @@ def build_packed_kv_batch(
         raise ValueError("every row of a KV batch must feed at least one token")
     if any(not 0 <= k <= n for k, n in zip(num_needed, num_new)):
         raise ValueError(f"num_needed {list(num_needed)} must lie within num_new {list(num_new)}")
-    t_max = max(num_new)
     num_cached = [cache.length(s) for s in seq_ids]
     new_slots: list[list[int]] = []
     try:

@@ -11,6 +11,8 @@ Terminology (as in vLLM's paged attention):
   (copy-on-write), so siblings never see each other's tokens.
 - **rollback**: forgetting the last ``n`` tokens of a sequence (rejected draft tokens); whole blocks
   that fall out of use go back to the pool. Accepted tokens are never recomputed.
+- **distinct slots**: what forked sequences hold together, each (position, slot) pair once
+  (``distinct_slot_table``), so one forward over several beams reads their shared prefix once.
 
 Block 0 is the *null block*: never handed out, it absorbs the writes of padding tokens in ragged
 batches, so padding needs no special case in the model code.
@@ -90,11 +92,6 @@ class PagedKVCache:
     @property
     def num_usable_blocks(self) -> int:
         return self.num_blocks - 1
-
-    @property
-    def num_slots(self) -> int:
-        """Token slots in the pool (block 0's included): flat slot ids lie in ``[0, num_slots)``."""
-        return self.num_blocks * self.block_size
 
     @property
     def num_sequences(self) -> int:
@@ -308,8 +305,8 @@ class PagedKVCache:
 
     def distinct_slot_table(self, seq_ids: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The sequences' first ``lengths[r]`` tokens, each (position, slot) pair **once** however many
-        of them share it (forks share blocks): ``slots`` ``[U]`` and ``positions`` ``[U]`` in position
-        order, and ``holds`` ``[N, U]``, which sequence holds which."""
+        of them share it (forks share blocks): ``slots`` ``[U]``, their ``positions`` ``[U]`` (every
+        sequence's own in increasing order) and ``holds`` ``[N, U]``, which sequence holds which."""
         spans = self._shared_spans(seq_ids, lengths)
         if spans is None:  # nothing shared: every sequence's own slots, one after another
             width = max(max(lengths), 1)

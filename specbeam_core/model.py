@@ -205,9 +205,10 @@ def build_packed_kv_batch(
     A left-padded batch computes ``N × max(num_new)`` positions; rows of very different lengths
     (beam trees: most nodes under the best beam) waste most of them in every linear layer. Here the
     rows' new tokens are laid side by side (``T = sum(num_new)``) and so are their keys: first the
-    rows' cached keys, each pool slot **once** however many rows hold it (beams forked from one
-    another share their prefix blocks, so a shared prefix is read and attended once, not once per
-    beam), in position order, then every row's new keys, row after row. The mask lets a query see
+    rows' cached keys, each (position, pool slot) pair **once** however many rows hold it (beams
+    forked from one another share their prefix blocks, so a shared prefix is read and attended once,
+    not once per beam: :meth:`PagedKVCache.distinct_slot_table`), then every row's new keys, row after
+    row. The mask lets a query see
     the cached keys of its own row and its row's new keys in the row's causal or tree order;
     positions are the row's own. Rows' tokens that need no logits come first, then every row's last
     ``num_needed[r]`` tokens, row after row (see :class:`PackedRows`). Masks and depths are as for

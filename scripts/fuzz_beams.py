@@ -4,6 +4,7 @@ sequences_scores within 1e-4 absolute / 1e-6 relative: one float32 ulp of a scor
 
     python scripts/fuzz_beams.py --cases 60 --seed 7
     python scripts/fuzz_beams.py --cases 60 --seed 7 --draft-dtype bfloat16   # bf16 drafts, float32 target
+    python scripts/fuzz_beams.py --cases 12 --seed 5 --long-prompts           # 120-260-token prompts
 
 Prints every failing case and a count; exits 1 if any failed. Not a test: a case runs seconds.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -28,8 +30,19 @@ TEXTS = [
 ]
 
 
-def random_case(rng: random.Random, tok) -> tuple[list[str], dict, dict]:
-    batch = rng.sample(TEXTS, rng.choice([1, 1, 2, 3]))
+def long_texts(rng: random.Random, tok, n: int) -> list[str]:
+    """``n`` random 120–260-token slices of a standard-library source file (what beams share is long)."""
+    ids = tok(Path(sysconfig.get_paths()["stdlib"]).joinpath("argparse.py").read_text(), add_special_tokens=False)["input_ids"]
+    out = []
+    for _ in range(n):
+        start, length = rng.randrange(len(ids) - 300), rng.randrange(120, 261)
+        out.append(tok.decode(ids[start : start + length]))
+    return out
+
+
+def random_case(rng: random.Random, tok, long_prompts: bool = False) -> tuple[list[str], dict, dict]:
+    size = rng.choice([1, 1, 2, 3])
+    batch = long_texts(rng, tok, size) if long_prompts else rng.sample(TEXTS, size)
     newline = tok.convert_tokens_to_ids("\n") if "\n" in tok.get_vocab() else None
     kwargs = dict(
         num_beams=rng.choice([2, 3, 4, 6]), max_new_tokens=rng.choice([8, 20, 40]), do_sample=False,
@@ -53,6 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--long-prompts", action="store_true",
+                   help="prompts are 120-260-token slices of argparse.py instead of the short code openings")
     p.add_argument("--draft-dtype", default=None, choices=["bfloat16", "float32"],
                    help="run the draft in this dtype in every case (SpecBeam's draft_dtype; default: float32, as loaded)")
     args = p.parse_args(argv)
@@ -63,7 +78,7 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     fails = 0
     for case in range(args.cases):
-        batch, kwargs, options = random_case(rng, tok)
+        batch, kwargs, options = random_case(rng, tok, args.long_prompts)
         enc = tok(batch, return_tensors="pt", padding=True)
         ref = target.generate(**enc, **kwargs)
         out = target.generate(**enc, **kwargs, custom_generate=specbeam_hf.generate,

@@ -295,9 +295,8 @@ def build_packed_kv_batch(
 
 DEFAULT_KEYS_PER_TOKEN = 1024.0  # a CausalLM that does not say: a model of hidden size ~200 to ~500
 # Gathering one key (and its value) out of the paged pool costs about as much as scoring 16 (query, key)
-# pairs: a copy of heads x dim values through memory against as many multiply-adds in cache (demo
-# target, CPU: 4 forked beams over an 800-token prompt, one token each: 25.9 ms padded (4 x 817 keys
-# read) against 22.1 ms packed (868 keys), the attention work about equal).
+# pairs: a copy of heads x dim values through memory against as many multiply-adds in cache
+# (benchmarks/bench_pack_layout.py: forked beams, one token each, padded against packed).
 KEY_READ_PAIRS = 16.0
 
 

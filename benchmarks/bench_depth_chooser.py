@@ -33,7 +33,7 @@ import specbeam_hf
 from specbeam_core.beam_search import DepthChooser
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hf import PROMPTS, write_result  # noqa: E402
+from bench_hf import PROMPTS, sync, write_result  # noqa: E402
 
 DEMO = Path(specbeam_hf.__file__).parent / "demo_models"
 
@@ -55,11 +55,13 @@ def assistants(draft, target):
 
 
 def timed(target, enc, kwargs, assistant=None):
+    sync()
     t0 = time.perf_counter()
     if assistant is None:
         out = target.generate(**enc, **kwargs)
     else:
         out = target.generate(**enc, **kwargs, custom_generate=specbeam_hf.generate, assistant=assistant)
+    sync()
     return time.perf_counter() - t0, out
 
 

@@ -5,6 +5,7 @@ and HF's own beam search, the three taking turns in one process on the demo pair
     python benchmarks/bench_shared_prefix.py
     python benchmarks/bench_shared_prefix.py --depth 3          # a fixed depth: the layouts alone compared
     python benchmarks/bench_shared_prefix.py --rounds 2 --workloads long-prompt
+    python benchmarks/bench_shared_prefix.py --device cuda      # models and KV pools on the GPU
 
 Beams are forks of one another in the paged cache: they share the prompt's blocks and the blocks of
 every token they have in common. A scoring pass packs the beams' trees into one row; "per beam" is
@@ -131,27 +132,28 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=None,
                    help="draft this many levels every pass (beam_adaptive=False); default: the adaptive depth chooser")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "shared_prefix")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(DEMO / "target")
-    target = AutoModelForCausalLM.from_pretrained(DEMO / "target", dtype=torch.float32).eval()
-    draft = AutoModelForCausalLM.from_pretrained(DEMO / "draft", dtype=torch.float32).eval()
+    target = AutoModelForCausalLM.from_pretrained(DEMO / "target", dtype=torch.float32).to(args.device).eval()
+    draft = AutoModelForCausalLM.from_pretrained(DEMO / "draft", dtype=torch.float32).to(args.device).eval()
     specs = {
         "short-64": (PROMPTS[: args.prompts], 64),
         "short-256": (PROMPTS[: args.prompts], 256),
         "long-prompt": (long_prompts(tok, args.prompts, args.long_tokens), 64),
     }
-    timed(target, tok(["def f("], return_tensors="pt"), dict(max_new_tokens=4, do_sample=False, pad_token_id=0))  # warm-up
+    timed(target, tok(["def f("], return_tensors="pt").to(args.device), dict(max_new_tokens=4, do_sample=False, pad_token_id=0))  # warm-up
     console = Console(width=200)
     rows = []
     for name in [w for w in args.workloads.split(",") if w]:
         prompts, max_new = specs[name]
-        encs = [tok([q], return_tensors="pt") for q in prompts]
+        encs = [tok([q], return_tensors="pt").to(args.device) for q in prompts]
         rows.append({"workload": name, **workload(target, draft, encs, args.beams, max_new, args.rounds, args.depth)})
     depth = "adaptive depth" if args.depth is None else f"depth {args.depth}"
     table = Table(title=f"B = {args.beams}, {depth}, demo pair float32, fastest of {args.rounds} rounds, methods taking turns, "
-                        f"{describe('cpu')}")
+                        f"{describe(args.device)}")
     for col in ("workload", "prompt tokens", "new", "HF tok/s", "shared once tok/s", "×HF", "steps/pass", "keys/pass",
                 "per beam tok/s", "×HF ", "steps/pass ", "keys/pass "):
         table.add_column(col, justify="right")
@@ -163,7 +165,8 @@ def main(argv=None) -> int:
                       fmt(k["shared once"]), f"{t['per beam']:.1f}", f"{t['per beam'] / t['hf']:.2f}×",
                       f"{s['per beam']:.2f}", fmt(k["per beam"]))
     console.print(table)
-    path = args.out / f"bench_shared_prefix_b{args.beams}{'' if args.depth is None else f'_depth{args.depth}'}.json"
+    suffix = ("" if args.depth is None else f"_depth{args.depth}") + ("" if args.device == "cpu" else f"_{args.device.split(':')[0]}")
+    path = args.out / f"bench_shared_prefix_b{args.beams}{suffix}.json"
     write_result(path, "bench_shared_prefix.py", argv, {"workloads": rows})
     console.print(f"wrote {path}")
     differing = {r["workload"]: r["differing_from_hf"] for r in rows if r["differing_from_hf"]}

@@ -6,8 +6,10 @@
 #
 # Needs transformers >= 5.19: if .whl/ holds wheels (e.g. `pip download --no-deps transformers==5.24.0
 # -d .whl` on a machine with a registry), they are installed first (for machines without one).
-# Each step has its own time limit, so one failing step leaves the others' results. SKIP_FP32=1 skips
-# the float32 trees-and-beams step, SKIP_BF16_TREES=1 the bfloat16 one (each kept from an earlier run).
+# Each step has its own time limit, so one failing step leaves the others' results; the steps run in
+# order of importance and together fit one 10-minute device call. Environment: TREE_GAMMAS (chains and
+# trees beside the beams in the float32 step, default 3,4,5; "" for beams only), HF_GAMMAS and
+# HF_BATCH_GAMMAS (the bf16 bench_hf step, default 3,4,5 and 3,4), SKIP_BF16_TREES=1 skips the last step.
 set -u
 OUT=${OUT:-benchmarks/results/gpu/new}
 mkdir -p "$OUT"
@@ -33,18 +35,19 @@ step() {  # step NAME LIMIT_S COMMAND...
 {
     step env 20 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name(0))"
     nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used,utilization.gpu --format=csv
-    step tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-    step profile_pass 60 python3 benchmarks/profile_pass.py --device cuda --out "$OUT"
-    if [ -z "${SKIP_FP32:-}" ]; then
-        step trees_beams_fp32 190 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
-            --gammas 3,4,5 --beams 2,4,8 --repeats 2 --out "$OUT"
-    fi
-    step hf_bf16 170 python3 benchmarks/bench_hf.py --device cuda --dtype bfloat16 --modes greedy \
-        --gammas 3,4,5 --batch-gammas 3,4 --max-new-tokens 64 --repeats 2 --out "$OUT"
+    step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    # where a pass goes, and what the queued host-to-device copies (specbeam_core.transfer) save
+    step profile_pass 90 python3 benchmarks/profile_pass.py --device cuda --compare-copies --out "$OUT"
+    step trees_beams_fp32 190 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
+        --gammas "${TREE_GAMMAS-3,4,5}" --beams 2,4,8 --repeats 2 --out "$OUT"
+    # the beams' shared prefix read once against once per beam, and HF, taking turns
+    step shared_prefix 120 python3 benchmarks/bench_shared_prefix.py --device cuda --rounds 2 --out "$OUT"
     # beam search B = 4 with a wider, deeper draft tree at a fixed depth: on a launch-bound GPU the
     # target's pass costs about the same whatever the tree holds
     step wide_beams 70 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
         --gammas "" --beams 4 --beam-depth 4 --beam-candidates 12 --no-beam-adaptive --repeats 2 --out "$OUT/wide_beams"
+    step hf_bf16 170 python3 benchmarks/bench_hf.py --device cuda --dtype bfloat16 --modes greedy \
+        --gammas "${HF_GAMMAS-3,4,5}" --batch-gammas "${HF_BATCH_GAMMAS-3,4}" --max-new-tokens 64 --repeats 2 --out "$OUT"
     if [ -z "${SKIP_BF16_TREES:-}" ]; then
         step trees_beams_bf16 110 python3 benchmarks/bench_trees_beams.py --device cuda --dtype bfloat16 \
             --gammas 5 --beams 4 --repeats 2 --out "$OUT"

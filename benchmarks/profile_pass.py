@@ -7,7 +7,9 @@ For each workload (greedy chain, greedy tree, beam search B = 4 at a fixed depth
 wall time per target pass, the share of it inside model forwards (target and draft, timed around
 ``CausalLM.forward`` with a device synchronisation), and the rest, which is specbeam's host work
 (drafting bookkeeping, masks, verification, beam replay) plus launch gaps. ``--torch-profile``
-adds torch.profiler's top operators by self CPU time. Prints a table and writes JSON.
+adds torch.profiler's top operators by self CPU time; ``--compare-copies`` adds each workload again
+with plain host-to-device copies (each one synchronises the GPU; see ``specbeam_core.transfer``).
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import specbeam_hf
+from specbeam_core.transfer import blocking_copies
 from specbeam_hf import HFCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -65,6 +68,25 @@ class ForwardTimer:
             cls.forward = original
 
 
+def measure(name: str, run, runner) -> dict:
+    """One timed ``run()``: wall time per target pass, and the share inside target and draft forwards."""
+    with ForwardTimer(runner) as timer:
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        wall = time.perf_counter() - t0
+    passes = timer.calls["target"]
+    row = {
+        "workload": name, "passes": passes, "ms_per_pass": wall / passes * 1e3,
+        "target_ms_per_pass": timer.seconds["target"] / passes * 1e3,
+        "draft_ms_per_pass": timer.seconds["draft"] / passes * 1e3,
+        "draft_forwards_per_pass": timer.calls["draft"] / passes,
+    }
+    row["host_ms_per_pass"] = row["ms_per_pass"] - row["target_ms_per_pass"] - row["draft_ms_per_pass"]
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -73,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--torch-profile", action="store_true", help="also print torch.profiler's top operators")
+    p.add_argument("--compare-copies", action="store_true",
+                   help="also time each workload with plain (synchronising) host-to-device copies")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -95,21 +119,10 @@ def main(argv=None) -> int:
         run()  # warm-up: pools sized, kernels chosen
         beams = "num_beams" in extra
         runner = assistant.beam_searcher_for(target).target if beams else assistant.engine_for(target).target
-        with ForwardTimer(runner) as timer:
-            sync()
-            t0 = time.perf_counter()
-            run()
-            sync()
-            wall = time.perf_counter() - t0
-        passes = timer.calls["target"]
-        row = {
-            "workload": name, "passes": passes, "ms_per_pass": wall / passes * 1e3,
-            "target_ms_per_pass": timer.seconds["target"] / passes * 1e3,
-            "draft_ms_per_pass": timer.seconds["draft"] / passes * 1e3,
-            "draft_forwards_per_pass": timer.calls["draft"] / passes,
-        }
-        row["host_ms_per_pass"] = row["ms_per_pass"] - row["target_ms_per_pass"] - row["draft_ms_per_pass"]
-        rows.append(row)
+        rows.append(measure(name, run, runner))
+        if args.compare_copies:
+            with blocking_copies():
+                rows.append(measure(f"{name} (plain copies)", run, runner))
         if args.torch_profile:
             with torch.profiler.profile() as prof:
                 run()

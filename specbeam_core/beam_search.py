@@ -58,17 +58,16 @@ class PrefixIndex:
         self.nodes: dict[Key, int] = {}
 
     def materialize_all(self, keys: Sequence[Key], prompts: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
-        """:meth:`materialize` for every key, the tree-node K/V moved for all of them in one copy."""
-        src: list[int] = []
-        dst: list[int] = []
-        out = [self.materialize(k, p, (src, dst)) for k, p in zip(keys, prompts)]
-        self.cache.copy_slots(src, dst)  # sources stay held by self.seqs until replace(): no overlap
-        return out
+        """:meth:`materialize` for every key, the copies (tree-node K/V, copy-on-write) of all of them run
+        together. Their sources are slots of this index's sequences, held until :meth:`replace`; their
+        destinations lie in the new sequences' own blocks, which nothing else holds: no copy reads
+        another's destination."""
+        with self.cache.batched_copies():
+            return [self.materialize(k, p) for k, p in zip(keys, prompts)]
 
-    def materialize(self, key: Key, prompt: Sequence[int], pending: tuple[list[int], list[int]] | None = None) -> tuple[int, list[int]]:
+    def materialize(self, key: Key, prompt: Sequence[int]) -> tuple[int, list[int]]:
         """A new sequence holding the longest known prefix of ``key``; returns it and the tokens it still
-        lacks. With ``pending`` the node K/V copies are appended to it (``(sources, destinations)``)
-        for the caller to run together, before anything is freed."""
+        lacks (the tree-node K/V on its path is copied into its own blocks, never recomputed)."""
         b, gen = key
         for i in range(len(gen), -1, -1):
             prefix = (b, gen[:i])
@@ -84,12 +83,7 @@ class PrefixIndex:
         seq = self.cache.fork(base)
         self.cache.truncate(seq, length)
         if path_slots:
-            src, dst = path_slots[::-1], self.cache.append_slots(seq, len(path_slots))
-            if pending is None:
-                self.cache.copy_slots(src, dst)
-            else:
-                pending[0].extend(src)
-                pending[1].extend(dst)
+            self.cache.copy_slots(path_slots[::-1], self.cache.append_slots(seq, len(path_slots)))
         return seq, list(gen[i:])
 
     def replace(self, seqs: dict[Key, tuple[int, int]], nodes: dict[Key, int]) -> None:

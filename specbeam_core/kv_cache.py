@@ -23,9 +23,12 @@ sequence whose blocks are consecutive is a plain slice (no gather) of the pool.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
+
+from .transfer import to_device
 
 NULL_BLOCK = 0
 NULL_SLOT = 0
@@ -83,6 +86,7 @@ class PagedKVCache:
         self._sequences: dict[int, _Sequence] = {}
         self._next_seq_id = 0
         self._arange_block = torch.arange(block_size)
+        self._pending_copies: tuple[list[int], list[int]] | None = None  # (sources, destinations) inside batched_copies
 
     # ---------------------------------------------------------------- accounting
     @property
@@ -152,11 +156,16 @@ class PagedKVCache:
 
     def copy_slots(self, src: list[int], dst: list[int]) -> None:
         """Copy the K/V of flat slots ``src`` into ``dst`` in every layer (moving an accepted tree path
-        into a sequence's own blocks: its K/V is moved, never recomputed)."""
+        into a sequence's own blocks: its K/V is moved, never recomputed). Inside :meth:`batched_copies`
+        the copy is queued and runs with the others on exit."""
+        if self._pending_copies is not None:
+            self._pending_copies[0].extend(src)
+            self._pending_copies[1].extend(dst)
+            return
         if not src:
             return
-        src_t = torch.tensor(src, dtype=torch.long, device=self.device)  # [n]
-        dst_t = torch.tensor(dst, dtype=torch.long, device=self.device)  # [n]
+        src_t = to_device(torch.tensor(src, dtype=torch.long), self.device)  # [n]
+        dst_t = to_device(torch.tensor(dst, dtype=torch.long), self.device)  # [n]
         for k, v in zip(self.keys, self.values):
             k.index_copy_(1, dst_t, k.index_select(1, src_t))
             v.index_copy_(1, dst_t, v.index_select(1, src_t))
@@ -166,8 +175,33 @@ class PagedKVCache:
         if self.num_free_blocks < num_blocks:
             self.grow(self.num_blocks + num_blocks - self.num_free_blocks)
 
+    @contextlib.contextmanager
+    def batched_copies(self):
+        """Run the slot copies made inside the block (copy-on-write in :meth:`append_slots`,
+        :meth:`copy_slots`) together on exit: one gather and one scatter per layer instead of a slice
+        copy per block (on a GPU, a handful of launches instead of two per layer and block).
+
+        Inside, no copy may read a slot that another copy of the same block writes: sources are slots
+        of blocks held before the block began (copy-on-write reads a shared block; its destination is
+        a freshly allocated one), and nothing reads the pool until the block ends. Nested blocks join
+        the outermost one. The copies run also when the block raises (the block tables already point
+        at their destinations)."""
+        if self._pending_copies is not None:
+            yield
+            return
+        self._pending_copies = ([], [])
+        try:
+            yield
+        finally:
+            src, dst = self._pending_copies
+            self._pending_copies = None
+            self.copy_slots(src, dst)
+
     def _copy_block(self, src: int, dst: int, num_tokens: int) -> None:
         s, d = src * self.block_size, dst * self.block_size
+        if self._pending_copies is not None:
+            self.copy_slots(list(range(s, s + num_tokens)), list(range(d, d + num_tokens)))
+            return
         for k, v in zip(self.keys, self.values):
             k[:, d : d + num_tokens] = k[:, s : s + num_tokens]
             v[:, d : d + num_tokens] = v[:, s : s + num_tokens]

@@ -15,6 +15,7 @@ import torch
 
 from .kv_cache import NULL_SLOT, PagedKVCache
 from .sampling import check_finite
+from .transfer import to_device
 
 
 @dataclass
@@ -41,8 +42,8 @@ class KVBatch:
         # The engine keeps its bookkeeping on the host; the slot indices the pool reads and writes
         # with go to the pool's device once per forward (a no-op for a CPU pool).
         device = self.cache.device
-        self._write_index = self.write_slots.to(device) if self.write_start is None else None  # [N * T]
-        self._read_index = None if self.read_slots is None else self.read_slots.reshape(-1).to(device)  # [N * K]
+        self._write_index = to_device(self.write_slots, device) if self.write_start is None else None  # [N * T]
+        self._read_index = None if self.read_slots is None else to_device(self.read_slots.reshape(-1), device)  # [N * K]
 
     @property
     def kv_length(self) -> int:
@@ -98,12 +99,13 @@ def build_kv_batch(
     write_start = None
     done = 0
     try:
-        for s, n in zip(seq_ids, num_new):
-            slots = cache.append_slots(s, n)
-            padded_slots.append([NULL_SLOT] * (t_max - n) + slots)
-            if n_rows == 1 and slots == list(range(slots[0], slots[0] + n)):
-                write_start = slots[0]
-            done += 1
+        with cache.batched_copies():  # the rows' copy-on-write copies run together
+            for s, n in zip(seq_ids, num_new):
+                slots = cache.append_slots(s, n)
+                padded_slots.append([NULL_SLOT] * (t_max - n) + slots)
+                if n_rows == 1 and slots == list(range(slots[0], slots[0] + n)):
+                    write_start = slots[0]
+                done += 1
     except Exception:
         for s, n in zip(seq_ids[:done], num_new[:done]):
             cache.rollback(s, n)
@@ -222,8 +224,9 @@ def build_packed_kv_batch(
     num_cached = [cache.length(s) for s in seq_ids]
     new_slots: list[list[int]] = []
     try:
-        for s, n in zip(seq_ids, num_new):
-            new_slots.append(cache.append_slots(s, n))
+        with cache.batched_copies():  # the rows' copy-on-write copies run together
+            for s, n in zip(seq_ids, num_new):
+                new_slots.append(cache.append_slots(s, n))
     except Exception:
         for s, n in zip(seq_ids[: len(new_slots)], num_new[: len(new_slots)]):
             cache.rollback(s, n)

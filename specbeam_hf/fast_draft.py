@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from specbeam_core import KVBatch
+from specbeam_core.transfer import to_device
 
 from .layout import attention_kind, windowed
 from .runner import HFCausalLM
@@ -84,11 +85,12 @@ class FastLlamaDraft(HFCausalLM):
 
     # --------------------------------------------------------------- rotary table
     def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [N, T, head_dim] for ``positions`` [N, T]: rows of a table built once per length."""
+        """cos, sin [N, T, head_dim] for host ``positions`` [N, T]: rows of a table built once per length."""
         rotary = self.model.model.rotary_emb
-        if not self._static_rope or x.device.type != "cpu":  # elsewhere the max below would sync the device
-            return rotary(x, positions)
-        need = int(positions.max()) + 1
+        on_device = to_device(positions, x.device)  # [N, T]
+        if not self._static_rope:
+            return rotary(x, on_device)
+        need = int(positions.max()) + 1  # from the host copy: no device synchronisation
         key = (x.dtype, x.device, rotary.inv_freq.data_ptr())
         if self._rope_table is None or self._rope_key != key or need > self._rope_table[0].shape[0]:
             have = 0 if self._rope_table is None or self._rope_key != key else self._rope_table[0].shape[0]
@@ -97,20 +99,20 @@ class FastLlamaDraft(HFCausalLM):
             cos, sin = rotary(x[:1, :1], grid)  # [1, length, head_dim] each, exactly as per forward
             self._rope_table, self._rope_key = (cos[0], sin[0]), key
         cos, sin = self._rope_table
-        return cos[positions], sin[positions]
+        return cos[on_device], sin[on_device]
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv: KVBatch, num_logits: int) -> torch.Tensor:
         inner = self.model.model
         device = inner.embed_tokens.weight.device  # (HF's ``model.device`` walks the parameters)
         n, t = tokens.shape
-        x = inner.embed_tokens(tokens.to(device))  # [N, T, hidden]
-        cos, sin = self._cos_sin(x, kv.positions.to(device))  # [N, T, head_dim] each
+        x = inner.embed_tokens(to_device(tokens, device))  # [N, T, hidden]
+        cos, sin = self._cos_sin(x, kv.positions)  # [N, T, head_dim] each
         cos, sin = cos[:, None], sin[:, None]  # [N, 1, T, head_dim]
         mask, sliding = windowed(kv, self.attention, x.dtype)  # [N, 1, T, K] additive; sliding layers' or None
-        mask = None if kv.attention_mask is None else mask.to(device=device, dtype=x.dtype)  # None: sdpa attends to all
+        mask = None if kv.attention_mask is None else to_device(mask.to(x.dtype), device)  # None: sdpa attends to all
         if sliding is not None:
-            sliding = sliding.to(device=device, dtype=x.dtype)
+            sliding = to_device(sliding.to(x.dtype), device)
         for i, layer in enumerate(inner.layers):
             layer_mask = sliding if sliding is not None and self._slides[i] else mask
             attn = layer.self_attn

@@ -410,8 +410,8 @@ def track_beam_blocks(searcher) -> list[int]:
     peak = [0, 0]
     materialize, trees = index.materialize, drafter.trees
 
-    def recording_materialize(key, prompt, pending=None):
-        seq, unseen = materialize(key, prompt, pending)
+    def recording_materialize(key, prompt):
+        seq, unseen = materialize(key, prompt)
         pass_seqs.append(seq)
         return seq, unseen
 

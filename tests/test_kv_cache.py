@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -151,6 +153,35 @@ def test_copy_on_write_into_shared_partial_block():
     write(cache, p_slots, seq_tag=3, first_index=6)
     assert_holds(cache, p, [1] * 6 + [3])
     assert_holds(cache, c, [1] * 6 + [2])
+
+
+@pytest.mark.parametrize("raises", [False, True], ids=["exits", "raises"])
+def test_batched_copies_run_together_on_exit(raises, monkeypatch):
+    """Copy-on-write copies of three forks (and a queued copy_slots) made inside batched_copies wait
+    for the block's end and then run as one gather/scatter: every fork holds what an unbatched copy
+    gives it, also when the block raises."""
+    cache = make_cache(num_blocks=12)
+    p = cache.new_sequence()
+    write(cache, cache.append_slots(p, 6), seq_tag=1, first_index=0)  # blocks [1, 2], block 2 holds 2 tokens
+    forks = [cache.fork(p) for _ in range(3)]
+    calls = []
+    copy_slots = cache.copy_slots
+    monkeypatch.setattr(cache, "copy_slots", lambda src, dst: (calls.append(len(src)), copy_slots(src, dst)))
+    with pytest.raises(RuntimeError) if raises else contextlib.nullcontext():
+        with cache.batched_copies():
+            slots = [cache.append_slots(c, 1) for c in forks]  # each copies block 2's two tokens first
+            cache.copy_slots([2 * BS], [slots[2][0]])  # queued behind them: fork 2's token 6 := token 4
+            for c in forks:  # nothing has run yet: the new blocks are still empty
+                assert not cache.keys[0][:, cache.block_table(c)[1] * BS].any()
+            if raises:
+                raise RuntimeError("mid-batch")
+    assert calls[-1] == 3 * 2 + 1  # one copy of every queued slot
+    for tag, (c, s) in enumerate(zip(forks[:2], slots), start=2):
+        write(cache, s, seq_tag=tag, first_index=6)
+        assert_holds(cache, c, [1] * 6 + [tag])
+    keys, _ = read(cache, forks[2])  # [heads, 7, dim]
+    assert torch.equal(keys[:, :6], expected([1] * 6)[0]) and torch.equal(keys[:, 6], keys[:, 4])
+    assert_holds(cache, p, [1] * 6)
 
 
 def test_parent_write_after_fork_copies_too():

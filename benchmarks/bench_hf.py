@@ -172,8 +172,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = PROMPTS
-    gammas = [int(g) for g in args.gammas.split(",")]
-    batch_gammas = [int(g) for g in args.batch_gammas.split(",")]
+    gammas = [int(g) for g in args.gammas.split(",") if g]
+    batch_gammas = [int(g) for g in args.batch_gammas.split(",") if g]  # empty: no batch-8 rows
     if args.quick:
         prompts, gammas, batch_gammas, args.max_new_tokens = PROMPTS[:2], [2, 4], [4], 32
     dtype = getattr(torch, args.dtype)
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
 
     modes = args.modes.split(",")
     for mode, batches, batch in (("greedy", b1, 1), ("greedy", b8, 8), ("sample", b1, 1), ("sample", b8, 8)):
-        if mode not in modes:
+        if mode not in modes or not (gammas if batch == 1 else batch_gammas):
             continue
         sampling = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=0.8, top_k=0, top_p=1.0)
         torch.manual_seed(0)

@@ -36,8 +36,8 @@ step() {  # step NAME LIMIT_S COMMAND...
     step env 20 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name(0))"
     nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used,utilization.gpu --format=csv
     step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-    # where a pass goes, and what the queued host-to-device copies (specbeam_core.transfer) save
-    step profile_pass 90 python3 benchmarks/profile_pass.py --device cuda --compare-copies --out "$OUT"
+    # where a pass goes
+    step profile_pass 90 python3 benchmarks/profile_pass.py --device cuda --rounds 3 --out "$OUT"
     step trees_beams_fp32 190 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
         --gammas "${TREE_GAMMAS-3,4,5}" --beams 2,4,8 --repeats 2 --out "$OUT"
     # the beams' shared prefix read once against once per beam, and HF, taking turns

@@ -7,16 +7,15 @@ For each workload (greedy chain, greedy tree, beam search B = 4 at a fixed depth
 wall time per target pass, the share of it inside model forwards (target and draft, timed around
 ``CausalLM.forward`` with a device synchronisation), and the rest, which is specbeam's host work
 (drafting bookkeeping, masks, verification, beam replay) plus launch gaps. ``--torch-profile``
-adds torch.profiler's top operators by self CPU time; ``--compare-copies`` adds each workload again
-with plain host-to-device copies (each one synchronises the GPU; see ``specbeam_core.transfer``);
-``--rounds N`` keeps each row's fastest of N timings, the variants taking turns.
+adds torch.profiler's top operators by self CPU time; ``--rounds N`` keeps each row's fastest of N
+timings. With ``PYTHONPATH`` pointing at another checkout's packages it times that checkout (A/B runs;
+the JSON records which one ran).
 Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -28,7 +27,6 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import specbeam_hf
-from specbeam_core.transfer import blocking_copies
 from specbeam_hf import HFCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -97,11 +95,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--torch-profile", action="store_true", help="also print torch.profiler's top operators")
-    p.add_argument("--compare-copies", action="store_true",
-                   help="also time each workload with plain (synchronising) host-to-device copies")
     p.add_argument("--workloads", default="chain,tree,beam", help="which of chain, tree, beam to time")
     p.add_argument("--rounds", type=int, default=1,
-                   help="time each row this many times (with --compare-copies the two take turns) and keep the fastest")
+                   help="time each row this many times and keep the fastest")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -127,17 +123,7 @@ def main(argv=None) -> int:
         run()  # warm-up: pools sized, kernels chosen
         beams = "num_beams" in extra
         runner = assistant.beam_searcher_for(target).target if beams else assistant.engine_for(target).target
-        variants = {name: contextlib.nullcontext}
-        if args.compare_copies:
-            variants[f"{name} (plain copies)"] = blocking_copies
-        best: dict[str, dict] = {}
-        for r in range(args.rounds):
-            for label in list(variants)[:: -1 if r % 2 else 1]:
-                with variants[label]():
-                    row = measure(label, run, runner)
-                if label not in best or row["ms_per_pass"] < best[label]["ms_per_pass"]:
-                    best[label] = row
-        rows.extend(best[label] for label in variants)
+        rows.append(min((measure(name, run, runner) for _ in range(args.rounds)), key=lambda row: row["ms_per_pass"]))
         if args.torch_profile:
             with torch.profiler.profile() as prof:
                 run()

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .transfer import to_device
-
 NULL_BLOCK = 0
 NULL_SLOT = 0
 
@@ -164,8 +162,8 @@ class PagedKVCache:
             return
         if not src:
             return
-        src_t = to_device(torch.tensor(src, dtype=torch.long), self.device)  # [n]
-        dst_t = to_device(torch.tensor(dst, dtype=torch.long), self.device)  # [n]
+        src_t = torch.tensor(src, dtype=torch.long, device=self.device)  # [n]
+        dst_t = torch.tensor(dst, dtype=torch.long, device=self.device)  # [n]
         for k, v in zip(self.keys, self.values):
             k.index_copy_(1, dst_t, k.index_select(1, src_t))
             v.index_copy_(1, dst_t, v.index_select(1, src_t))

@@ -15,7 +15,6 @@ import torch
 
 from .kv_cache import NULL_SLOT, PagedKVCache
 from .sampling import check_finite
-from .transfer import to_device
 
 
 @dataclass
@@ -42,8 +41,8 @@ class KVBatch:
         # The engine keeps its bookkeeping on the host; the slot indices the pool reads and writes
         # with go to the pool's device once per forward (a no-op for a CPU pool).
         device = self.cache.device
-        self._write_index = to_device(self.write_slots, device) if self.write_start is None else None  # [N * T]
-        self._read_index = None if self.read_slots is None else to_device(self.read_slots.reshape(-1), device)  # [N * K]
+        self._write_index = self.write_slots.to(device) if self.write_start is None else None  # [N * T]
+        self._read_index = None if self.read_slots is None else self.read_slots.reshape(-1).to(device)  # [N * K]
 
     @property
     def kv_length(self) -> int:

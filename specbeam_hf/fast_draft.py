@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from specbeam_core import KVBatch
-from specbeam_core.transfer import to_device
 
 from .layout import attention_kind, windowed
 from .runner import HFCausalLM
@@ -87,7 +86,7 @@ class FastLlamaDraft(HFCausalLM):
     def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [N, T, head_dim] for host ``positions`` [N, T]: rows of a table built once per length."""
         rotary = self.model.model.rotary_emb
-        on_device = to_device(positions, x.device)  # [N, T]
+        on_device = positions.to(x.device)  # [N, T]
         if not self._static_rope:
             return rotary(x, on_device)
         need = int(positions.max()) + 1  # from the host copy: no device synchronisation
@@ -106,13 +105,13 @@ class FastLlamaDraft(HFCausalLM):
         inner = self.model.model
         device = inner.embed_tokens.weight.device  # (HF's ``model.device`` walks the parameters)
         n, t = tokens.shape
-        x = inner.embed_tokens(to_device(tokens, device))  # [N, T, hidden]
+        x = inner.embed_tokens(tokens.to(device))  # [N, T, hidden]
         cos, sin = self._cos_sin(x, kv.positions)  # [N, T, head_dim] each
         cos, sin = cos[:, None], sin[:, None]  # [N, 1, T, head_dim]
         mask, sliding = windowed(kv, self.attention, x.dtype)  # [N, 1, T, K] additive; sliding layers' or None
-        mask = None if kv.attention_mask is None else to_device(mask.to(x.dtype), device)  # None: sdpa attends to all
+        mask = None if kv.attention_mask is None else mask.to(device=device, dtype=x.dtype)  # None: sdpa attends to all
         if sliding is not None:
-            sliding = to_device(sliding.to(x.dtype), device)
+            sliding = sliding.to(device=device, dtype=x.dtype)
         for i, layer in enumerate(inner.layers):
             layer_mask = sliding if sliding is not None and self._slides[i] else mask
             attn = layer.self_attn

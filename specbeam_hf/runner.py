@@ -15,7 +15,6 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from specbeam_core import KVBatch, PagedKVCache
-from specbeam_core.transfer import to_device
 
 from .layout import attention_kind, probe_kv_shapes, windowed
 
@@ -109,13 +108,13 @@ class HFCausalLM:
     def forward(self, tokens: torch.Tensor, kv: KVBatch, num_logits: int) -> torch.Tensor:
         device = self.device
         mask, sliding = windowed(kv, self.attention, self.dtype)  # [N, 1, T, K], and the sliding layers' or None
-        attention_mask = to_device(mask, device)
+        attention_mask = mask.to(device)
         if sliding is not None:
-            sliding = to_device(sliding, device)
+            sliding = sliding.to(device)
             attention_mask = {"full_attention": attention_mask, "sliding_attention": sliding} if self.attention.per_layer_type else sliding
         out = self.model(
-            input_ids=to_device(tokens, device),
-            position_ids=to_device(kv.positions, device),
+            input_ids=tokens.to(device),
+            position_ids=kv.positions.to(device),
             attention_mask=attention_mask,
             use_cache=True,
             **{self._cache_arg: PagedCache(kv)},

@@ -100,10 +100,11 @@ def describe(device: str) -> str:
     return f"CPU {torch.get_num_threads()} threads"
 
 
-def write_result(path: Path, script: str, argv, payload: dict) -> None:
-    """``payload`` as JSON at ``path``, after a ``meta`` entry: the command line, the CPU, torch's version."""
+def write_result(path: Path, script: str, argv, payload: dict, device: str = "cpu") -> None:
+    """``payload`` as JSON at ``path``, after a ``meta`` entry: the command line, the device that ran
+    the models (the CPU and its threads, or the GPU's name), torch's version."""
     meta = {"command": " ".join([script] + (argv if argv is not None else sys.argv[1:])),
-            "device": describe("cpu"), "torch": torch.__version__}
+            "device": describe(device), "torch": torch.__version__}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, **payload}, indent=1))
 

@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     console.print(table)
     suffix = ("" if args.depth is None else f"_depth{args.depth}") + ("" if args.device == "cpu" else f"_{args.device.split(':')[0]}")
     path = args.out / f"bench_shared_prefix_b{args.beams}{suffix}.json"
-    write_result(path, "bench_shared_prefix.py", argv, {"workloads": rows})
+    write_result(path, "bench_shared_prefix.py", argv, {"workloads": rows}, device=args.device)
     console.print(f"wrote {path}")
     differing = {r["workload"]: r["differing_from_hf"] for r in rows if r["differing_from_hf"]}
     if differing:

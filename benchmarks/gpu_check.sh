@@ -5,7 +5,9 @@
 #     bash benchmarks/gpu_check.sh            # writes benchmarks/results/gpu/new/ (or $OUT when set)
 #
 # Needs transformers >= 5.19: if .whl/ holds wheels (e.g. `pip download --no-deps transformers==5.24.0
-# -d .whl` on a machine with a registry), they are installed first (for machines without one).
+# -d .whl` on a machine with a registry) or zipped packages (`python benchmarks/pack_transformers.py`:
+# transformers without the model families we do not use, small enough to carry beside the demo
+# models), they are installed first (for machines without a registry).
 # Each step has its own time limit, so one failing step leaves the others' results; the steps run in
 # order of importance and together fit one 10-minute device call. Environment: TREE_GAMMAS (chains and
 # trees beside the beams in the float32 step, default 3,4,5; "" for beams only), HF_GAMMAS and

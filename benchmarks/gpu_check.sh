@@ -48,6 +48,10 @@ step() {  # step NAME LIMIT_S COMMAND...
     # target's pass costs about the same whatever the tree holds
     step wide_beams 70 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
         --gammas "" --beams 4 --beam-depth 4 --beam-candidates 12 --no-beam-adaptive --repeats 2 --out "$OUT/wide_beams"
+    # the same width with the adaptive depth (not yet run on a GPU: whether the chooser then goes deeper
+    # than with the default B + 2 candidates, which twice chose shallower trees than the fixed 4 x 12)
+    step wide_beams_adaptive 70 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
+        --gammas "" --beams 4 --beam-depth 4 --beam-candidates 12 --repeats 2 --out "$OUT/wide_beams_adaptive"
     step hf_bf16 170 python3 benchmarks/bench_hf.py --device cuda --dtype bfloat16 --modes greedy \
         --gammas "${HF_GAMMAS-3,4,5}" --batch-gammas "${HF_BATCH_GAMMAS-3,4}" --max-new-tokens 64 --repeats 2 --out "$OUT"
     if [ -z "${SKIP_BF16_TREES:-}" ]; then

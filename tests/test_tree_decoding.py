@@ -129,6 +129,20 @@ def test_tree_sampling_is_exact(small_pair, case):
     assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
 
 
+def test_tree_sampling_is_exact_with_a_draft_of_another_family(small_pair):
+    """A GPT-2 draft (learned positions, its own KV shapes) that knows nothing of the llama target:
+    its distributions differ from the target's everywhere, so most siblings are rejected and most
+    tokens come from residuals updated several times."""
+    target, _ = small_pair
+    draft = build_model("gpt2", vocab_size=VOCAB, seed=5, init=0.2)
+    params = SAMPLING_CASES["all"]
+    outputs, stats = run_tree_engine(target, draft, params)
+    assert stats.recovered > 2 * stats.accepted > 500
+    pvalue, tv, bound = fit(empirical(outputs, 3, VOCAB), exact_joint(target, PROMPT, 3, params))
+    assert pvalue > 1e-3, f"chi-square p={pvalue:.2e}"
+    assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
+
+
 def test_statistical_test_catches_a_verifier_without_residual_update(small_pair, monkeypatch):
     target, draft = small_pair
     params = SAMPLING_CASES["temperature"]

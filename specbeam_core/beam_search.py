@@ -447,6 +447,10 @@ class SpecBeamSearch:
         depth = self.depth
         if self.chooser is not None:
             depth = self.chooser.choose(time.perf_counter(), self.stats.steps, first_pass=self.stats.target_forwards == 0)
+        # the roots' own logits choose the next step and a depth-j node's the one j steps later: a tree
+        # deeper than the steps left minus one is wasted, and its nodes would sit past max_length, where
+        # models with learned positions (GPT-2, OPT) have no embedding
+        depth = max(0, min(depth, state.max_length - state.cur_len - 1))
         self.cache.ensure_free(len(roots) * _blocks(self.cache, self.depth + 1))  # tree paths copied into beams
         seqs, unseen = zip(*self.index.materialize_all(roots, [prompts[k[0]] for k in roots]))
         self.index.clear()  # what the running beams need of the last pass's sequences is now in their own forks

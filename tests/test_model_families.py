@@ -142,6 +142,27 @@ def test_sliding_window_token_trees(model_type):
     assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "llama"])
+def test_up_to_the_last_position(model_type):
+    """Prompt + new tokens = the position limit exactly: no draft chain, tree or beam-search tree may
+    put a node past it (GPT-2 and OPT have no embedding there), and the outputs are HF's; one more
+    token is refused with a message naming the limit."""
+    target = build(model_type)
+    draft = perturbed(target)
+    limit = target.config.max_position_embeddings
+    ids = torch.randint(2, 96, (2, limit - 28), generator=torch.Generator().manual_seed(0))  # [2, 100]
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=28, do_sample=False, pad_token_id=0)
+    for beams, options in [(1, dict(num_draft_tokens=5)), (1, dict(num_draft_tokens=5, drafter="draft_tree")),
+                           (4, dict(beam_depth=4, beam_candidates=8, beam_adaptive=False)), (4, dict(beam_depth=3))]:
+        ref = target.generate(**kwargs, num_beams=beams)
+        out = target.generate(**kwargs, num_beams=beams, custom_generate=specbeam_hf.generate,
+                              assistant=specbeam_hf.SpecBeam(draft, **options))
+        assert torch.equal(out, ref), (beams, options)
+    with pytest.raises(ValueError, match=f"position limit of {limit}"):
+        target.generate(**dict(kwargs, max_new_tokens=29), num_beams=4, custom_generate=specbeam_hf.generate,
+                        assistant=specbeam_hf.SpecBeam(draft))
+
+
 def test_alibi_model_is_refused_with_a_reason():
     target = build("bloom")
     with pytest.raises(ValueError, match="ALiBi"):

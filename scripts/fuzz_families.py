@@ -3,11 +3,14 @@
 Each case builds a random 2-layer target of one family (sliding windows on some) and a draft that is
 either the target with noise added or an unrelated model of another family (its own KV shapes;
 nearly every draft rejected), then runs greedy decoding (chains, trees or prompt lookup) or beam
-search with random kwargs: ragged left-padded batches of 1-3 prompts, EOS ids, ``length_penalty``,
+search with random kwargs: ragged left-padded batches of 1-3 prompts (on some, one that ends at or
+just short of the position limit), EOS ids, ``length_penalty``,
 ``early_stopping``, ``num_return_sequences``, repetition penalty, ``no_repeat_ngram_size``,
 ``min_new_tokens``. Every case must equal ``target.generate`` without the assistant: sequences,
 ``scores`` (and ``logits``) step by step, and for beams ``beam_indices`` and ``sequences_scores``
-within 1e-4. After a row's EOS, greedy ``scores`` are not compared: HF scores the pad tokens it
+within 1e-4; ``beam_indices`` may differ only where two running beams' scores in HF's own search are
+within 1e-5 of each other (float32 rounding swaps their slots; sequences and scores still equal),
+counted apart as near-ties. After a row's EOS, greedy ``scores`` are not compared: HF scores the pad tokens it
 feeds a finished row, specbeam returns 0 at the pad token and -inf elsewhere (README, HF section).
 
     python scripts/fuzz_families.py --cases 150 --seed 3
@@ -25,6 +28,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from transformers.generation.utils import GenerationMixin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_model_families import WINDOW, build, perturbed  # noqa: E402
@@ -46,8 +50,10 @@ def random_models(rng: random.Random):
     return target, build(other, seed=rng.randrange(1000)), f"{family}(window={window}) / {other}"
 
 
-def random_inputs(rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+def random_inputs(rng: random.Random, max_new_tokens: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = [rng.randint(1, 12) for _ in range(rng.choice([1, 2, 3]))]
+    if rng.random() < 0.2:  # the longest prompt ends 0-2 tokens short of using the whole position limit
+        lengths[0] = limit - max_new_tokens - rng.randint(0, 2)
     width = max(lengths)
     ids = torch.zeros(len(lengths), width, dtype=torch.long)  # [batch, width], left-padded with 0
     mask = torch.zeros(len(lengths), width, dtype=torch.long)  # [batch, width]
@@ -82,8 +88,27 @@ def random_kwargs(rng: random.Random) -> tuple[dict, dict]:
     return kwargs, options
 
 
-def same_steps(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], greedy: bool) -> str | None:
-    """None when every step's ``[rows, vocab]`` tensor equals HF's (within 1e-4); else what differs."""
+def _rows_match(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` ``[rows, vocab]`` equal within 1e-4 (``-inf`` at the same tokens)."""
+    finite = torch.isfinite(b)
+    return torch.equal(torch.isfinite(a), finite) and torch.allclose(a[finite], b[finite], atol=1e-4, rtol=1e-5)
+
+
+def _same_up_to_slot_order(a: torch.Tensor, b: torch.Tensor, group: int) -> bool:
+    """Every ``group`` rows (one prompt's beams) of ``a`` equal those of ``b`` in some order."""
+    for start in range(0, a.shape[0], group):
+        left = list(range(start, start + group))
+        for i in range(start, start + group):
+            match = next((j for j in left if _rows_match(a[i : i + 1], b[j : j + 1])), None)
+            if match is None:
+                return False
+            left.remove(match)
+    return True
+
+
+def same_steps(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], greedy: bool, slot_group: int = 0) -> str | None:
+    """None when every step's ``[rows, vocab]`` tensor equals HF's (within 1e-4); else what differs.
+    ``slot_group``: beams whose slots swapped at a near-tie are compared as each prompt's set of rows."""
     if len(ours) != len(ref):
         return f"{len(ours)} steps against {len(ref)}"
     for step, (a, b) in enumerate(zip(ours, ref)):
@@ -92,18 +117,52 @@ def same_steps(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], gr
         if greedy:  # rows already finished: 0 at the pad token, -inf elsewhere (not HF's pad-token scores)
             live = ~((torch.isfinite(a).sum(-1) == 1) & (a[:, 0] == 0))  # [rows]
             a, b = a[live], b[live]
+        if _rows_match(a, b) or (slot_group and _same_up_to_slot_order(a, b, slot_group)):
+            continue
         finite = torch.isfinite(b)
         if not torch.equal(torch.isfinite(a), finite):
             return f"step {step}: -inf at other tokens"
-        if not torch.allclose(a[finite], b[finite], atol=1e-4, rtol=1e-5):
-            return f"step {step}: max difference {(a[finite] - b[finite]).abs().max().item():.2e}"
+        return f"step {step}: max difference {(a[finite] - b[finite]).abs().max().item():.2e}"
     return None
+
+
+TIE = 1e-5  # running beam scores this close swap slots with float32 rounding (~1e-6 at scores ~10)
+near_ties: list[str] = []
+
+
+def running_score_gap(target, ids, mask, kwargs, ref_indices, our_indices) -> float:
+    """``beam_indices`` differ while sequences and scores are equal: two running beams sit in each
+    other's slots. Both searches keep running beams sorted by score, so that happens only where their
+    scores are equal up to rounding. Reruns HF's search recording its running beam scores and returns
+    the gap, in HF's search, between the two slots the first differing step extends."""
+    recorded = []
+    original = GenerationMixin._get_running_beams_for_next_iteration
+
+    def recording(self, *args, **kw):
+        out = original(self, *args, **kw)
+        recorded.append(out[1].clone())  # [batch, B] running beam scores after this step
+        return out
+
+    GenerationMixin._get_running_beams_for_next_iteration = recording
+    try:
+        with torch.no_grad():
+            target.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    finally:
+        GenerationMixin._get_running_beams_for_next_iteration = original
+    row, step = (ref_indices != our_indices).nonzero()[0].tolist()
+    prompt = int(ref_indices[row, 0]) // kwargs["num_beams"]
+    if step == 0:
+        return float("inf")
+    beams = kwargs["num_beams"]
+    theirs, ours = int(ref_indices[row, step]) % beams, int(our_indices[row, step]) % beams
+    scores = recorded[step - 1][prompt]  # [B], sorted best first
+    return abs(float(scores[theirs] - scores[ours]))
 
 
 def run_case(rng: random.Random) -> tuple[str, str | None]:
     target, draft, models = random_models(rng)
-    ids, mask = random_inputs(rng)
     kwargs, options = random_kwargs(rng)
+    ids, mask = random_inputs(rng, kwargs["max_new_tokens"], target.config.max_position_embeddings)
     described = f"{models}, prompt lengths {mask.sum(1).tolist()}, {kwargs}, {options}"
     with torch.no_grad():
         ref = target.generate(input_ids=ids, attention_mask=mask, **kwargs)
@@ -116,10 +175,14 @@ def run_case(rng: random.Random) -> tuple[str, str | None]:
         if not torch.allclose(out.sequences_scores, ref.sequences_scores, atol=1e-4, rtol=1e-6):
             return described, f"sequences_scores {out.sequences_scores.tolist()} against {ref.sequences_scores.tolist()}"
         if not torch.equal(out.beam_indices, ref.beam_indices):
-            return described, "beam_indices differ"
+            gap = running_score_gap(target, ids, mask, kwargs, ref.beam_indices, out.beam_indices)
+            if gap > TIE:
+                return described, f"beam_indices differ (closest running beams {gap:.1e} apart)"
+            near_ties.append(f"{described}: beam_indices differ where HF's running beams are {gap:.1e} apart")
+    swapped = not greedy and not torch.equal(out.beam_indices, ref.beam_indices)  # at a near-tie, checked above
     for field in ("scores", "logits"):
         if getattr(ref, field) is not None:
-            problem = same_steps(getattr(out, field), getattr(ref, field), greedy)
+            problem = same_steps(getattr(out, field), getattr(ref, field), greedy, kwargs["num_beams"] if swapped else 0)
             if problem:
                 return described, f"{field}: {problem}"
     return described, None
@@ -144,7 +207,9 @@ def main(argv=None) -> int:
         if problem:
             fails += 1
             print(f"FAIL case {case}: {described}\n  {problem}", flush=True)
-    print(f"{args.cases} cases, {fails} failed")
+    for tie in near_ties:
+        print(f"NEAR-TIE (not a failure) {tie}")
+    print(f"{args.cases} cases, {fails} failed, {len(near_ties)} beam orders at float near-ties")
     return 1 if fails else 0
 
 

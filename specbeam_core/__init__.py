@@ -17,6 +17,7 @@ from .sampling import SamplingParams, probabilities, warp_logits
 from .stats import SpecStats, StepRecord
 from .tree import TokenTree
 from .verification import VerifyResult, verify_greedy, verify_rejection_sampling
+from .vocab import VocabResizedDraft
 
 __all__ = [
     "BeamSearchState",
@@ -39,6 +40,7 @@ __all__ = [
     "SpecStats",
     "StepRecord",
     "VerifyResult",
+    "VocabResizedDraft",
     "build_kv_batch",
     "build_packed_kv_batch",
     "PackedRows",

@@ -345,7 +345,9 @@ class SpecBeamSearch:
         if drafter is not None and drafter.vocab_size != target.vocab_size:
             raise ValueError(
                 f"draft and target vocabularies differ: draft has {drafter.vocab_size} tokens, "
-                f"target has {target.vocab_size}; speculative beam search needs one shared vocabulary"
+                f"target has {target.vocab_size}; speculative beam search needs one shared vocabulary "
+                "(a draft with the target's tokenizer and an embedding padded to another size, as Qwen2.5 0.5B-7B "
+                "against 14B+: wrap it in specbeam_core.VocabResizedDraft, or pass SpecBeam(draft, vocab_size=...))"
             )
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"tree depth must be an integer >= 1, got {depth!r}")

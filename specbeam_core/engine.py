@@ -68,7 +68,9 @@ class SpecEngine:
         if drafter is not None and drafter.vocab_size is not None and drafter.vocab_size != target.vocab_size:
             raise ValueError(
                 f"draft and target vocabularies differ: draft has {drafter.vocab_size} tokens, "
-                f"target has {target.vocab_size}; speculative decoding needs one shared vocabulary"
+                f"target has {target.vocab_size}; speculative decoding needs one shared vocabulary "
+                "(a draft with the target's tokenizer and an embedding padded to another size, as Qwen2.5 0.5B-7B "
+                "against 14B+: wrap it in specbeam_core.VocabResizedDraft, or pass SpecBeam(draft, vocab_size=...))"
             )
         self.block_size = block_size
         self.pm = plugin_manager or get_plugin_manager()

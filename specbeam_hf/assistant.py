@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from specbeam_core import BeamTreeDrafter, SpecBeamSearch, SpecEngine, SpecStats, get_plugin_manager, make_drafter
+from specbeam_core import (
+    BeamTreeDrafter, SpecBeamSearch, SpecEngine, SpecStats, VocabResizedDraft, get_plugin_manager, make_drafter,
+)
 
 from .fast_draft import draft_causal_lm
 from .runner import HFCausalLM
@@ -37,6 +39,12 @@ class SpecBeam:
     not — and revisited every 16 passes: ``specbeam_core.beam_search.DepthChooser``; False: always
     ``beam_depth``);
     ``last_beam_stats`` then holds steps per target pass. ``block_size``: KV block size (16).
+    ``vocab_size`` (default None: the draft's own, which must be the target's): the target's vocabulary
+    size, for a draft that shares the target's tokenizer but whose embedding is padded to another size
+    (Qwen2.5 0.5B-7B: 151,936 rows, 14B and up: 152,064): ``SpecBeam(draft, vocab_size=target.config.vocab_size)``.
+    The draft's logits are cut or padded with ``-inf`` to that size (it never proposes an id the other
+    lacks) and an id past its embedding is fed to it as id 0; outputs stay the target's
+    (:class:`specbeam_core.VocabResizedDraft`).
     ``draft_dtype`` (``"bfloat16"``, ``"float16"``, ``"float32"`` or a ``torch.dtype``; default None:
     the draft's own): run the drafts on a copy of their weights in this dtype, the models passed in
     are left as they are. A float32 target with a bfloat16 draft is the fast pairing on CPUs with
@@ -47,7 +55,7 @@ class SpecBeam:
 
     _OPTIONS = {
         "block_size", "drafter", "plugin_manager", "confidence_threshold", "tree_width", "tree_budget",
-        "beam_depth", "beam_candidates", "beam_adaptive", "prompt_lookup", "draft_dtype",
+        "beam_depth", "beam_candidates", "beam_adaptive", "prompt_lookup", "draft_dtype", "vocab_size",
     }
 
     def __init__(self, draft_model=None, num_draft_tokens: int = 4, **options: Any) -> None:
@@ -68,6 +76,11 @@ class SpecBeam:
             drafts = [_in_dtype(d, draft_dtype) for d in drafts]
         self.draft_dtype = draft_dtype
         self.drafts = [draft_causal_lm(d) for d in drafts]  # lean forward for llama-shaped drafts
+        vocab_size = options.get("vocab_size")
+        if vocab_size is not None:
+            if not drafts:
+                raise ValueError("vocab_size resizes the draft model's vocabulary, but no draft model was given")
+            self.drafts = [d if d.vocab_size == vocab_size else VocabResizedDraft(d, vocab_size) for d in self.drafts]
         self.draft = self.drafts[0] if self.drafts else None
         tree_options = {k: options[k] for k in ("tree_width", "tree_budget", "confidence_threshold", "prompt_lookup")
                         if k in options}

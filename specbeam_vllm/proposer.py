@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from specbeam_core import DraftModelDrafter, Request, SamplingParams, get_plugin_manager
+from specbeam_core import DraftModelDrafter, Request, SamplingParams, VocabResizedDraft, get_plugin_manager
 from specbeam_core.engine import check_draft_length
 from specbeam_core.hookspecs import PROJECT
 from specbeam_core.prompt_lookup import lookup_drafts
@@ -73,10 +73,9 @@ def load_draft(options: SpecBeamVllmOptions, dtype: torch.dtype, target_tokenize
     if on_cpu and options.vllm_cpu_gemm:
         use_vllm_cpu_gemm(model)
     draft = draft_causal_lm(model)
-    if draft.vocab_size < target_vocab or draft.vocab_size > target_vocab + 512:
-        raise ValueError(
-            f"draft model {options.draft!r} has a vocabulary of {draft.vocab_size} tokens but the target has "
-            f"{target_vocab}: specbeam needs a draft with the target's vocabulary")
+    # embeddings padded to other sizes around one tokenizer (Qwen2.5 0.5B-7B: 151,936 rows, 14B+: 152,064)
+    smaller = draft.vocab_size < target_vocab
+    ours = None
     if target_tokenizer is not None:
         try:
             ours = AutoTokenizer.from_pretrained(options.draft).get_vocab()
@@ -88,6 +87,13 @@ def load_draft(options: SpecBeamVllmOptions, dtype: torch.dtype, target_tokenize
             raise ValueError(
                 f"draft model {options.draft!r} has a different vocabulary from the target's tokenizer "
                 f"({len(ours)} vs {len(theirs)} tokens; {differ} token/id pairs differ)")
+    if abs(draft.vocab_size - target_vocab) > 512 or (smaller and ours is None):
+        raise ValueError(
+            f"draft model {options.draft!r} has a vocabulary of {draft.vocab_size} tokens but the target has "
+            f"{target_vocab}: specbeam needs a draft with the target's vocabulary (an embedding padded to another "
+            "size is accepted when the draft and the target tokenizer are the same)")
+    if smaller:  # its logits padded with -inf, ids past its embedding fed as id 0 (outputs stay the target's)
+        draft = VocabResizedDraft(draft, target_vocab)
     return draft
 
 

@@ -819,6 +819,24 @@ def test_padded_draft_vocab_never_proposes_ids_outside_target(folders, tmp_path)
     assert all(0 <= t < VOCAB for d in out for t in d), out
 
 
+def test_smaller_draft_vocab_with_the_target_tokenizer(folders):
+    """The target's embedding padded to 40 rows around the draft's own 32-word tokenizer (Qwen2.5 0.5B
+    drafting for 14B+): accepted once the tokenizers are the same; the draft proposes only its own ids,
+    with probabilities over the target's 40, and an id past its embedding in a prompt (which only the
+    target can emit) is fed to it as id 0."""
+    p = SpecBeamProposer(vllm_config(folders[1], tokenizer=folders[0], vocab=40,
+                                     full_draft_max_batch=MAX_REQS, no_draft_min_batch=MAX_REQS + 1))
+    rows = prompts(3, np.random.default_rng(21))
+    rows[0][-2] = 37
+    out = call(p, rows, [[r[-1]] for r in rows])
+    assert [len(d) for d in out] == [GAMMA] * 3 and all(0 <= t < VOCAB for d in out for t in d), out
+    probs = p.take_last_draft_probs()
+    if probs is not None:  # sampled drafts: their distributions span the target's vocabulary, 0 past the draft's
+        assert probs.shape[-1] == 40 and float(probs[..., VOCAB:].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match=r"vocabulary of 32 tokens but the target has 40.*tokenizer are the same"):
+        SpecBeamProposer(vllm_config(folders[1], tokenizer=None, vocab=40))
+
+
 # ----------------------------------------------------------------------------- misc
 
 

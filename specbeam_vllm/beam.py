@@ -103,8 +103,31 @@ class HFDraftModel:
     def __init__(self, path: str, dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoModelForCausalLM
 
+        self.path = path
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        self.own_vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = self.own_vocab_size  # the target's, once match_vocab has seen it
         self.forward_count = 0
+
+    def match_vocab(self, target_vocab: int, target_tokenizer: Any) -> None:
+        """Draft for a target of ``target_vocab`` ids: the same size, or the same tokenizer with an
+        embedding padded to another size (Qwen2.5 0.5B-7B: 151,936 rows, 14B+: 152,064), whose
+        log-probs are then cut or padded with ``-inf`` to the target's size; else a ValueError."""
+        own = self.own_vocab_size
+        if own != target_vocab:
+            from transformers import AutoTokenizer
+
+            try:
+                ours = AutoTokenizer.from_pretrained(self.path).get_vocab()
+                same = ours == target_tokenizer.get_vocab()
+            except (OSError, ValueError, AttributeError):  # no tokenizer with the draft: nothing to compare
+                same = False
+            if not same or abs(own - target_vocab) > 512:
+                raise ValueError(
+                    f"draft model {self.path!r} has a vocabulary of {own} tokens but the target has {target_vocab}: "
+                    "speculative beam search needs the target's vocabulary (an embedding padded to another size "
+                    "is accepted when the draft's tokenizer is the target's)")
+        self.vocab_size = target_vocab
 
     @torch.inference_mode()
     def next_log_probs(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -115,10 +138,17 @@ class HFDraftModel:
         tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)  # [N, T]
         for i, s in enumerate(seqs):
             tokens[i, : len(s)] = torch.tensor(s)
+        own, vocab = self.own_vocab_size, self.vocab_size
+        if own < vocab:  # ids only the target has: the draft reads id 0 there (it guesses worse, that is all)
+            tokens = tokens.masked_fill(tokens >= own, 0)
         hidden = self.model.get_decoder()(input_ids=tokens).last_hidden_state  # [N, T, hidden]
         last = hidden[torch.arange(len(seqs)), lengths - 1]  # [N, hidden]
-        logits = self.model.get_output_embeddings()(last)  # [N, vocab]: the head on last positions only
-        return torch.log_softmax(logits.float(), dim=-1)
+        logits = self.model.get_output_embeddings()(last).float()  # [N, own]: the head on last positions only
+        if own > vocab:
+            logits = logits[:, :vocab]  # [N, vocab]: never an id the target lacks
+        elif own < vocab:
+            logits = torch.cat([logits, logits.new_full((len(seqs), vocab - own), float("-inf"))], dim=-1)  # [N, vocab]
+        return torch.log_softmax(logits, dim=-1)
 
 
 _DRAFTS: dict[str, HFDraftModel] = {}
@@ -488,6 +518,7 @@ def beam_search(
             raise ValueError("only non-empty text or token prompts are supported")
     searches = [PromptSearch(BeamSearchInstance(inp, lora_request=None, logprobs=None)) for inp in engine_inputs]
     model_config = llm.llm_engine.vllm_config.model_config
+    draft_model.match_vocab(int(model_config.get_vocab_size()), tokenizer)
     max_len = model_config.max_model_len
     if resolve_top_ties is None:
         resolve_top_ties = model_config.dtype in (torch.bfloat16, torch.float16)

@@ -163,6 +163,40 @@ def test_bad_input(llm, kwargs, message):
         beam_search(llm, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def resized_drafts(tmp_path_factory):
+    """The demo draft with its embedding cut to 4000 rows and grown to 4160 (the target has 4096), each
+    saved with the demo tokenizer, and the smaller one once more without a tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("resized_drafts")
+    tokenizer = AutoTokenizer.from_pretrained(DRAFT)
+    paths = {}
+    for name, rows, with_tokenizer in (("smaller", 4000, True), ("larger", 4160, True), ("no_tokenizer", 4000, False)):
+        model = AutoModelForCausalLM.from_pretrained(DRAFT, dtype=torch.float32)
+        model.resize_token_embeddings(rows, mean_resizing=False)
+        model.save_pretrained(root / name)
+        if with_tokenizer:
+            tokenizer.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+def test_draft_with_a_padded_embedding(llm, resized_drafts):
+    """One tokenizer, embeddings of other sizes (Qwen2.5 0.5B-7B against 14B+): the draft's log-probs
+    are cut or padded with -inf to the target's 4096 ids, ids past its embedding read as id 0, and the
+    beams are vLLM's; without the tokenizer to show they are the same vocabulary, an error says so."""
+    params = BeamSearchParams(beam_width=2, max_tokens=10)
+    ref = llm.beam_search(PROMPTS, params)
+    for name in ("smaller", "larger"):
+        stats = SpecBeamStats()
+        out = beam_search(llm, PROMPTS, 2, 10, resized_drafts[name], stats=stats)
+        _assert_same(ref, out, 2)
+        assert stats.engine_calls < 10  # vLLM makes one engine call per beam step: the draft still covers steps
+    with pytest.raises(ValueError, match="vocabulary of 4000 tokens but the target has 4096"):
+        beam_search(llm, PROMPTS, 2, 4, resized_drafts["no_tokenizer"])
+
+
 def _prompt_list(entries: list[tuple[int, float, int]]) -> dict:
     """A prompt-log-prob dict as vLLM builds it: the prompt token first (its entry overwritten by its
     top-K entry when it is in the top-K)."""

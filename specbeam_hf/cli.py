@@ -271,6 +271,20 @@ def load_model(name: str, role: str, dtype: str):
     return model.eval()
 
 
+def _vocab_resize(draft_name: str, draft, target, target_tokenizer) -> dict:
+    """``{"vocab_size": ...}`` for a draft whose embedding is padded to another size than the target's
+    around the same tokenizer (Qwen2.5 0.5B-7B: 151,936 rows, 14B+: 152,064); else ``{}``, and a
+    real mismatch stays the engine's error."""
+    rows = target.get_output_embeddings().weight.shape[0]
+    if draft.get_output_embeddings().weight.shape[0] == rows:
+        return {}
+    try:
+        same = load_tokenizer(draft_name).get_vocab() == target_tokenizer.get_vocab()
+    except UsageError:  # no tokenizer beside the draft: nothing shows they share one
+        same = False
+    return {"vocab_size": int(rows)} if same else {}
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -461,7 +475,7 @@ def _cmd_generate(args) -> int:
     target = load_model(args.target, "target", args.dtype)
     draft = load_model(args.draft, "draft", args.draft_dtype or args.dtype)
     try:
-        assistant = SpecBeam(draft, num_draft_tokens=args.draft_length)
+        assistant = SpecBeam(draft, num_draft_tokens=args.draft_length, **_vocab_resize(args.draft, draft, target, tokenizer))
         engine = assistant.engine_for(target)
     except ValueError as exc:  # e.g. the two vocabularies differ
         raise UsageError(_one_line(exc)) from None

@@ -112,3 +112,31 @@ def test_generate_beam_search_bad_options(capsys):
         assert main(argv) == 2, argv
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("specbeam generate: error:")]
         assert len(errors) == 1 and message in errors[0], (argv, errors)
+
+
+def test_generate_with_a_draft_embedding_padded_to_another_size(tmp_path, capsys):
+    """A draft with the target's tokenizer and an embedding of 4000 rows against the target's 4096
+    (as Qwen2.5 0.5B against 14B+): the tokenizers show they are one vocabulary, so the draft is
+    resized and the output is the target's (greedy and beams); without its tokenizer the mismatch is
+    a one-line error."""
+    draft = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "draft", dtype=torch.float32)
+    draft.resize_token_embeddings(4000, mean_resizing=False)
+    draft.save_pretrained(tmp_path / "bare")
+    draft.save_pretrained(tmp_path / "with_tokenizer")
+    AutoTokenizer.from_pretrained(DEMO_DIR / "target").save_pretrained(tmp_path / "with_tokenizer")
+    tok = AutoTokenizer.from_pretrained(DEMO_DIR / "target")
+    target = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "target", dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    for beams in ("1", "3"):
+        log = tmp_path / f"run{beams}.json"
+        assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "12", "--dtype", "float32", "--num-beams", beams,
+                     "--draft", str(tmp_path / "with_tokenizer"), "--json-log", str(log)]) == 0
+        data = json.loads(log.read_text())
+        ref = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              num_beams=int(beams), pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        got = data["output_token_ids"] if beams == "1" else data["hypotheses"][0]["token_ids"]
+        assert got == [t for t in ref if t != tok.pad_token_id][: len(got)] and len(got) >= 1
+    capsys.readouterr()
+    assert main(["generate", "--prompt", PROMPT, "--draft", str(tmp_path / "bare")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("specbeam generate: error:")]
+    assert len(errors) == 1 and "draft has 4000 tokens, target has 4096" in errors[0], errors

@@ -73,12 +73,13 @@ class Dashboard:
     """The models and the generation loop behind the app."""
 
     def __init__(self, target: str, draft: str, dtype: str = "float32", runs_dirs: list[Path] | None = None) -> None:
-        from specbeam_hf.cli import load_model, load_tokenizer
+        from specbeam_hf.cli import _vocab_resize, load_model, load_tokenizer
 
         self.target_name, self.draft_name, self.dtype = target, draft, dtype
         self.tokenizer = load_tokenizer(target)
         self.target = load_model(target, "target", dtype)
         self.draft = load_model(draft, "draft", dtype)
+        self.draft_options = _vocab_resize(draft, self.draft, self.target, self.tokenizer)  # a padded embedding
         self.runs_dirs = [Path(d) for d in (runs_dirs if runs_dirs is not None else default_runs_dirs())]
         self.lock = threading.Lock()
         self._assistants: dict[tuple, Any] = {}
@@ -114,7 +115,7 @@ class Dashboard:
         key = (drafter, gamma, tree_width if drafter == "draft_tree" else None)
         assistant = self._assistants.get(key)
         if assistant is None:
-            options = {"drafter": drafter}
+            options = {"drafter": drafter, **self.draft_options}
             if drafter == "draft_tree":
                 options["tree_width"] = tree_width
             assistant = SpecBeam(self.draft, num_draft_tokens=gamma, **options)

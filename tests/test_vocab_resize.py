@@ -14,7 +14,7 @@ import torch
 
 import specbeam_hf
 from conftest import assert_pools_free, build_model, make_pair, perturbed_copy, ragged_batch
-from specbeam_core import DraftModelDrafter, SamplingParams, SpecEngine, VocabResizedDraft
+from specbeam_core import DraftModelDrafter, SamplingParams, SpecEngine, VocabResizedDraft, build_kv_batch
 from specbeam_core.drafting_tree import DraftTreeDrafter
 from specbeam_hf import HFCausalLM
 from test_sampling import PROMPT, SAMPLING_CASES, VOCAB, empirical, exact_joint, fit
@@ -74,8 +74,6 @@ def test_resized_logits_and_fed_ids():
         return original(tokens, kv, n)
 
     draft.forward = recording
-    from specbeam_core import build_kv_batch
-
     seq = cache.new_sequence()
     logits = wider.forward(torch.tensor([[5, 85, 79]]), build_kv_batch(cache, [seq], [3], cache.dtype), 2)  # [1, 2, 96]
     assert logits.shape == (1, 2, 96) and torch.isinf(logits[..., 80:]).all() and torch.isfinite(logits[..., :80]).all()

@@ -27,6 +27,22 @@ from .model import CausalLM, KVBatch
 from .kv_cache import PagedKVCache
 
 
+def fit_ids(tokens: torch.Tensor, own_vocab: int, fallback_token: int = 0) -> torch.Tensor:
+    """``tokens`` with every id past a draft's ``own_vocab`` rows replaced by ``fallback_token``."""
+    return tokens.masked_fill(tokens >= own_vocab, fallback_token)
+
+
+def fit_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Draft ``logits`` ``[..., own]`` as ``[..., vocab]``: the last columns cut, or ``-inf`` ones added."""
+    own = logits.shape[-1]
+    if own > vocab:
+        return logits[..., :vocab].contiguous()  # [..., vocab]
+    if own < vocab:
+        missing = logits.new_full((*logits.shape[:-1], vocab - own), float("-inf"))  # [..., vocab - own]
+        return torch.cat([logits, missing], dim=-1)  # [..., vocab]
+    return logits
+
+
 class VocabResizedDraft:
     """``model`` (a :class:`~specbeam_core.model.CausalLM`) seen through a vocabulary of ``vocab_size`` ids."""
 
@@ -46,16 +62,9 @@ class VocabResizedDraft:
         return self.model.make_cache(num_blocks, block_size)
 
     def forward(self, tokens: torch.Tensor, kv: KVBatch, num_logits: int) -> torch.Tensor:
-        own, vocab = self.own_vocab_size, self.vocab_size
-        if own < vocab:
-            tokens = tokens.masked_fill(tokens >= own, self.fallback_token)  # [N, T] ids the draft can embed
+        tokens = fit_ids(tokens, self.own_vocab_size, self.fallback_token)  # [N, T] ids the draft can embed
         logits = self.model.forward(tokens, kv, num_logits)  # [N, num_logits, own]
-        if own > vocab:
-            return logits[..., :vocab].contiguous()  # [N, num_logits, vocab]
-        if own < vocab:
-            missing = logits.new_full((*logits.shape[:-1], vocab - own), float("-inf"))  # [N, num_logits, vocab - own]
-            return torch.cat([logits, missing], dim=-1)  # [N, num_logits, vocab]
-        return logits
+        return fit_logits(logits, self.vocab_size)  # [N, num_logits, vocab]
 
     def __getattr__(self, name: str) -> Any:  # keys_per_token, device, dtype, ...: the draft's own
         if name == "model":  # not yet set (copy, pickle): no recursion

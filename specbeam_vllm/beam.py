@@ -45,6 +45,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from specbeam_core.vocab import fit_ids, fit_logits
+
+from .vocab import check_draft_vocab
+
 AMBIGUOUS = None  # marker in the scored-prefix map: a top-K list whose order cannot be rebuilt
 
 
@@ -110,23 +114,13 @@ class HFDraftModel:
         self.forward_count = 0
 
     def match_vocab(self, target_vocab: int, target_tokenizer: Any) -> None:
-        """Draft for a target of ``target_vocab`` ids: the same size, or the same tokenizer with an
-        embedding padded to another size (Qwen2.5 0.5B-7B: 151,936 rows, 14B+: 152,064), whose
-        log-probs are then cut or padded with ``-inf`` to the target's size; else a ValueError."""
-        own = self.own_vocab_size
-        if own != target_vocab:
-            from transformers import AutoTokenizer
-
-            try:
-                ours = AutoTokenizer.from_pretrained(self.path).get_vocab()
-                same = ours == target_tokenizer.get_vocab()
-            except (OSError, ValueError, AttributeError):  # no tokenizer with the draft: nothing to compare
-                same = False
-            if not same or abs(own - target_vocab) > 512:
-                raise ValueError(
-                    f"draft model {self.path!r} has a vocabulary of {own} tokens but the target has {target_vocab}: "
-                    "speculative beam search needs the target's vocabulary (an embedding padded to another size "
-                    "is accepted when the draft's tokenizer is the target's)")
+        """Draft for a target of ``target_vocab`` ids (:func:`~specbeam_vllm.vocab.check_draft_vocab`):
+        log-probs cut or padded with ``-inf`` to its size, ids past the draft's embedding read as id 0."""
+        try:
+            target_tokens = target_tokenizer.get_vocab()
+        except AttributeError:  # a tokenizer without a vocabulary map: nothing to compare
+            target_tokens = None
+        check_draft_vocab(self.path, self.own_vocab_size, target_vocab, target_tokens)
         self.vocab_size = target_vocab
 
     @torch.inference_mode()
@@ -138,17 +132,11 @@ class HFDraftModel:
         tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)  # [N, T]
         for i, s in enumerate(seqs):
             tokens[i, : len(s)] = torch.tensor(s)
-        own, vocab = self.own_vocab_size, self.vocab_size
-        if own < vocab:  # ids only the target has: the draft reads id 0 there (it guesses worse, that is all)
-            tokens = tokens.masked_fill(tokens >= own, 0)
+        tokens = fit_ids(tokens, self.own_vocab_size)  # ids only the target has: the draft reads id 0 there
         hidden = self.model.get_decoder()(input_ids=tokens).last_hidden_state  # [N, T, hidden]
         last = hidden[torch.arange(len(seqs)), lengths - 1]  # [N, hidden]
         logits = self.model.get_output_embeddings()(last).float()  # [N, own]: the head on last positions only
-        if own > vocab:
-            logits = logits[:, :vocab]  # [N, vocab]: never an id the target lacks
-        elif own < vocab:
-            logits = torch.cat([logits, logits.new_full((len(seqs), vocab - own), float("-inf"))], dim=-1)  # [N, vocab]
-        return torch.log_softmax(logits, dim=-1)
+        return torch.log_softmax(fit_logits(logits, self.vocab_size), dim=-1)  # [N, vocab]
 
 
 _DRAFTS: dict[str, HFDraftModel] = {}

@@ -48,6 +48,7 @@ from specbeam_core.prompt_lookup import lookup_drafts
 
 from .cpu_gemm import use_vllm_cpu_gemm
 from .options import SpecBeamVllmOptions, catch_up_budget, parse_options
+from .vocab import check_draft_vocab, tokenizer_vocab
 from .policy import BatchSizePolicy, LookupGate
 from .rows import DraftState, RowMatcher
 
@@ -63,7 +64,7 @@ PROPOSE_MS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 def load_draft(options: SpecBeamVllmOptions, dtype: torch.dtype, target_tokenizer: str | None, target_vocab: int,
                on_cpu: bool = False):
     """Load the draft with transformers' ``from_pretrained`` and check it can draft for the target."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from specbeam_hf.fast_draft import draft_causal_lm
 
@@ -73,26 +74,9 @@ def load_draft(options: SpecBeamVllmOptions, dtype: torch.dtype, target_tokenize
     if on_cpu and options.vllm_cpu_gemm:
         use_vllm_cpu_gemm(model)
     draft = draft_causal_lm(model)
-    # embeddings padded to other sizes around one tokenizer (Qwen2.5 0.5B-7B: 151,936 rows, 14B+: 152,064)
-    smaller = draft.vocab_size < target_vocab
-    ours = None
-    if target_tokenizer is not None:
-        try:
-            ours = AutoTokenizer.from_pretrained(options.draft).get_vocab()
-            theirs = AutoTokenizer.from_pretrained(target_tokenizer).get_vocab()
-        except (OSError, ValueError):  # a draft shipped without a tokenizer: the size check stands
-            ours = theirs = None
-        if ours is not None and ours != theirs:
-            differ = len(set(ours.items()) ^ set(theirs.items())) // 2 or abs(len(ours) - len(theirs))
-            raise ValueError(
-                f"draft model {options.draft!r} has a different vocabulary from the target's tokenizer "
-                f"({len(ours)} vs {len(theirs)} tokens; {differ} token/id pairs differ)")
-    if abs(draft.vocab_size - target_vocab) > 512 or (smaller and ours is None):
-        raise ValueError(
-            f"draft model {options.draft!r} has a vocabulary of {draft.vocab_size} tokens but the target has "
-            f"{target_vocab}: specbeam needs a draft with the target's vocabulary (an embedding padded to another "
-            "size is accepted when the draft and the target tokenizer are the same)")
-    if smaller:  # its logits padded with -inf, ids past its embedding fed as id 0 (outputs stay the target's)
+    target_tokens = tokenizer_vocab(target_tokenizer) if target_tokenizer is not None else None
+    check_draft_vocab(options.draft, draft.vocab_size, target_vocab, target_tokens)
+    if draft.vocab_size < target_vocab:  # logits padded with -inf, ids past its embedding fed as id 0
         draft = VocabResizedDraft(draft, target_vocab)
     return draft
 

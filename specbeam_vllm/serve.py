@@ -17,6 +17,7 @@ import os
 import sys
 
 from .server import API_SERVER, server_env, specbeam_flags
+from .vocab import tokenizer_vocab
 
 
 class SetupError(ValueError):
@@ -34,15 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="more specbeam options as a JSON object (see specbeam_vllm.options)")
     p.add_argument("--dry-run", action="store_true", help="check the setup, print the vLLM command, do not start")
     return p
-
-
-def _vocab(path: str) -> dict[str, int] | None:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path).get_vocab()
-    except (OSError, ValueError):
-        return None
 
 
 def check_setup(args: argparse.Namespace) -> dict:
@@ -66,7 +58,7 @@ def check_setup(args: argparse.Namespace) -> dict:
         parse_options({"specbeam": options})
     except ValueError as err:
         raise SetupError(str(err)) from None
-    target_vocab, draft_vocab = _vocab(args.target), _vocab(args.draft)
+    target_vocab, draft_vocab = tokenizer_vocab(args.target), tokenizer_vocab(args.draft)
     if target_vocab is not None and draft_vocab is not None and target_vocab != draft_vocab:
         differ = sum(1 for tok, i in target_vocab.items() if draft_vocab.get(tok) != i)
         raise SetupError(f"draft {args.draft!r} has a different vocabulary from target {args.target!r} "

@@ -833,7 +833,7 @@ def test_smaller_draft_vocab_with_the_target_tokenizer(folders):
     probs = p.take_last_draft_probs()
     if probs is not None:  # sampled drafts: their distributions span the target's vocabulary, 0 past the draft's
         assert probs.shape[-1] == 40 and float(probs[..., VOCAB:].abs().sum()) == 0.0
-    with pytest.raises(ValueError, match=r"vocabulary of 32 tokens but the target has 40.*tokenizer are the same"):
+    with pytest.raises(ValueError, match=r"vocabulary of 32 tokens but the target has 40.*draft's tokenizer is the target's"):
         SpecBeamProposer(vllm_config(folders[1], tokenizer=None, vocab=40))
 
 

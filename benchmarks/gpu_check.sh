@@ -13,7 +13,8 @@
 # minutes); `TREE_GAMMAS="" HF_GAMMAS=5,4,3 HF_BATCH_GAMMAS="" SKIP_BF16_TREES=1` took 343 s in the
 # third lease (its bf16 step failing at once; ~90 s more when it runs). Environment: TREE_GAMMAS (chains and
 # trees beside the beams in the float32 step, default 3,4,5; "" for beams only), HF_GAMMAS and
-# HF_BATCH_GAMMAS (the bf16 bench_hf step, default 3,4,5 and 3,4), SKIP_BF16_TREES=1 skips the last step.
+# HF_BATCH_GAMMAS (the bf16 bench_hf step, default 3,4,5 and 3,4), SKIP_BF16_TREES=1 skips the last step,
+# ONLY (a comma-separated list of step names: run just those, e.g. ONLY=env,tests,wide_beams_adaptive).
 set -u
 OUT=${OUT:-benchmarks/results/gpu/new}
 mkdir -p "$OUT"
@@ -30,6 +31,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step() {  # step NAME LIMIT_S COMMAND...
     local name=$1 limit=$2
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then
+        return 0
+    fi
     echo "=== $name ($(date -u +%T), limit ${limit}s)"
     local t0=$SECONDS
     timeout "$limit" "$@"
@@ -54,6 +58,15 @@ step() {  # step NAME LIMIT_S COMMAND...
     # than with the default B + 2 candidates, which twice chose shallower trees than the fixed 4 x 12)
     step wide_beams_adaptive 70 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
         --gammas "" --beams 4 --beam-depth 4 --beam-candidates 12 --repeats 2 --out "$OUT/wide_beams_adaptive"
+    # deeper still at a fixed depth: how many beam steps a pass covers when the tree costs ~nothing more
+    step deep_beams 80 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
+        --gammas "" --beams 4 --beam-depth 6 --beam-candidates 16 --no-beam-adaptive --repeats 2 --out "$OUT/deep_beams"
+    # the bf16 greedy rows that ran at 29-65 % of their bound in earlier leases, each γ in its own process
+    # (whether the slowness follows the rows' order within one process)
+    for g in 4 5; do
+        step "hf_bf16_gamma$g" 90 python3 benchmarks/bench_hf.py --device cuda --dtype bfloat16 --modes greedy \
+            --gammas "$g" --batch-gammas "" --max-new-tokens 64 --repeats 2 --out "$OUT/hf_bf16_gamma$g"
+    done
     step hf_bf16 170 python3 benchmarks/bench_hf.py --device cuda --dtype bfloat16 --modes greedy \
         --gammas "${HF_GAMMAS-3,4,5}" --batch-gammas "${HF_BATCH_GAMMAS-3,4}" --max-new-tokens 64 --repeats 2 --out "$OUT"
     if [ -z "${SKIP_BF16_TREES:-}" ]; then
@@ -61,4 +74,6 @@ step() {  # step NAME LIMIT_S COMMAND...
             --gammas 5 --beams 4 --repeats 2 --out "$OUT"
     fi
 } 2>&1 | tee "$OUT/gpu_check.log"
-rm -f "$OUT"/*.png "$OUT"/*/*.png  # the tool that fetches results takes at most 8 files; plots are redrawn from the JSON
+rm -f "$OUT"/*.png "$OUT"/*/*.png  # plots are redrawn from the JSON
+# the tool that fetches results takes at most 8 files: the JSON of every step in one archive beside the log
+(cd "$OUT" && find . -name '*.json' | tar czf results.tar.gz -T - && find . -name '*.json' -delete)

@@ -54,17 +54,17 @@ step() {  # step NAME LIMIT_S COMMAND...
     # target's pass costs about the same whatever the tree holds
     step wide_beams 70 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
         --gammas "" --beams 4 --beam-depth 4 --beam-candidates 12 --no-beam-adaptive --repeats 2 --out "$OUT/wide_beams"
-    # the same width with the adaptive depth (not yet run on a GPU: whether the chooser then goes deeper
-    # than with the default B + 2 candidates, which twice chose shallower trees than the fixed 4 x 12)
+    # the same width with the adaptive depth (fourth lease: it chose the fixed step's depth, 2.84 steps a pass)
     step wide_beams_adaptive 70 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
         --gammas "" --beams 4 --beam-depth 4 --beam-candidates 12 --repeats 2 --out "$OUT/wide_beams_adaptive"
     # deeper still at a fixed depth: how many beam steps a pass covers when the tree costs ~nothing more
     step deep_beams 80 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
         --gammas "" --beams 4 --beam-depth 6 --beam-candidates 16 --no-beam-adaptive --repeats 2 --out "$OUT/deep_beams"
     # the bf16 greedy rows that ran at 29-65 % of their bound in earlier leases, each γ in its own process
-    # (whether the slowness follows the rows' order within one process)
+    # (whether the slowness follows the rows' order within one process; at 90 s each, the fourth lease's
+    # stopped during the HF assisted rows, before specbeam's)
     for g in 4 5; do
-        step "hf_bf16_gamma$g" 90 python3 benchmarks/bench_hf.py --device cuda --dtype bfloat16 --modes greedy \
+        step "hf_bf16_gamma$g" 180 python3 benchmarks/bench_hf.py --device cuda --dtype bfloat16 --modes greedy \
             --gammas "$g" --batch-gammas "" --max-new-tokens 64 --repeats 2 --out "$OUT/hf_bf16_gamma$g"
     done
     step hf_bf16 170 python3 benchmarks/bench_hf.py --device cuda --dtype bfloat16 --modes greedy \

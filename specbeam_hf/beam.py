@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
+from .prompts import unpadded_prompts
+
 
 def beam_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs):
     num_beams = int(generation_config.num_beams)
@@ -26,13 +28,7 @@ def beam_generate(model, input_ids, logits_processor, stopping_criteria, generat
         raise ValueError(f"beam-expanded input_ids has {input_ids.shape[0]} rows, not a multiple of num_beams={num_beams}")
     padded = input_ids[::num_beams]  # [batch, W] one row per prompt (HF repeats each num_beams times)
     mask = model_kwargs.get("attention_mask")
-    mask = torch.ones_like(padded) if mask is None else mask[::num_beams]
-    prompts = []
-    for row in range(padded.shape[0]):
-        prompt = padded[row][mask[row].bool()].tolist()
-        if not prompt:
-            raise ValueError(f"empty prompt: row {row} of the batch has no unmasked tokens")
-        prompts.append(prompt)
+    prompts = unpadded_prompts(padded, None if mask is None else mask[::num_beams])
 
     pad_token_id = generation_config._pad_token_tensor
     eos_token_id = generation_config._eos_token_tensor

@@ -26,6 +26,7 @@ from specbeam_core import Request, SamplingParams
 
 from .assistant import SpecBeam
 from .beam import beam_generate
+from .prompts import unpadded_prompts
 
 
 
@@ -147,19 +148,8 @@ def generate(
     _refuse_unsupported(generation_config, model_kwargs)
     if (generation_config.num_beams or 1) > 1:
         return beam_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError("empty prompt: input_ids must be [batch, length] with length >= 1")
+    prompts = unpadded_prompts(input_ids, model_kwargs.get("attention_mask"))
     batch, width = input_ids.shape
-    attention_mask = model_kwargs.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    prompts: list[list[int]] = []
-    for row in range(batch):
-        keep = attention_mask[row].bool()
-        prompt = input_ids[row][keep].tolist()
-        if not prompt:
-            raise ValueError(f"empty prompt: row {row} of the batch has no unmasked tokens")
-        prompts.append(prompt)
 
     max_new_tokens = int(stopping_criteria.max_length - width) if stopping_criteria is not None and stopping_criteria.max_length else int(generation_config.max_length - width)
     if max_new_tokens < 1:
@@ -178,19 +168,19 @@ def generate(
     requests: list[Request] = []
     first_stop: dict[int, int] = {}  # row -> new tokens when a custom criterion first fired (no EOS id)
     for row, prompt in enumerate(prompts):
-        padding = input_ids[row, : width - len(prompt)].tolist() if attention_mask[row, 0] == 0 else []
+        row_ids = input_ids[row].tolist()  # what HF's processors and criteria see: padding and masked tokens too
         processor = None
         if hf_processors is not None:
-            def processor(tokens, logits, _padding=padding, _row=row):
+            def processor(tokens, logits, _row_ids=row_ids, _row=row, _prompt_len=len(prompt)):
                 # HF processors may hold per-row state sized to the batch (e.g. repetition penalty's
                 # prompt_ignore_length), so they are called on a batch-shaped input and read at this row.
-                ids = torch.tensor([_padding + tokens], device=input_ids.device).repeat(batch, 1)  # [batch, L]
+                ids = torch.tensor([_row_ids + tokens[_prompt_len:]], device=input_ids.device).repeat(batch, 1)  # [batch, L]
                 scores = logits.to(input_ids.device).repeat(batch, 1)  # [batch, vocab]
                 return hf_processors(ids, scores)[_row : _row + 1].float().cpu()  # the engine works on the host
         stop = None
         if extra_criteria:
-            def stop(tokens, _padding=padding, _row=row, _prompt_len=len(prompt)):
-                ids = torch.tensor([_padding + tokens], device=input_ids.device).repeat(batch, 1)  # [batch, L]
+            def stop(tokens, _row_ids=row_ids, _row=row, _prompt_len=len(prompt)):
+                ids = torch.tensor([_row_ids + tokens[_prompt_len:]], device=input_ids.device).repeat(batch, 1)  # [batch, L]
                 hit = any(bool(c(ids, None).reshape(-1)[_row]) for c in extra_criteria)
                 if hit and not eos_ids:  # HF keeps such a row generating until every row has stopped
                     first_stop.setdefault(_row, len(tokens) - _prompt_len)

@@ -101,3 +101,37 @@ def test_stop_strings_through_a_stopping_criterion(demo_fp32, num_beams, stop):
     assistant = specbeam_hf.SpecBeam(draft)
     out = target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, stopping_criteria=criterion, **kwargs)
     assert torch.equal(out, ref), tok.batch_decode(out)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_tokens_masked_inside_a_prompt(demo_fp32, num_beams):
+    """A mask with zeros inside a row (not only left padding): HF attends to the unmasked tokens at
+    positions that count only them, and its logits processors still see the masked tokens. Equal
+    sequences and scores, with a repetition penalty that reads those masked tokens."""
+    tok, target, draft = demo_fp32
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    enc["attention_mask"][1, 2:5] = 0  # the second row is the longer, unpadded one
+    enc["attention_mask"][0, -3] = 0
+    kwargs = dict(**enc, num_beams=num_beams, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id,
+                  repetition_penalty=3.0, return_dict_in_generate=True, output_scores=True)
+    ref = target.generate(**kwargs)
+    assistant = specbeam_hf.SpecBeam(draft)
+    out = target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
+    assert torch.equal(out.sequences, ref.sequences), tok.batch_decode(out.sequences)
+    for step, (a, b) in enumerate(zip(out.scores, ref.scores)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5, msg=f"step {step}")
+    assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_right_padding_is_refused(demo_fp32, num_beams):
+    """HF predicts a right-padded row's first token from a pad position (it warns and goes on);
+    specbeam refuses such input with the fix instead of answering something else."""
+    tok, target, draft = demo_fp32
+    right = AutoTokenizer.from_pretrained(DEMO_DIR / "target", padding_side="right")
+    enc = right(PROMPTS[:2], return_tensors="pt", padding=True)
+    assert enc.attention_mask[:, -1].eq(0).any()
+    assistant = specbeam_hf.SpecBeam(draft)
+    with pytest.raises(ValueError, match="right padding: row 0 .*padding_side='left'"):
+        target.generate(**enc, num_beams=num_beams, max_new_tokens=4, do_sample=False,
+                        custom_generate=specbeam_hf.generate, assistant=assistant)

@@ -4,7 +4,7 @@ Each case builds a random 2-layer target of one family (sliding windows on some)
 either the target with noise added or an unrelated model of another family (its own KV shapes;
 nearly every draft rejected), then runs greedy decoding (chains, trees or prompt lookup) or beam
 search with random kwargs: ragged left-padded batches of 1-3 prompts (on some, one that ends at or
-just short of the position limit), EOS ids, ``length_penalty``,
+just short of the position limit; with ``--masked-spans``, some with masked tokens inside), EOS ids, ``length_penalty``,
 ``early_stopping``, ``num_return_sequences``, repetition penalty, ``no_repeat_ngram_size``,
 ``min_new_tokens``. Every case must equal ``target.generate`` without the assistant: sequences,
 ``scores`` (and ``logits``) step by step, and for beams ``beam_indices`` and ``sequences_scores``
@@ -50,7 +50,7 @@ def random_models(rng: random.Random):
     return target, build(other, seed=rng.randrange(1000)), f"{family}(window={window}) / {other}"
 
 
-def random_inputs(rng: random.Random, max_new_tokens: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+def random_inputs(rng: random.Random, max_new_tokens: int, limit: int, masked_spans: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = [rng.randint(1, 12) for _ in range(rng.choice([1, 2, 3]))]
     if rng.random() < 0.2:  # the longest prompt ends 0-2 tokens short of using the whole position limit
         lengths[0] = limit - max_new_tokens - rng.randint(0, 2)
@@ -61,6 +61,10 @@ def random_inputs(rng: random.Random, max_new_tokens: int, limit: int) -> tuple[
     for row, n in enumerate(lengths):
         ids[row, width - n :] = torch.randint(2, VOCAB, (n,), generator=gen)
         mask[row, width - n :] = 1
+    for row, n in enumerate(lengths):  # drawn from `gen` after the prompts, so --masked-spans 0 keeps every seed's cases
+        if n >= 3 and float(torch.rand(1, generator=gen)) < masked_spans:
+            start = width - n + int(torch.randint(0, n - 2, (1,), generator=gen))  # never the row's last token
+            mask[row, start : min(start + int(torch.randint(1, 4, (1,), generator=gen)), width - 1)] = 0
     return ids, mask
 
 
@@ -159,11 +163,12 @@ def running_score_gap(target, ids, mask, kwargs, ref_indices, our_indices) -> fl
     return abs(float(scores[theirs] - scores[ours]))
 
 
-def run_case(rng: random.Random) -> tuple[str, str | None]:
+def run_case(rng: random.Random, masked_spans: float = 0.0) -> tuple[str, str | None]:
     target, draft, models = random_models(rng)
     kwargs, options = random_kwargs(rng)
-    ids, mask = random_inputs(rng, kwargs["max_new_tokens"], target.config.max_position_embeddings)
-    described = f"{models}, prompt lengths {mask.sum(1).tolist()}, {kwargs}, {options}"
+    ids, mask = random_inputs(rng, kwargs["max_new_tokens"], target.config.max_position_embeddings, masked_spans)
+    inside = [row for row in range(mask.shape[0]) if mask[row].diff().lt(0).any()]  # rows with zeros inside the prompt
+    described = f"{models}, prompt lengths {mask.sum(1).tolist()}{f', masked inside rows {inside}' if inside else ''}, {kwargs}, {options}"
     with torch.no_grad():
         ref = target.generate(input_ids=ids, attention_mask=mask, **kwargs)
     out = target.generate(input_ids=ids, attention_mask=mask, **kwargs,
@@ -193,13 +198,15 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--masked-spans", type=float, default=0.0,
+                   help="chance that a prompt of 3+ tokens gets 1-3 masked tokens inside it (attention_mask zeros, not padding)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     fails = 0
     for case in range(args.cases):
         try:
-            described, problem = run_case(rng)
+            described, problem = run_case(rng, args.masked_spans)
         except Exception:  # a crash is a failure too, reported with its case
             fails += 1
             print(f"ERROR case {case}:\n{traceback.format_exc()}", flush=True)

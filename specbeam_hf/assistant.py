@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -51,6 +52,10 @@ class SpecBeam:
     bfloat16 matrix units (AVX512-BF16, AMX; measured in BENCHMARKS.md); outputs stay exactly the target's, since
     every draft token is verified against the target and sampled drafts against the very
     probabilities they were drawn from. The copy costs the draft's size in the new dtype.
+
+    Threads: one ``generate`` call at a time uses a ``SpecBeam`` (its engines and KV pools are
+    stateful); calls from other threads that share it wait for it. Give each thread its own
+    ``SpecBeam`` (the draft model may be shared) to run them side by side.
     """
 
     _OPTIONS = {
@@ -65,6 +70,7 @@ class SpecBeam:
         if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}")
         self.num_draft_tokens = num_draft_tokens
+        self.in_use = threading.Lock()  # held by the generate call running on this assistant
         self.block_size = int(options.get("block_size", 16))
         self.drafter_name = options.get("drafter", "draft_model")
         self.pm = options.get("plugin_manager") or get_plugin_manager()

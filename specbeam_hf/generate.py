@@ -146,8 +146,14 @@ def generate(
     if not isinstance(assistant, SpecBeam):
         raise ValueError(f"assistant must be a specbeam_hf.SpecBeam, got {type(assistant).__name__}")
     _refuse_unsupported(generation_config, model_kwargs)
-    if (generation_config.num_beams or 1) > 1:
-        return beam_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
+    with assistant.in_use:  # another thread's call on the same assistant finishes first
+        if (generation_config.num_beams or 1) > 1:
+            return beam_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
+        return _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
+
+
+def _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs):
+    """Greedy and sampled decoding (``num_beams == 1``) of :func:`generate`."""
     prompts = unpadded_prompts(input_ids, model_kwargs.get("attention_mask"))
     batch, width = input_ids.shape
 

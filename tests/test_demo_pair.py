@@ -135,3 +135,39 @@ def test_right_padding_is_refused(demo_fp32, num_beams):
     with pytest.raises(ValueError, match="right padding: row 0 .*padding_side='left'"):
         target.generate(**enc, num_beams=num_beams, max_new_tokens=4, do_sample=False,
                         custom_generate=specbeam_hf.generate, assistant=assistant)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_threads_sharing_one_assistant(demo_fp32, num_beams):
+    """A server's worker threads calling ``generate`` with one ``SpecBeam``: each call gets the
+    target's own output, and the pools end empty. Before the assistant serialised its calls they
+    interleaved on its engines and failed (a negative rollback, an exhausted pool, unknown KV
+    sequences), greedy and beams alike."""
+    import threading
+
+    tok, target, draft = demo_fp32
+    kwargs = dict(max_new_tokens=40, num_beams=num_beams, do_sample=False, pad_token_id=tok.pad_token_id)
+    inputs = [tok([p], return_tensors="pt") for p in PROMPTS]
+    refs = [target.generate(**enc, **kwargs) for enc in inputs]
+    assistant = specbeam_hf.SpecBeam(draft)
+    outs, errors = {}, []
+    start = threading.Barrier(len(PROMPTS))
+
+    def work(i):
+        try:
+            start.wait()
+            outs[i] = target.generate(**inputs[i], **kwargs, custom_generate=specbeam_hf.generate, assistant=assistant)
+        except Exception as e:  # reported below, with the others
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for i, ref in enumerate(refs):
+        assert torch.equal(outs[i], ref), (i, tok.batch_decode(outs[i]))
+    assert not assistant.in_use.locked()
+    if num_beams == 1:
+        assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)

@@ -28,7 +28,8 @@ def beam_generate(model, input_ids, logits_processor, stopping_criteria, generat
         raise ValueError(f"beam-expanded input_ids has {input_ids.shape[0]} rows, not a multiple of num_beams={num_beams}")
     padded = input_ids[::num_beams]  # [batch, W] one row per prompt (HF repeats each num_beams times)
     mask = model_kwargs.get("attention_mask")
-    prompts = unpadded_prompts(padded, None if mask is None else mask[::num_beams])
+    searcher = assistant.beam_searcher_for(model)
+    prompts = unpadded_prompts(padded, None if mask is None else mask[::num_beams], searcher.target.attention.sliding_window)
 
     pad_token_id = generation_config._pad_token_tensor
     eos_token_id = generation_config._eos_token_tensor
@@ -37,7 +38,6 @@ def beam_generate(model, input_ids, logits_processor, stopping_criteria, generat
     scores: list[torch.Tensor] | None = [] if generation_config.return_dict_in_generate and generation_config.output_scores else None
     raw_logits: list[torch.Tensor] | None = [] if generation_config.return_dict_in_generate and generation_config.output_logits else None
 
-    searcher = assistant.beam_searcher_for(model)
     state = searcher.run(
         prompts,
         padded.cpu(),

@@ -154,7 +154,8 @@ def generate(
 
 def _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs):
     """Greedy and sampled decoding (``num_beams == 1``) of :func:`generate`."""
-    prompts = unpadded_prompts(input_ids, model_kwargs.get("attention_mask"))
+    engine = assistant.engine_for(model)
+    prompts = unpadded_prompts(input_ids, model_kwargs.get("attention_mask"), engine.target.attention.sliding_window)
     batch, width = input_ids.shape
 
     max_new_tokens = int(stopping_criteria.max_length - width) if stopping_criteria is not None and stopping_criteria.max_length else int(generation_config.max_length - width)
@@ -168,7 +169,6 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
     params, hf_processors = _sampling_from_processors(generation_config, logits_processor)
     record = bool(generation_config.return_dict_in_generate and (generation_config.output_scores or generation_config.output_logits))
     extra_criteria = [c for c in (stopping_criteria or []) if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
-    engine = assistant.engine_for(model)
 
     seeds = torch.randint(0, 2**62, (batch,)).tolist() if params.do_sample else [None] * batch  # follows torch.manual_seed
     requests: list[Request] = []

@@ -17,7 +17,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 import specbeam_hf
 from conftest import assert_pools_free
@@ -126,6 +126,53 @@ def test_sliding_window_equals_its_own_generate(model_type):
     kwargs = dict(input_ids=IDS, attention_mask=MASK, max_new_tokens=14, do_sample=False, pad_token_id=0)
     assert not (torch.equal(unwindowed.generate(**kwargs), greedy)
                 and torch.equal(unwindowed.generate(**kwargs, num_beams=3, num_return_sequences=3), beams))
+
+
+HOLED = MASK.clone()
+HOLED[1, 2:4] = 0  # row 1: two tokens masked inside the prompt, not padding
+
+
+class BoostColumn(LogitsProcessor):
+    """Adds 5 to the logit of the token in column ``column`` of each row's ``input_ids``."""
+
+    def __init__(self, column: int) -> None:
+        self.column = column
+
+    def __call__(self, input_ids, scores):
+        return scores.scatter_add(1, input_ids[:, self.column : self.column + 1], torch.full_like(scores[:, :1], 5.0))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "falcon"])
+def test_tokens_masked_inside_a_prompt(model_type):
+    """Zeros inside a row's mask: the masked tokens are not attended and the positions count only the
+    others (rotary, learned and Falcon's), as in HF ``generate``; logits processors still see the
+    masked tokens in their columns (a processor reading column 2, masked in row 1)."""
+    target = build(model_type)
+    draft = perturbed(target)
+    for extra in ({}, dict(num_beams=3, num_return_sequences=2, return_dict_in_generate=True, output_scores=True)):
+        kwargs = dict(input_ids=IDS, attention_mask=HOLED, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                      repetition_penalty=2.0, logits_processor=LogitsProcessorList([BoostColumn(2)]), **extra)
+        ref = target.generate(**kwargs)
+        out = target.generate(**kwargs, custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft))
+        if extra:
+            assert torch.equal(out.sequences, ref.sequences)
+            torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=1e-4, rtol=0)
+        else:
+            assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2"])
+def test_tokens_masked_inside_a_prompt_with_a_sliding_window_are_refused(model_type, num_beams):
+    """HF's window spans the last columns, masked ones included; the paged cache holds no masked
+    tokens, so a window over it would reach further back than HF's. Refused, naming the fix."""
+    target = build(model_type, sliding_window=WINDOW)
+    kwargs = dict(input_ids=IDS, max_new_tokens=6, do_sample=False, pad_token_id=0, num_beams=num_beams)
+    assistant = specbeam_hf.SpecBeam(perturbed(target))
+    with pytest.raises(ValueError, match=r"row 1 has zeros inside the prompt .*window 5.*drop the masked tokens"):
+        target.generate(**kwargs, attention_mask=HOLED, custom_generate=specbeam_hf.generate, assistant=assistant)
+    out = target.generate(**kwargs, attention_mask=MASK, custom_generate=specbeam_hf.generate, assistant=assistant)
+    assert torch.equal(out, target.generate(**kwargs, attention_mask=MASK))  # left padding alone is fine
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "gemma2"])

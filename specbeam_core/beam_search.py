@@ -395,6 +395,10 @@ class SpecBeamSearch:
         prompts = [[int(t) for t in p] for p in prompts]
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: every prompt needs at least one token")
+        vocab = self.target.vocab_size
+        bad = sorted({t for p in prompts for t in p if not 0 <= t < vocab})
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
         limit = self.max_positions
         longest = max(len(p) for p in prompts) + max_length - padded.shape[1]
         if limit is not None and longest > limit:

@@ -23,6 +23,10 @@ def unpadded_prompts(
     masked tokens, would give it: refused, with the fix."""
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("empty prompt: input_ids must be [batch, length] with length >= 1")
+    if input_ids.shape[0] == 0:
+        raise ValueError("empty batch: input_ids has no rows")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
     if attention_mask is None:
         return input_ids.tolist()
     if attention_mask.shape != input_ids.shape:

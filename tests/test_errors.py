@@ -92,6 +92,26 @@ def test_prompt_token_out_of_range_core(llama_pair):
         engine.generate([[-1, 3]], max_new_tokens=5)
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        (torch.tensor([[3, 96]]), r"prompt token ids out of range \[0, 96\): \[96\]"),
+        (torch.tensor([[-1, 3]]), r"prompt token ids out of range \[0, 96\): \[-1\]"),
+        (torch.tensor([[3.0, 5.0]]), "input_ids must hold integer token ids, got torch.float32"),
+        (torch.zeros(0, 4, dtype=torch.long), "empty batch: input_ids has no rows"),
+    ],
+    ids=["past-vocab", "negative", "float", "no-rows"],
+)
+def test_bad_input_ids_hf(llama_pair, ids, match, num_beams):
+    """What HF's own loop fails on deep inside a forward (IndexError, a dtype error, a reshape of 0
+    elements), or for float ids would not even reach: a ValueError naming it, greedy and beams."""
+    target, draft = llama_pair
+    with pytest.raises(ValueError, match=match):
+        spec(target, specbeam_hf.SpecBeam(draft), input_ids=ids, max_new_tokens=4, do_sample=False,
+             num_beams=num_beams, pad_token_id=0)
+
+
 def test_empty_prompt_hf_masked_row(llama_pair):
     target, draft = llama_pair
     ids, mask = ragged_batch([4, 3], seed=40)

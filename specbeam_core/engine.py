@@ -51,7 +51,10 @@ _request_ids = itertools.count()  # unique across engines: drafters may be share
 
 
 class SpecEngine:
-    """Exact speculative decoding of a target :class:`CausalLM` with a :class:`Drafter`."""
+    """Exact speculative decoding of a target :class:`CausalLM` with a :class:`Drafter`.
+
+    Not thread-safe: one thread drives an engine (``add``, ``step``, ``abort``); its requests share
+    each step."""
 
     def __init__(
         self,

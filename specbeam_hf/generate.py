@@ -1,4 +1,5 @@
-"""``model.generate(..., custom_generate=specbeam_hf.generate, assistant=SpecBeam(draft))``.
+"""``model.generate(..., custom_generate=specbeam_hf.generate, assistant=SpecBeam(draft))``
+(or ``assistant_model=draft``: a default ``SpecBeam`` kept on the draft).
 
 HF ``generate`` prepares the inputs, the logits processors, the stopping criteria and the
 generation config, then calls this function. It strips each row's left padding, runs the rows
@@ -30,18 +31,33 @@ from .prompts import unpadded_prompts
 
 
 
-def _caller_streamer():
-    """HF ``generate`` does not pass ``streamer`` on to a custom_generate callable; read it from its frame."""
+def _caller_argument(name: str):
+    """HF ``generate`` does not pass its own ``streamer`` or ``assistant_model`` arguments on to a
+    custom_generate callable; read them from its frame."""
     frame = inspect.currentframe()
     try:
         while frame is not None:
             names = frame.f_locals
-            if frame.f_code.co_name == "generate" and "custom_generate" in names and "streamer" in names:
-                return names["streamer"]
+            if frame.f_code.co_name == "generate" and "custom_generate" in names and name in names:
+                return names[name]
             frame = frame.f_back
         return None
     finally:
         del frame
+
+
+def _assistant_for(draft_model) -> SpecBeam:
+    """``assistant_model=draft`` (HF's own spelling): one ``SpecBeam`` with default options kept on the
+    draft model, so its engines and KV pools are reused across calls."""
+    if isinstance(draft_model, SpecBeam):
+        return draft_model
+    if not isinstance(draft_model, torch.nn.Module):
+        raise ValueError(f"assistant_model must be a draft model (or a specbeam_hf.SpecBeam), got {type(draft_model).__name__}")
+    assistant = draft_model.__dict__.get("_specbeam_assistant")
+    if assistant is None:
+        assistant = SpecBeam(draft_model)
+        draft_model.__dict__["_specbeam_assistant"] = assistant
+    return assistant
 
 
 class _ColumnStreamer:
@@ -138,6 +154,8 @@ def generate(
     Greedy and sampled outputs are those of ``model.generate`` without the assistant: token for
     token when greedy, the same distribution when sampling.
     """
+    if assistant is None and (draft_model := _caller_argument("assistant_model")) is not None:
+        assistant = _assistant_for(draft_model)
     if assistant is None:
         raise ValueError(
             "specbeam_hf.generate needs an assistant: "
@@ -197,7 +215,7 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
         )
         requests.append(engine.make_request(prompt, row_params, max_new_tokens, eos_ids, stop, processor, record_scores=record))
 
-    streamer = _caller_streamer()  # HF has already put the prompt
+    streamer = _caller_argument("streamer")  # HF has already put the prompt
     put_columns = _ColumnStreamer(streamer, requests, pad_id) if streamer is not None else None
 
     engine.stats.reset()

@@ -171,3 +171,27 @@ def test_threads_sharing_one_assistant(demo_fp32, num_beams):
     assert not assistant.in_use.locked()
     if num_beams == 1:
         assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_assistant_model_as_hf_spells_it(demo_fp32, num_beams):
+    """``assistant_model=draft`` with ``custom_generate=specbeam_hf.generate``: HF does not hand
+    ``assistant_model`` on to a custom_generate callable, so without reading it the call failed with
+    "needs an assistant". It now runs a default ``SpecBeam`` kept on the draft (its pools reused
+    by the next call) and gives the target's own output; a non-model is refused by name."""
+    tok, target, draft = demo_fp32
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    kwargs = dict(**enc, max_new_tokens=24, num_beams=num_beams, do_sample=False)
+    ref = target.generate(**kwargs)
+    for _ in range(2):
+        out = target.generate(custom_generate=specbeam_hf.generate, assistant_model=draft, **kwargs)
+        assert torch.equal(out, ref), tok.batch_decode(out)
+    assistant = draft.__dict__["_specbeam_assistant"]
+    assert isinstance(assistant, specbeam_hf.SpecBeam) and assistant.draft is not None
+    if num_beams == 1:
+        assert assistant.last_stats.mean_accepted_length > 1.3, assistant.last_stats.summary()
+        assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
+    else:
+        assert assistant.last_beam_stats.steps_per_target_forward > 1.0
+    with pytest.raises(ValueError, match="assistant_model must be a draft model"):
+        target.generate(custom_generate=specbeam_hf.generate, assistant_model="draft", **kwargs)

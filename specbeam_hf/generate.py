@@ -166,6 +166,8 @@ def generate(
     _refuse_unsupported(generation_config, model_kwargs)
     with assistant.in_use:  # another thread's call on the same assistant finishes first
         if (generation_config.num_beams or 1) > 1:
+            if _caller_argument("streamer") is not None:  # HF's own check never sees it: HF keeps streamer from a callable
+                raise ValueError("`streamer` cannot be used with beam search (as in HF generate); set num_beams=1 to stream")
             return beam_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
         return _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
 

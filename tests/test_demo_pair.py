@@ -195,3 +195,25 @@ def test_assistant_model_as_hf_spells_it(demo_fp32, num_beams):
         assert assistant.last_beam_stats.steps_per_target_forward > 1.0
     with pytest.raises(ValueError, match="assistant_model must be a draft model"):
         target.generate(custom_generate=specbeam_hf.generate, assistant_model="draft", **kwargs)
+
+
+def test_streamer_with_beams_is_refused_as_hf_does(demo_fp32):
+    """HF refuses a streamer with beam search; its check never sees a custom_generate's, so a
+    batch-accepting streamer used to be fed nothing but the prompt, silently."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.puts = []
+
+        def put(self, value):
+            self.puts.append(value)
+
+        def end(self):
+            pass
+
+    tok, target, draft = demo_fp32
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    with pytest.raises(ValueError, match="streamer` cannot be used with beam search"):
+        target.generate(**enc, num_beams=3, max_new_tokens=8, do_sample=False, streamer=Collect(),
+                        custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft))

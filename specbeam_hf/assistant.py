@@ -40,6 +40,7 @@ class SpecBeam:
     not — and revisited every 16 passes: ``specbeam_core.beam_search.DepthChooser``; False: always
     ``beam_depth``);
     ``last_beam_stats`` then holds steps per target pass. ``block_size``: KV block size (16).
+    ``kv_blocks_in_use()`` counts the KV blocks held in its pools (``kv_pools()``): 0 between calls.
     ``vocab_size`` (default None: the draft's own, which must be the target's): the target's vocabulary
     size, for a draft that shares the target's tokenizer but whose embedding is padded to another size
     (Qwen2.5 0.5B-7B: 151,936 rows, 14B and up: 152,064): ``SpecBeam(draft, vocab_size=target.config.vocab_size)``.
@@ -128,6 +129,32 @@ class SpecBeam:
             )
             self._engines[target_model] = engine
         return engine
+
+    def kv_pools(self) -> list:
+        """Every paged KV pool this assistant holds (``specbeam_core.PagedKVCache``): each target's
+        engine and beam search pool, and the drafts' pools; each once."""
+        pools, seen = [], set()
+
+        def add(pool) -> None:
+            if pool is not None and id(pool) not in seen:
+                seen.add(id(pool))
+                pools.append(pool)
+
+        drafters = [self.drafter, self._beam_drafter]
+        for engine in list(self._engines.values()):
+            add(engine.target_cache)
+            drafters.append(engine.drafter)
+        for searcher in list(self._beam_searchers.values()):
+            add(searcher.cache)
+        for drafter in drafters:
+            for part in getattr(drafter, "drafters", [drafter]):  # merged drafts: each one's pool
+                add(getattr(part, "cache", None))
+        return pools
+
+    def kv_blocks_in_use(self) -> int:
+        """KV blocks held in all of :meth:`kv_pools`: 0 between ``generate`` calls (every block of a
+        finished, failed or aborted call goes back to its pool)."""
+        return sum(pool.num_usable_blocks - pool.num_free_blocks for pool in self.kv_pools())
 
     def beam_searcher_for(self, target_model) -> SpecBeamSearch:
         """The speculative beam search (and its KV pools) for ``target_model``; made on first use."""

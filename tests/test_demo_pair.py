@@ -217,3 +217,43 @@ def test_streamer_with_beams_is_refused_as_hf_does(demo_fp32):
     with pytest.raises(ValueError, match="streamer` cannot be used with beam search"):
         target.generate(**enc, num_beams=3, max_new_tokens=8, do_sample=False, streamer=Collect(),
                         custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(drafter="draft_tree", prompt_lookup=True), dict(multi=True)],
+                         ids=["chain", "tree_lookup", "two_drafts"])
+def test_kv_blocks_in_use_back_to_zero_after_every_call(demo_fp32, options):
+    """``SpecBeam.kv_blocks_in_use()``: blocks are held while a call runs (read from inside it by a
+    stopping criterion) and 0 after it, for greedy, beams and a call that fails half-way."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    tok, target, draft = demo_fp32
+    options = dict(options)
+    drafts = [draft, draft] if options.pop("multi", False) else draft
+    assistant = specbeam_hf.SpecBeam(drafts, **options)
+    assert assistant.kv_pools() == [] and assistant.kv_blocks_in_use() == 0
+
+    class Watch(StoppingCriteria):
+        def __init__(self, fail_after=None):
+            self.seen, self.fail_after = [], fail_after
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.seen.append(assistant.kv_blocks_in_use())
+            if self.fail_after is not None and len(self.seen) >= self.fail_after:
+                raise RuntimeError("the client went away")
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    for num_beams in (1, 3):
+        for fail_after in (None, 3):
+            watch = Watch(fail_after)
+            kwargs = dict(**enc, max_new_tokens=20, num_beams=num_beams, do_sample=False,
+                          stopping_criteria=StoppingCriteriaList([watch]))
+            if fail_after is None:
+                target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
+            else:
+                with pytest.raises(RuntimeError, match="client went away"):
+                    target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
+            assert max(watch.seen) > 0, watch.seen
+            assert assistant.kv_blocks_in_use() == 0, (num_beams, fail_after)
+    assert len(assistant.kv_pools()) >= 4  # the target's engine and beam pools, and the drafts'
+    assert_pools_free(*assistant.kv_pools())

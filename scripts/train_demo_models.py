@@ -39,7 +39,7 @@ Pipeline
    (KL(target || draft) at temperature 1, optional CE on the data).  The
    greedy (argmax) agreement between the two on held-out positions is
    measured and printed.
-5. Both are saved in bfloat16 (safetensors) with tokenizer files and a
+5. Both are saved in bfloat16 (safetensors; config dtype float32) with tokenizer files and a
    generation config into ``specbeam_hf/demo_models/{target,draft}`` together
    with a model card ``specbeam_hf/demo_models/README.md``.
 
@@ -516,6 +516,12 @@ def save_model(model, tokenizer, path: Path):
     )
     m.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    # bfloat16 weights (half the size), loaded as float32 by default: exact, and the dtype in which
+    # specbeam's outputs equal HF generate's token for token
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     # Name the class by its classic, version-portable alias.
     cfg_path = path / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -548,8 +554,11 @@ full 12-layer decode cost, which is what matters for demonstrating speculative d
 
 A tiny **target** LM and an even tinier **draft** LM that share one tokenizer, for
 demonstrating and testing speculative decoding on CPU without any hub downloads.
-Both are `LlamaForCausalLM` checkpoints stored in **bfloat16** safetensors (load them with
-`dtype=torch.float32` on CPU). They were trained from scratch on CPython's standard-library
+Both are `LlamaForCausalLM` checkpoints whose weights are stored in **bfloat16** safetensors (half
+the size) and whose `config.json` says `"dtype": "float32"`, so `from_pretrained(path)` loads them in
+float32 (every bfloat16 value is exact in float32): the dtype in which specbeam's greedy and beam
+outputs equal HF `generate` token for token. Pass `dtype=torch.bfloat16` for bfloat16 (equal up to
+near-ties). They were trained from scratch on CPython's standard-library
 `.py` sources (Python {r['python_version']}), so they continue Python code.
 
 Built by [`scripts/train_demo_models.py`](../../scripts/train_demo_models.py); check with

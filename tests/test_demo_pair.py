@@ -257,3 +257,19 @@ def test_kv_blocks_in_use_back_to_zero_after_every_call(demo_fp32, options):
             assert assistant.kv_blocks_in_use() == 0, (num_beams, fail_after)
     assert len(assistant.kv_pools()) >= 4  # the target's engine and beam pools, and the drafts'
     assert_pools_free(*assistant.kv_pools())
+
+
+def test_default_load_is_float32_and_beams_equal_hf():
+    """``from_pretrained(path)`` with no dtype, as a user's first check would load the pair: the
+    config says float32 (the weights are stored in bfloat16, exact in float32), and B = 4 beams over
+    every prompt equal HF's, sequences and scores."""
+    tok = AutoTokenizer.from_pretrained(DEMO_DIR / "target", padding_side="left")
+    target = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "target").eval()
+    draft = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "draft").eval()
+    assert target.dtype == draft.dtype == torch.float32
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    kwargs = dict(**enc, num_beams=4, max_new_tokens=32, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    ref = target.generate(**kwargs)
+    out = target.generate(custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft), **kwargs)
+    assert torch.equal(out.sequences, ref.sequences), tok.batch_decode(out.sequences)
+    torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=1e-4, rtol=0)

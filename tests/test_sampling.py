@@ -223,3 +223,38 @@ def test_core_probabilities_match_hf_warpers():
     ]:
         ref = torch.softmax(hf_warpers(params)(torch.zeros(64, 1, dtype=torch.long), logits.clone()), dim=-1)
         torch.testing.assert_close(specbeam_core.probabilities(logits, params), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("drafter", ["draft_model", "draft_tree"])
+@pytest.mark.parametrize("processors", [dict(repetition_penalty=1.8, temperature=0.9), dict(min_p=0.08, top_k=0)],
+                         ids=["repetition_penalty", "min_p"])
+def test_hf_generate_sampling_with_position_by_position_processors_is_exact(small_pair, drafter, processors):
+    """Processors the core does not fold into its own temperature / top-k / top-p run position by
+    position on the target's and the draft's logits (``specbeam_hf.generate``); the samples still
+    follow the target's processed distribution, chains and trees alike."""
+    from transformers import GenerationConfig
+
+    target, draft = small_pair
+    n = 3000
+    ids = torch.tensor([PROMPT] * n)
+    config = GenerationConfig(do_sample=True, max_new_tokens=2, **processors)
+    warp = target._get_logits_processor(generation_config=config, input_ids_seq_length=len(PROMPT),
+                                        encoder_input_ids=ids[:1], prefix_allowed_tokens_fn=None,
+                                        logits_processor=None, device="cpu")
+    joint = torch.ones(1, dtype=torch.float64)
+    prefixes = torch.tensor([PROMPT])  # [V^k, len + k]
+    with torch.no_grad():
+        for _ in range(2):
+            logits = target(prefixes).logits[:, -1].float()  # [V^k, V]
+            probs = torch.softmax(warp(prefixes, logits), dim=-1).double()  # [V^k, V]
+            joint = (joint[:, None] * probs).reshape(-1)  # [V^(k+1)]
+            prefixes = torch.cat([prefixes.repeat_interleave(VOCAB, dim=0),
+                                  torch.arange(VOCAB).repeat(prefixes.shape[0])[:, None]], dim=1)
+    assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=2, drafter=drafter)
+    torch.manual_seed(1)
+    out = target.generate(input_ids=ids, generation_config=config, pad_token_id=0,
+                          custom_generate=specbeam_hf.generate, assistant=assistant)
+    pvalue, tv, bound = fit(empirical(out[:, len(PROMPT):].tolist(), 2, VOCAB), joint.reshape(VOCAB, VOCAB).numpy())
+    assert pvalue > P_MIN, f"chi-square p={pvalue:.2e}"
+    assert tv < bound
+    assert 0 < assistant.last_stats.acceptance_rate < 1

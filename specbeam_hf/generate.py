@@ -46,6 +46,24 @@ def _caller_argument(name: str):
         del frame
 
 
+class _AssistantSlot:
+    """Holds the ``SpecBeam`` made for ``assistant_model=draft``, on the draft model. A copy or a
+    pickle of the draft (``copy.deepcopy``, ``torch.save``) gets an empty slot: the assistant's
+    lock, engines and KV pools stay with the original."""
+
+    def __init__(self) -> None:
+        self.assistant: SpecBeam | None = None
+
+    def __deepcopy__(self, memo) -> "_AssistantSlot":
+        return _AssistantSlot()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.assistant = None
+
+
 def _assistant_for(draft_model) -> SpecBeam:
     """``assistant_model=draft`` (HF's own spelling): one ``SpecBeam`` with default options kept on the
     draft model, so its engines and KV pools are reused across calls."""
@@ -53,11 +71,10 @@ def _assistant_for(draft_model) -> SpecBeam:
         return draft_model
     if not isinstance(draft_model, torch.nn.Module):
         raise ValueError(f"assistant_model must be a draft model (or a specbeam_hf.SpecBeam), got {type(draft_model).__name__}")
-    assistant = draft_model.__dict__.get("_specbeam_assistant")
-    if assistant is None:
-        assistant = SpecBeam(draft_model)
-        draft_model.__dict__["_specbeam_assistant"] = assistant
-    return assistant
+    slot = draft_model.__dict__.setdefault("_specbeam_assistant", _AssistantSlot())
+    if slot.assistant is None:
+        slot.assistant = SpecBeam(draft_model)
+    return slot.assistant
 
 
 class _ColumnStreamer:

@@ -186,8 +186,18 @@ def test_assistant_model_as_hf_spells_it(demo_fp32, num_beams):
     for _ in range(2):
         out = target.generate(custom_generate=specbeam_hf.generate, assistant_model=draft, **kwargs)
         assert torch.equal(out, ref), tok.batch_decode(out)
-    assistant = draft.__dict__["_specbeam_assistant"]
+    assistant = draft.__dict__["_specbeam_assistant"].assistant
     assert isinstance(assistant, specbeam_hf.SpecBeam) and assistant.draft is not None
+    # the draft can still be copied and pickled (the assistant's lock cannot); a copy starts afresh
+    import copy
+    import io
+
+    twin = copy.deepcopy(draft)
+    assert twin.__dict__["_specbeam_assistant"].assistant is None
+    torch.save(draft, io.BytesIO())
+    out = target.generate(custom_generate=specbeam_hf.generate, assistant_model=twin, **kwargs)
+    assert torch.equal(out, ref)
+    assert twin.__dict__["_specbeam_assistant"].assistant is not assistant
     if num_beams == 1:
         assert assistant.last_stats.mean_accepted_length > 1.3, assistant.last_stats.summary()
         assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)

@@ -72,6 +72,7 @@ class SpecBeam:
             raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}")
         self.num_draft_tokens = num_draft_tokens
         self.in_use = threading.Lock()  # held by the generate call running on this assistant
+        self.in_use_by: int | None = None  # the thread (ident) holding it
         self.block_size = int(options.get("block_size", 16))
         self.drafter_name = options.get("drafter", "draft_model")
         self.pm = options.get("plugin_manager") or get_plugin_manager()

@@ -11,6 +11,7 @@ sequence as long as the longest row, the streamer fed one column of tokens at a 
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Any
 
 import torch
@@ -181,12 +182,26 @@ def generate(
     if not isinstance(assistant, SpecBeam):
         raise ValueError(f"assistant must be a specbeam_hf.SpecBeam, got {type(assistant).__name__}")
     _refuse_unsupported(generation_config, model_kwargs)
+    if assistant.in_use_by == threading.get_ident():  # waiting for itself would hang
+        raise ValueError(
+            "this SpecBeam is already running a generate call in this thread (generate called again from a logits "
+            "processor, stopping criterion or streamer?); give the inner call its own SpecBeam"
+        )
     with assistant.in_use:  # another thread's call on the same assistant finishes first
-        if (generation_config.num_beams or 1) > 1:
-            if _caller_argument("streamer") is not None:  # HF's own check never sees it: HF keeps streamer from a callable
-                raise ValueError("`streamer` cannot be used with beam search (as in HF generate); set num_beams=1 to stream")
-            return beam_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
-        return _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
+        assistant.in_use_by = threading.get_ident()
+        try:
+            return _run(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
+        finally:
+            assistant.in_use_by = None
+
+
+def _run(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs):
+    """Beams or greedy / sampling, for :func:`generate` holding the assistant."""
+    if (generation_config.num_beams or 1) > 1:
+        if _caller_argument("streamer") is not None:  # HF's own check never sees it: HF keeps streamer from a callable
+            raise ValueError("`streamer` cannot be used with beam search (as in HF generate); set num_beams=1 to stream")
+        return beam_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
+    return _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
 
 
 def _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs):

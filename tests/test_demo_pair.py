@@ -283,3 +283,28 @@ def test_default_load_is_float32_and_beams_equal_hf():
     out = target.generate(custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft), **kwargs)
     assert torch.equal(out.sequences, ref.sequences), tok.batch_decode(out.sequences)
     torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_inside_generate_on_one_assistant_is_refused_not_hung(demo_fp32, num_beams):
+    """A stopping criterion that calls ``generate`` with the assistant already running in its thread
+    would wait for itself on the assistant's lock forever; it gets a ValueError instead, the outer call
+    fails cleanly (pools empty), and the assistant works afterwards."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    tok, target, draft = demo_fp32
+    assistant = specbeam_hf.SpecBeam(draft)
+    enc = tok(PROMPTS[1:2], return_tensors="pt")  # (PROMPTS[0]'s first new token is EOS: no criterion call)
+    kwargs = dict(**enc, max_new_tokens=6, num_beams=num_beams, do_sample=False)
+
+    class Nested(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    with pytest.raises(ValueError, match="already running a generate call in this thread"):
+        target.generate(custom_generate=specbeam_hf.generate, assistant=assistant,
+                        stopping_criteria=StoppingCriteriaList([Nested()]), **kwargs)
+    assert not assistant.in_use.locked() and assistant.kv_blocks_in_use() == 0
+    out = target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
+    assert torch.equal(out, target.generate(**kwargs))

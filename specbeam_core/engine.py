@@ -327,16 +327,17 @@ class SpecEngine:
         events: list[tuple[Request, list[int]]] = []
         for i, r in enumerate(requests):
             emitted: list[int] = []
-            for token in result.output_tokens[i]:
-                emitted.append(token)
-                if r.append(token):
-                    break
             if r.record_scores:
                 raw, chosen_from = self._pending.pop(r.request_id)
                 if not r.params.greedy:  # the scores sampled from: after temperature / top-k / top-p
                     chosen_from = warp_logits(chosen_from, r.params)
-                r.raw_logits.extend(raw[: len(emitted)].clone().unbind(0))
-                r.scores.extend(chosen_from[: len(emitted)].clone().unbind(0))
+            for j, token in enumerate(result.output_tokens[i]):
+                if r.record_scores:  # recorded before append, so that a stop callback sees this token's scores
+                    r.raw_logits.append(raw[j].clone())
+                    r.scores.append(chosen_from[j].clone())
+                emitted.append(token)
+                if r.append(token):
+                    break
             emitted_all.append(emitted)
             events.append((r, emitted))
 

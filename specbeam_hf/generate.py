@@ -239,7 +239,9 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
         if extra_criteria:
             def stop(tokens, _row_ids=row_ids, _row=row, _prompt_len=len(prompt)):
                 ids = torch.tensor([_row_ids + tokens[_prompt_len:]], device=input_ids.device).repeat(batch, 1)  # [batch, L]
-                hit = any(bool(c(ids, None).reshape(-1)[_row]) for c in extra_criteria)
+                # HF hands its criteria the scores so far when it records them (output_scores), else None
+                scores = tuple(s.to(input_ids.device)[None].expand(batch, -1) for s in requests[_row].scores) if record else None  # [batch, vocab] views
+                hit = any(bool(c(ids, scores).reshape(-1)[_row]) for c in extra_criteria)
                 if hit and not eos_ids:  # HF keeps such a row generating until every row has stopped
                     first_stop.setdefault(_row, len(tokens) - _prompt_len)
                     return False

@@ -308,3 +308,39 @@ def test_generate_inside_generate_on_one_assistant_is_refused_not_hung(demo_fp32
     assert not assistant.in_use.locked() and assistant.kv_blocks_in_use() == 0
     out = target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
     assert torch.equal(out, target.generate(**kwargs))
+
+
+class ScoreStop:
+    """A stopping criterion that reads the scores HF hands it: stop a row once its last token's
+    processed score falls below a threshold (HF passes the scores tuple only with output_scores)."""
+
+    def __init__(self, threshold):
+        self.threshold = threshold
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if scores is None:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        last = scores[-1]  # [batch, vocab] the step that chose the last token
+        chosen = last.gather(1, input_ids[:, -1:]).squeeze(1)  # [batch]
+        return chosen < self.threshold
+
+
+def test_stopping_criteria_get_the_scores_as_in_hf(demo_fp32):
+    """With ``output_scores`` HF passes its criteria the scores so far; a criterion that stops a row
+    on a low score stops the rows where HF's does (before, specbeam passed None and the rows ran on)."""
+    from transformers import StoppingCriteriaList
+
+    tok, target, draft = demo_fp32
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    width = enc.input_ids.shape[1]
+    kwargs = dict(**enc, max_new_tokens=40, do_sample=False, return_dict_in_generate=True, output_scores=True,
+                  eos_token_id=None, pad_token_id=tok.pad_token_id)
+    free = target.generate(**kwargs)
+    chosen = torch.stack(free.scores, 1).gather(2, free.sequences[:, width:, None]).squeeze(2)  # [batch, 40]
+    threshold = float(chosen[:, :30].min(dim=1).values.max()) + 1e-3  # fires in every row within 30 steps
+    ref = target.generate(**kwargs, stopping_criteria=StoppingCriteriaList([ScoreStop(threshold)]))
+    assert ref.sequences.shape[1] < width + 40  # the criterion did stop HF's rows
+    out = target.generate(**kwargs, stopping_criteria=StoppingCriteriaList([ScoreStop(threshold)]),
+                          custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft))
+    assert torch.equal(out.sequences, ref.sequences), tok.batch_decode(out.sequences)
+    assert len(out.scores) == len(ref.scores)

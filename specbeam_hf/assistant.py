@@ -157,6 +157,20 @@ class SpecBeam:
         finished, failed or aborted call goes back to its pool)."""
         return sum(pool.num_usable_blocks - pool.num_free_blocks for pool in self.kv_pools())
 
+    @classmethod
+    def for_draft(cls, draft_model) -> "SpecBeam":
+        """The assistant for ``generate(..., assistant_model=draft)`` (HF's own spelling): one
+        ``SpecBeam(draft)`` with default options, kept on the draft model so that its engines and KV
+        pools are reused by the next call."""
+        if isinstance(draft_model, SpecBeam):
+            return draft_model
+        if not isinstance(draft_model, torch.nn.Module):
+            raise ValueError(f"assistant_model must be a draft model (or a specbeam_hf.SpecBeam), got {type(draft_model).__name__}")
+        slot = draft_model.__dict__.setdefault("_specbeam_assistant", _AssistantSlot())
+        if slot.assistant is None:
+            slot.assistant = cls(draft_model)
+        return slot.assistant
+
     def beam_searcher_for(self, target_model) -> SpecBeamSearch:
         """The speculative beam search (and its KV pools) for ``target_model``; made on first use."""
         searcher = self._beam_searchers.get(target_model)
@@ -169,6 +183,24 @@ class SpecBeam:
             )
             self._beam_searchers[target_model] = searcher
         return searcher
+
+
+class _AssistantSlot:
+    """Holds the ``SpecBeam`` made for ``assistant_model=draft``, on the draft model. A copy or a
+    pickle of the draft (``copy.deepcopy``, ``torch.save``) gets an empty slot: the assistant's
+    lock, engines and KV pools stay with the original."""
+
+    def __init__(self) -> None:
+        self.assistant: SpecBeam | None = None
+
+    def __deepcopy__(self, memo) -> "_AssistantSlot":
+        return _AssistantSlot()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.assistant = None
 
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

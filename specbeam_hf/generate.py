@@ -1,5 +1,5 @@
 """``model.generate(..., custom_generate=specbeam_hf.generate, assistant=SpecBeam(draft))``
-(or ``assistant_model=draft``: a default ``SpecBeam`` kept on the draft).
+(or ``assistant_model=draft``: :meth:`SpecBeam.for_draft`).
 
 HF ``generate`` prepares the inputs, the logits processors, the stopping criteria and the
 generation config, then calls this function. It strips each row's left padding, runs the rows
@@ -31,7 +31,6 @@ from .beam import beam_generate
 from .prompts import unpadded_prompts
 
 
-
 def _caller_argument(name: str):
     """HF ``generate`` does not pass its own ``streamer`` or ``assistant_model`` arguments on to a
     custom_generate callable; read them from its frame."""
@@ -45,37 +44,6 @@ def _caller_argument(name: str):
         return None
     finally:
         del frame
-
-
-class _AssistantSlot:
-    """Holds the ``SpecBeam`` made for ``assistant_model=draft``, on the draft model. A copy or a
-    pickle of the draft (``copy.deepcopy``, ``torch.save``) gets an empty slot: the assistant's
-    lock, engines and KV pools stay with the original."""
-
-    def __init__(self) -> None:
-        self.assistant: SpecBeam | None = None
-
-    def __deepcopy__(self, memo) -> "_AssistantSlot":
-        return _AssistantSlot()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.assistant = None
-
-
-def _assistant_for(draft_model) -> SpecBeam:
-    """``assistant_model=draft`` (HF's own spelling): one ``SpecBeam`` with default options kept on the
-    draft model, so its engines and KV pools are reused across calls."""
-    if isinstance(draft_model, SpecBeam):
-        return draft_model
-    if not isinstance(draft_model, torch.nn.Module):
-        raise ValueError(f"assistant_model must be a draft model (or a specbeam_hf.SpecBeam), got {type(draft_model).__name__}")
-    slot = draft_model.__dict__.setdefault("_specbeam_assistant", _AssistantSlot())
-    if slot.assistant is None:
-        slot.assistant = SpecBeam(draft_model)
-    return slot.assistant
 
 
 class _ColumnStreamer:
@@ -173,7 +141,7 @@ def generate(
     token when greedy, the same distribution when sampling.
     """
     if assistant is None and (draft_model := _caller_argument("assistant_model")) is not None:
-        assistant = _assistant_for(draft_model)
+        assistant = SpecBeam.for_draft(draft_model)
     if assistant is None:
         raise ValueError(
             "specbeam_hf.generate needs an assistant: "

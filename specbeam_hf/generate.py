@@ -193,6 +193,7 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
     seeds = torch.randint(0, 2**62, (batch,)).tolist() if params.do_sample else [None] * batch  # follows torch.manual_seed
     requests: list[Request] = []
     first_stop: dict[int, int] = {}  # row -> new tokens when a custom criterion first fired (no EOS id)
+    criteria_scores: list[list[torch.Tensor]] = [[] for _ in range(batch)]  # per row: [batch, vocab] views, grown per token
     for row, prompt in enumerate(prompts):
         row_ids = input_ids[row].tolist()  # what HF's processors and criteria see: padding and masked tokens too
         processor = None
@@ -208,7 +209,11 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
             def stop(tokens, _row_ids=row_ids, _row=row, _prompt_len=len(prompt)):
                 ids = torch.tensor([_row_ids + tokens[_prompt_len:]], device=input_ids.device).repeat(batch, 1)  # [batch, L]
                 # HF hands its criteria the scores so far when it records them (output_scores), else None
-                scores = tuple(s.to(input_ids.device)[None].expand(batch, -1) for s in requests[_row].scores) if record else None  # [batch, vocab] views
+                scores = None
+                if record:
+                    seen = criteria_scores[_row]
+                    seen.extend(s.to(input_ids.device)[None].expand(batch, -1) for s in requests[_row].scores[len(seen):])
+                    scores = tuple(seen)
                 hit = any(bool(c(ids, scores).reshape(-1)[_row]) for c in extra_criteria)
                 if hit and not eos_ids:  # HF keeps such a row generating until every row has stopped
                     first_stop.setdefault(_row, len(tokens) - _prompt_len)

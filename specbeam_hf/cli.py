@@ -469,6 +469,7 @@ def _cmd_generate(args) -> int:
             err.print(f"note: {', '.join(ignored)} only apply with --mode sample; greedy decoding ignores them", style="yellow")
 
     from specbeam_hf import SpecBeam
+    from specbeam_hf.rope import rope_pinned
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(args.target)
@@ -513,9 +514,10 @@ def _cmd_generate(args) -> int:
     engine.stats.reset()
     started = time.perf_counter()
     try:
-        (request,) = engine.generate(
-            [prompt_ids], params=params, max_new_tokens=args.max_new_tokens, eos_token_ids=eos_ids, on_tokens=on_tokens
-        )
+        with rope_pinned(target, len(prompt_ids), len(prompt_ids) + args.max_new_tokens):  # longrope: HF's frequencies
+            (request,) = engine.generate(
+                [prompt_ids], params=params, max_new_tokens=args.max_new_tokens, eos_token_ids=eos_ids, on_tokens=on_tokens
+            )
     except ValueError as exc:  # the request itself is invalid, e.g. longer than the models' positions
         if streamer is not None:
             streamer.end()

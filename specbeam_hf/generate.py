@@ -29,6 +29,7 @@ from specbeam_core import Request, SamplingParams
 from .assistant import SpecBeam
 from .beam import beam_generate
 from .prompts import unpadded_prompts
+from .rope import rope_pinned
 
 
 def _caller_argument(name: str):
@@ -118,12 +119,37 @@ def _refuse_unsupported(generation_config, model_kwargs: dict) -> None:
         refused.append("num_beam_groups / diversity_penalty (group beam search)")
     if getattr(generation_config, "force_words_ids", None) or getattr(generation_config, "constraints", None):
         refused.append("force_words_ids / constraints (constrained beam search)")
+    refused += _other_model_inputs(model_kwargs)
     for name in ("past_key_values", "cache"):  # HF hands over the empty cache it made itself; a filled one is the caller's
         given = model_kwargs.get(name)
         if given is not None and hasattr(given, "get_seq_length") and given.get_seq_length() > 0:
             refused.append(f"a filled {name} (specbeam keeps its own paged KV cache; pass the full input_ids)")
     if refused:
         raise ValueError("specbeam_hf.generate does not support: " + "; ".join(refused))
+
+
+# model inputs HF hands a custom_generate in model_kwargs that specbeam derives itself (the mask and
+# positions) or that do not change the output; any other tensor is an input the model would read
+_OWN_INPUTS = {"attention_mask", "position_ids", "cache_position", "inputs_embeds", "past_key_values", "cache"}
+
+
+def _other_model_inputs(model_kwargs: dict) -> list[str]:
+    """Model inputs specbeam would not feed to the model, so the output would silently differ: extra
+    tensors (GPT-2's ``token_type_ids``...) and ``position_ids`` other than the attention mask's."""
+    refused = [
+        f"{name} (specbeam feeds the model token ids, the attention mask and positions only)"
+        for name, value in model_kwargs.items()
+        if name not in _OWN_INPUTS and isinstance(value, torch.Tensor)
+    ]
+    given = model_kwargs.get("position_ids")
+    if given is not None:
+        mask = model_kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(given.shape[-2:] if given.ndim > 1 else given.shape, dtype=torch.long, device=given.device)
+        expected = mask.long().cumsum(-1) - 1  # [rows, L]: HF's own positions when none are given
+        if given.ndim > 2 or not torch.equal(given.expand_as(expected)[mask.bool()], expected[mask.bool()]):
+            refused.append("position_ids other than the attention mask's (each row's unmasked tokens numbered 0, 1, 2...)")
+    return refused
 
 
 def generate(
@@ -165,6 +191,12 @@ def generate(
 
 def _run(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs):
     """Beams or greedy / sampling, for :func:`generate` holding the assistant."""
+    max_length = stopping_criteria.max_length if stopping_criteria is not None and stopping_criteria.max_length else generation_config.max_length
+    with rope_pinned(model, input_ids.shape[1], int(max_length)):  # longrope: HF's frequencies for this call's steps
+        return _run_pinned(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
+
+
+def _run_pinned(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs):
     if (generation_config.num_beams or 1) > 1:
         if _caller_argument("streamer") is not None:  # HF's own check never sees it: HF keeps streamer from a callable
             raise ValueError("`streamer` cannot be used with beam search (as in HF generate); set num_beams=1 to stream")

@@ -352,6 +352,27 @@ def test_generate_options_it_would_not_reproduce_are_refused(options, named):
                         custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft), **options)
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_model_inputs_it_would_not_feed_are_refused(num_beams):
+    """GPT-2 reads ``token_type_ids`` (through its token embedding: even all zeros change the output)
+    and takes absolute ``position_ids``; HF feeds both to the model at every step, specbeam feeds
+    neither, so both are refused by name (they gave other tokens, silently, before). The positions
+    HF itself derives from the attention mask, given explicitly, are not refused and give HF's output."""
+    target, draft = make_pair("gpt2")
+    ids, mask = ragged_batch([5, 7])
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, num_beams=num_beams)
+    assistant = specbeam_hf.SpecBeam(draft)
+    shifted = (mask.cumsum(-1) - 1).clamp(min=0) + 3  # [2, 7]
+    for extra, named in [(dict(token_type_ids=torch.zeros_like(ids)), "token_type_ids"), (dict(position_ids=shifted), "position_ids")]:
+        assert not torch.equal(target.generate(**common, **extra), target.generate(**common))  # HF's output depends on it
+        with pytest.raises(ValueError, match=named):
+            target.generate(**common, **extra, custom_generate=specbeam_hf.generate, assistant=assistant)
+    own = dict(position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    ref = target.generate(**common, **own)
+    assert torch.equal(target.generate(**common, **own, custom_generate=specbeam_hf.generate, assistant=assistant), ref)
+    assert assistant.kv_blocks_in_use() == 0
+
+
 def test_inputs_embeds_and_a_filled_cache_are_refused():
     target, draft = make_pair("llama")
     ids, mask = ragged_batch([5, 7])

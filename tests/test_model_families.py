@@ -210,6 +210,70 @@ def test_up_to_the_last_position(model_type):
                         assistant=specbeam_hf.SpecBeam(draft))
 
 
+ORIGINAL = 16  # original_max_position_embeddings of the longrope model below
+
+
+def longrope_phi3():
+    """Phi-3 with longrope, as Phi-3 / 3.5 128k have it: short RoPE factors while the sequence is at
+    most ORIGINAL tokens long, long ones (here 4x the short) past it."""
+    config = AutoConfig.for_model(
+        "phi3", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, original_max_position_embeddings=ORIGINAL, pad_token_id=0,
+        bos_token_id=1, eos_token_id=None, initializer_range=0.1,
+    )
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                              "long_factor": [4.0] * 4, "original_max_position_embeddings": ORIGINAL, "partial_rotary_factor": 1.0}
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_longrope_past_its_original_length_equals_its_own_generate():
+    """The batch's padded input is past ORIGINAL, so HF uses the long factors at every step, for every
+    row. Row 1's first greedy token is the EOS id, so it stops at once, and row 0 (6 real tokens) runs
+    on alone at positions below ORIGINAL. A forward left to choose would take the short factors there,
+    and greedy rows differed from HF's before specbeam pinned the frequencies for the call. Afterwards
+    the rotary embedding is as it was (its short frequencies back), so the model's own generate is unchanged."""
+    target = longrope_phi3()
+    draft = perturbed(target)
+    rotary = target.model.rotary_emb
+    short = rotary.original_inv_freq.clone()
+    ids = torch.randint(2, 96, (2, 20), generator=torch.Generator().manual_seed(3))  # [2, 20]
+    mask = torch.ones_like(ids)
+    ids[0, :14], mask[0, :14] = 0, 0
+    eos = int(target.generate(input_ids=ids[1:], max_new_tokens=1, do_sample=False)[0, -1])
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    for beams, options in [(1, dict(num_draft_tokens=3)), (1, dict(num_draft_tokens=3, drafter="draft_tree")),
+                           (3, dict(beam_adaptive=False))]:
+        ref = target.generate(**kwargs, num_beams=beams)
+        if beams == 1:  # the case described: row 1 done at its first token, row 0 running on
+            assert ref[1, 20] == eos and (ref[0, 20:28] != eos).all()
+        assistant = specbeam_hf.SpecBeam(draft, **options)
+        out = target.generate(**kwargs, num_beams=beams, custom_generate=specbeam_hf.generate, assistant=assistant)
+        assert torch.equal(out, ref), (beams, options)
+        assert assistant.kv_blocks_in_use() == 0
+        assert torch.equal(rotary.original_inv_freq, short)
+        assert torch.equal(target.generate(**kwargs, num_beams=beams), ref)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_longrope_call_that_would_cross_its_original_length_is_refused(num_beams):
+    """HF switches a longrope model to its long factors at the step where the sequence passes ORIGINAL
+    tokens, and recomputes every cached position there (before this check, specbeam's outputs differed
+    from HF's for such a call). specbeam refuses the call up front, naming the limit and what to do.
+    A call whose last forward sees exactly ORIGINAL tokens uses the short factors throughout, and
+    equals HF."""
+    target = longrope_phi3()
+    assistant = specbeam_hf.SpecBeam(perturbed(target), num_draft_tokens=3, beam_adaptive=False)
+    ids = torch.randint(2, 96, (1, 12), generator=torch.Generator().manual_seed(4))  # [1, 12]
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, num_beams=num_beams)
+    ref = target.generate(**kwargs, max_new_tokens=ORIGINAL + 1 - 12)
+    out = target.generate(**kwargs, max_new_tokens=ORIGINAL + 1 - 12, custom_generate=specbeam_hf.generate, assistant=assistant)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match=f"original_max_position_embeddings = {ORIGINAL} tokens.*max_length <= {ORIGINAL + 1}"):
+        target.generate(**kwargs, max_new_tokens=ORIGINAL + 2 - 12, custom_generate=specbeam_hf.generate, assistant=assistant)
+    assert assistant.kv_blocks_in_use() == 0
+
+
 def test_alibi_model_is_refused_with_a_reason():
     target = build("bloom")
     with pytest.raises(ValueError, match="ALiBi"):

@@ -86,12 +86,22 @@ class AttentionKind:
 
 
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
+# attention implementations that apply a 4D additive mask as given (flash attention is causal or
+# unpadded from a 2D mask; flex attention is untested here, its CPU kernels do not build)
+MASKED_IMPLEMENTATIONS = {"eager", "sdpa"}
 _ALIBI = {"bloom", "mpt"}
 
 
 def attention_kind(model: PreTrainedModel, config) -> AttentionKind:
     """Which masks ``model`` needs; a clear error for attention specbeam cannot reproduce exactly."""
     name = type(model).__name__
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in MASKED_IMPLEMENTATIONS:
+        raise ValueError(
+            f"{name} runs attn_implementation={implementation!r}; specbeam passes a prepared 4D additive mask (a token "
+            f"tree attends to its ancestors only, not causally), which {sorted(MASKED_IMPLEMENTATIONS)} apply as given: "
+            f"load the model with one of them, or call model.set_attn_implementation('sdpa')"
+        )
     if config.model_type in _ALIBI or getattr(config, "alibi", False):
         raise ValueError(f"{name} uses ALiBi position biases built from a 2D attention mask; specbeam passes a prepared 4D mask and does not support it")
     layer_types = getattr(config, "layer_types", None)

@@ -373,6 +373,23 @@ def test_model_inputs_it_would_not_feed_are_refused(num_beams):
     assert assistant.kv_blocks_in_use() == 0
 
 
+@pytest.mark.parametrize("implementation", ["flash_attention_2", "flex_attention"])
+def test_attention_implementations_without_4d_masks_are_refused(implementation):
+    """Flash attention is causal (or unpads from a 2D mask) and would ignore a tree's ancestor-only
+    mask; flex attention is not tested here. Either is refused by name, with the fix, before any
+    forward; eager and sdpa give HF's output."""
+    target, draft = make_pair("llama")
+    ids, mask = ragged_batch([5, 7])
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for model in (target, draft):
+        model.config._attn_implementation_internal = implementation  # set_attn_implementation needs the kernels installed
+        with pytest.raises(ValueError, match=f"attn_implementation='{implementation}'.*set_attn_implementation"):
+            target.generate(**common, custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft))
+        model.config._attn_implementation_internal = "eager"
+    assert torch.equal(target.generate(**common, custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft)),
+                       target.generate(**common))
+
+
 def test_inputs_embeds_and_a_filled_cache_are_refused():
     target, draft = make_pair("llama")
     ids, mask = ragged_batch([5, 7])

@@ -29,7 +29,8 @@ def beam_generate(model, input_ids, logits_processor, stopping_criteria, generat
     padded = input_ids[::num_beams]  # [batch, W] one row per prompt (HF repeats each num_beams times)
     mask = model_kwargs.get("attention_mask")
     searcher = assistant.beam_searcher_for(model)
-    prompts = unpadded_prompts(padded, None if mask is None else mask[::num_beams], searcher.target.attention.sliding_window)
+    prompts = unpadded_prompts(padded, None if mask is None else mask[::num_beams], searcher.target.attention.sliding_window,
+                              searcher.target.attention.chunk_size)
 
     pad_token_id = generation_config._pad_token_tensor
     eos_token_id = generation_config._eos_token_tensor

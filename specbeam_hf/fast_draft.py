@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from specbeam_core import KVBatch
 
-from .layout import attention_kind, windowed
+from .layout import attention_kind, narrowed_masks
 from .runner import HFCausalLM
 
 # model types whose decoder layers are llama's: pre-norm attention + gated MLP, rotary positions,
@@ -49,9 +49,11 @@ def supports(model: PreTrainedModel) -> str | None:
     if config.model_type not in LLAMA_SHAPED:
         return f"model type {config.model_type!r} is not llama-shaped"
     try:
-        attention_kind(model, config)  # sliding windows are applied per layer below; anything else is refused
+        kind = attention_kind(model, config)  # sliding windows are applied per layer below; anything else is refused
     except ValueError as exc:
         return str(exc)
+    if kind.chunk_size is not None:
+        return "chunked attention layers"
     if not hasattr(model, "model") or not hasattr(model.model, "rotary_emb"):
         return "no rotary embedding module"
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
@@ -108,7 +110,8 @@ class FastLlamaDraft(HFCausalLM):
         x = inner.embed_tokens(tokens.to(device))  # [N, T, hidden]
         cos, sin = self._cos_sin(x, kv.positions)  # [N, T, head_dim] each
         cos, sin = cos[:, None], sin[:, None]  # [N, 1, T, head_dim]
-        mask, sliding = windowed(kv, self.attention, x.dtype)  # [N, 1, T, K] additive; sliding layers' or None
+        mask, narrowed = narrowed_masks(kv, self.attention, x.dtype)  # [N, 1, T, K] additive; sliding layers' by type
+        sliding = narrowed.get("sliding_attention")
         mask = None if kv.attention_mask is None else mask.to(device=device, dtype=x.dtype)  # None: sdpa attends to all
         if sliding is not None:
             sliding = sliding.to(device=device, dtype=x.dtype)

@@ -207,7 +207,8 @@ def _run_pinned(model, input_ids, logits_processor, stopping_criteria, generatio
 def _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs):
     """Greedy and sampled decoding (``num_beams == 1``) of :func:`generate`."""
     engine = assistant.engine_for(model)
-    prompts = unpadded_prompts(input_ids, model_kwargs.get("attention_mask"), engine.target.attention.sliding_window)
+    prompts = unpadded_prompts(input_ids, model_kwargs.get("attention_mask"), engine.target.attention.sliding_window,
+                               engine.target.attention.chunk_size)
     batch, width = input_ids.shape
 
     max_new_tokens = int(stopping_criteria.max_length - width) if stopping_criteria is not None and stopping_criteria.max_length else int(generation_config.max_length - width)

@@ -3,8 +3,9 @@
 Read from the model itself, not guessed from config names (which differ by family: ``num_key_value_heads``,
 ``num_kv_heads``, ``multi_query``...): :func:`probe_kv_shapes` runs one token through the model with a
 cache that records what each attention layer writes. Sliding-window layers (Mistral, Gemma 2/3,
-Cohere 2, gpt-oss...) see only the last ``sliding_window`` positions; :func:`attention_kind` says which
-mask(s) a model takes and :func:`sliding_mask` narrows the paged batch's mask to the window, so
+Cohere 2, gpt-oss...) see only the last ``sliding_window`` positions, and chunked layers (Llama 4)
+only the positions of their own ``attention_chunk_size`` chunk; :func:`attention_kind` says which
+mask(s) a model takes and :func:`narrowed_masks` narrows the paged batch's mask for those layers, so
 nothing is silently attended that the model's own ``generate`` would hide.
 """
 
@@ -77,15 +78,17 @@ def probe_kv_shapes(model: PreTrainedModel, cache_arg: str, num_layers_hint: int
 
 @dataclass(frozen=True)
 class AttentionKind:
-    """``sliding_window``: the window of the model's sliding layers (None: every layer attends to all
-    positions); ``per_layer_type``: the model takes a dict of masks by layer type (full and sliding
-    layers in one model) rather than one mask for every layer."""
+    """``sliding_window``: the window of the model's sliding layers (None: none slide);
+    ``chunk_size``: the chunk of its chunked layers (None: none are chunked); ``per_layer_type``: the
+    model takes a dict of masks by layer type (full and sliding or chunked layers in one model)
+    rather than one mask for every layer."""
 
     sliding_window: int | None
     per_layer_type: bool
+    chunk_size: int | None = None
 
 
-SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
+SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 # attention implementations that apply a 4D additive mask as given (flash attention is causal or
 # unpadded from a 2D mask; flex attention is untested here, its CPU kernels do not build)
 MASKED_IMPLEMENTATIONS = {"eager", "sdpa"}
@@ -110,17 +113,23 @@ def attention_kind(model: PreTrainedModel, config) -> AttentionKind:
         unsupported = set(layer_types) - SUPPORTED_LAYER_TYPES
         if unsupported:
             raise ValueError(f"{name} has layers of type {sorted(unsupported)}; specbeam supports {sorted(SUPPORTED_LAYER_TYPES)}")
-        if "sliding_attention" not in layer_types:
+        if not {"sliding_attention", "chunked_attention"} & set(layer_types):
             return AttentionKind(None, False)
-        if not window:
+        if "sliding_attention" in layer_types and not window:
             raise ValueError(f"{name} has sliding-attention layers but no sliding_window in its config")
-        try:
-            source = inspect.getsource(type(model.base_model).forward)
-        except (OSError, TypeError):  # no source to read (a compiled or frozen install): transformers' convention
-            source = "causal_mask_mapping"
+        chunk = getattr(config, "attention_chunk_size", None) if "chunked_attention" in layer_types else None
+        if "chunked_attention" in layer_types and not chunk:
+            raise ValueError(f"{name} has chunked-attention layers but no attention_chunk_size in its config")
+        source = ""
+        for inner in (model.base_model, getattr(model, "model", None)):  # Llama 4's base_model_prefix names no module
+            try:
+                source += inspect.getsource(type(inner).forward) if inner is not None else ""
+            except (OSError, TypeError):  # no source to read (a compiled or frozen install): transformers' convention
+                source += "causal_mask_mapping"
         if "causal_mask_mapping" not in source:
-            raise ValueError(f"{name} mixes full and sliding layers but takes no per-layer-type masks; not supported")
-        return AttentionKind(int(window), True)
+            raise ValueError(f"{name} mixes layer types but takes no per-layer-type masks; not supported")
+        window = int(window) if "sliding_attention" in layer_types else None
+        return AttentionKind(window, True, int(chunk) if chunk else None)
     if window and getattr(config, "use_sliding_window", True) is not False:
         return AttentionKind(int(window), False)  # every layer slides (Mistral's convention)
     return AttentionKind(None, False)
@@ -138,16 +147,32 @@ def key_positions(kv: KVBatch) -> torch.Tensor:
     return keys
 
 
-def windowed(kv: KVBatch, kind: AttentionKind, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The batch's additive mask ``[N, 1, T, K]`` (all zeros for one row and one token) and, when some
-    key lies outside the sliding window, the mask of the sliding layers (else None); on the host."""
+def narrowed_masks(kv: KVBatch, kind: AttentionKind, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The batch's additive mask ``[N, 1, T, K]`` (all zeros for one row and one token), and by layer
+    type (``"sliding_attention"``, ``"chunked_attention"``) the masks of the layers that see less of
+    the batch than that, where some key lies outside their window or chunk; on the host."""
     mask = kv.attention_mask
     if mask is None:  # one row, one token: nothing to hide
         mask = torch.zeros(1, 1, 1, kv.kv_length, dtype=dtype)  # [1, 1, 1, K]
+    narrowed = {}
     window = kind.sliding_window
-    if window is None or kv.kv_length <= window:
-        return mask, None
-    return mask, sliding_mask(kv, mask, window)
+    if window is not None and kv.kv_length > window:
+        narrowed["sliding_attention"] = sliding_mask(kv, mask, window)
+    chunk = kind.chunk_size
+    if chunk is not None and int(kv.positions.max()) >= chunk:  # keys start at position 0: a query past the first chunk
+        narrowed["chunked_attention"] = chunked_mask(kv, mask, chunk)
+    return mask, narrowed
+
+
+def layer_masks(mask: torch.Tensor, narrowed: dict[str, torch.Tensor], kind: AttentionKind):
+    """What the model's forward takes as ``attention_mask``: ``mask`` where no layer sees less; else a
+    dict by layer type (models with layer types) or the one narrowed mask (every layer slides)."""
+    if not narrowed:
+        return mask
+    if kind.per_layer_type:
+        return {name: narrowed.get(name, mask) for name in ("full_attention", *sorted(SUPPORTED_LAYER_TYPES - {"full_attention"}))}
+    (only,) = narrowed.values()
+    return only
 
 
 def sliding_mask(kv: KVBatch, mask: torch.Tensor, window: int) -> torch.Tensor:
@@ -155,3 +180,11 @@ def sliding_mask(kv: KVBatch, mask: torch.Tensor, window: int) -> torch.Tensor:
     query hidden as well — HF's ``kv_idx > q_idx - sliding_window``."""
     far = kv.positions[:, :, None] - key_positions(kv)[:, None, :] >= window  # [N, T, K]
     return mask.masked_fill(far[:, None].to(mask.device), torch.finfo(mask.dtype).min)
+
+
+def chunked_mask(kv: KVBatch, mask: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``mask`` ``[N, 1, T, K]`` (additive) with every key of another ``chunk``-position chunk than its
+    query hidden as well — HF's ``kv_idx // chunk_size == q_idx // chunk_size`` (in positions, which
+    are HF's unpadded column indices: prompts with masked tokens inside are refused for such models)."""
+    other = kv.positions[:, :, None] // chunk != key_positions(kv)[:, None, :] // chunk  # [N, T, K]
+    return mask.masked_fill(other[:, None].to(mask.device), torch.finfo(mask.dtype).min)

@@ -13,14 +13,16 @@ import torch
 
 
 def unpadded_prompts(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sliding_window: int | None = None
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sliding_window: int | None = None,
+    chunk_size: int | None = None,
 ) -> list[list[int]]:
     """``input_ids`` ``[batch, width]`` and its mask (None: no padding) -> each row's prompt tokens.
 
     ``sliding_window``: the target's, if it has sliding-window layers. HF's window then spans the
     last ``sliding_window`` *columns*, masked ones included, so a row with zeros inside its prompt
     (after its first unmasked token) sees fewer tokens in HF than the paged cache, which holds no
-    masked tokens, would give it: refused, with the fix."""
+    masked tokens, would give it: refused, with the fix. ``chunk_size``: likewise for chunked
+    layers (Llama 4), whose chunks HF counts in columns after the left padding."""
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("empty prompt: input_ids must be [batch, length] with length >= 1")
     if input_ids.shape[0] == 0:
@@ -47,6 +49,12 @@ def unpadded_prompts(
                 f"attention_mask row {row} has zeros inside the prompt (not only left padding); with this model's "
                 f"sliding-window attention (window {sliding_window}) HF counts the masked positions inside the "
                 "window, which specbeam's cache does not hold: drop the masked tokens from input_ids instead"
+            )
+        if chunk_size is not None and not keep[int(keep.int().argmax()) :].all():
+            raise ValueError(
+                f"attention_mask row {row} has zeros inside the prompt (not only left padding); with this model's "
+                f"chunked attention (chunks of {chunk_size}) HF counts the masked positions in its chunks, which "
+                "specbeam's cache does not hold: drop the masked tokens from input_ids instead"
             )
         prompts.append(input_ids[row][keep].tolist())
     return prompts

@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache
 
 from specbeam_core import KVBatch, PagedKVCache
 
-from .layout import attention_kind, probe_kv_shapes, windowed
+from .layout import attention_kind, layer_masks, narrowed_masks, probe_kv_shapes
 
 
 class PagedCache(Cache):
@@ -107,11 +107,9 @@ class HFCausalLM:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv: KVBatch, num_logits: int) -> torch.Tensor:
         device = self.device
-        mask, sliding = windowed(kv, self.attention, self.dtype)  # [N, 1, T, K], and the sliding layers' or None
-        attention_mask = mask.to(device)
-        if sliding is not None:
-            sliding = sliding.to(device)
-            attention_mask = {"full_attention": attention_mask, "sliding_attention": sliding} if self.attention.per_layer_type else sliding
+        mask, narrowed = narrowed_masks(kv, self.attention, self.dtype)  # [N, 1, T, K], and sliding / chunked layers' by type
+        narrowed = {name: m.to(device) for name, m in narrowed.items()}
+        attention_mask = layer_masks(mask.to(device), narrowed, self.attention)
         out = self.model(
             input_ids=tokens.to(device),
             position_ids=kv.positions.to(device),

@@ -128,6 +128,36 @@ def test_sliding_window_equals_its_own_generate(model_type):
                 and torch.equal(unwindowed.generate(**kwargs, num_beams=3, num_return_sequences=3), beams))
 
 
+CHUNK = 6
+
+
+def chunked_llama4(chunk: int = CHUNK):
+    """Llama 4's text model: a chunked-attention layer (RoPE; each query sees only the keys of its own
+    ``chunk``-position chunk) and a full-attention layer (no RoPE), with mixture-of-experts MLPs."""
+    config = AutoConfig.for_model(
+        "llama4_text", vocab_size=96, hidden_size=32, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128, pad_token_id=0,
+        bos_token_id=1, eos_token_id=None, num_local_experts=4, num_experts_per_tok=1, initializer_range=0.1,
+        layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0], attention_chunk_size=chunk,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_chunked_attention_equals_its_own_generate():
+    """Prompts plus 14 new tokens span four chunks of 6 positions, chunk boundaries fall inside draft
+    chains, trees and beam trees, and the outputs are HF's; the chunks really shape them (the same
+    weights with one chunk over everything give others)."""
+    target = chunked_llama4()
+    greedy, beams = check_greedy_and_beams(target, perturbed(target))
+    unchunked = chunked_llama4(chunk=1000)
+    kwargs = dict(input_ids=IDS, attention_mask=MASK, max_new_tokens=14, do_sample=False, pad_token_id=0)
+    assert not (torch.equal(unchunked.generate(**kwargs), greedy)
+                and torch.equal(unchunked.generate(**kwargs, num_beams=3, num_return_sequences=3), beams))
+    assistant = specbeam_hf.SpecBeam(perturbed(target), num_draft_tokens=4, drafter="draft_tree", tree_width=3)
+    assert torch.equal(target.generate(**kwargs, custom_generate=specbeam_hf.generate, assistant=assistant), greedy)
+
+
 HOLED = MASK.clone()
 HOLED[1, 2:4] = 0  # row 1: two tokens masked inside the prompt, not padding
 
@@ -162,14 +192,16 @@ def test_tokens_masked_inside_a_prompt(model_type):
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-@pytest.mark.parametrize("model_type", ["mistral", "gemma2"])
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2", "llama4_text"])
 def test_tokens_masked_inside_a_prompt_with_a_sliding_window_are_refused(model_type, num_beams):
     """HF's window spans the last columns, masked ones included; the paged cache holds no masked
-    tokens, so a window over it would reach further back than HF's. Refused, naming the fix."""
-    target = build(model_type, sliding_window=WINDOW)
+    tokens, so a window over it would reach further back than HF's. Refused, naming the fix. Llama 4's
+    chunks likewise count columns."""
+    target = chunked_llama4() if model_type == "llama4_text" else build(model_type, sliding_window=WINDOW)
     kwargs = dict(input_ids=IDS, max_new_tokens=6, do_sample=False, pad_token_id=0, num_beams=num_beams)
     assistant = specbeam_hf.SpecBeam(perturbed(target))
-    with pytest.raises(ValueError, match=r"row 1 has zeros inside the prompt .*window 5.*drop the masked tokens"):
+    named = "chunks of 6" if model_type == "llama4_text" else "window 5"
+    with pytest.raises(ValueError, match=rf"row 1 has zeros inside the prompt .*{named}.*drop the masked tokens"):
         target.generate(**kwargs, attention_mask=HOLED, custom_generate=specbeam_hf.generate, assistant=assistant)
     out = target.generate(**kwargs, attention_mask=MASK, custom_generate=specbeam_hf.generate, assistant=assistant)
     assert torch.equal(out, target.generate(**kwargs, attention_mask=MASK))  # left padding alone is fine

@@ -18,7 +18,9 @@ Block 0 is the *null block*: never handed out, it absorbs the writes of padding 
 batches, so padding needs no special case in the model code.
 
 The pool is one tensor pair per layer, laid out ``[kv_heads, num_slots, head_dim]`` so that a
-sequence whose blocks are consecutive is a plain slice (no gather) of the pool.
+sequence whose blocks are consecutive is a plain slice (no gather) of the pool. Layers may differ in
+their KV heads and head sizes (``layer_shapes``: Gemma 4's global layers, MiMo-V2's); the slots are
+the same in every layer.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         value_head_dim: int | None = None,
+        layer_shapes: list[tuple[int, int, int]] | None = None,
     ) -> None:
         if num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (block 0 is reserved), got {num_blocks}")
@@ -73,10 +76,13 @@ class PagedKVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         num_slots = num_blocks * block_size
-        v_dim = value_head_dim or head_dim
+        if layer_shapes is None:  # (kv_heads, key head size, value head size) of each layer
+            layer_shapes = [(num_kv_heads, head_dim, value_head_dim or head_dim)] * num_layers
+        elif len(layer_shapes) != num_layers:
+            raise ValueError(f"layer_shapes has {len(layer_shapes)} entries for {num_layers} layers")
         # per layer: keys [kv_heads, num_slots, head_dim], values [kv_heads, num_slots, v_dim]
-        self.keys = [torch.zeros(num_kv_heads, num_slots, head_dim, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.values = [torch.zeros(num_kv_heads, num_slots, v_dim, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.keys = [torch.zeros(h, num_slots, k, dtype=dtype, device=self.device) for h, k, _ in layer_shapes]
+        self.values = [torch.zeros(h, num_slots, v, dtype=dtype, device=self.device) for h, _, v in layer_shapes]
         self._ref_counts = [0] * num_blocks
         # Free blocks kept sorted descending so pop() hands out the lowest id: consecutive
         # allocations tend to be physically contiguous, which lets single sequences skip the gather.

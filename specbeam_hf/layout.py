@@ -23,10 +23,14 @@ from specbeam_core import KVBatch
 
 @dataclass(frozen=True)
 class KVShapes:
+    """What the attention layers cache: the shape of the first, and ``per_layer`` (kv_heads, key head
+    size, value head size) for every layer when the layers differ (else None)."""
+
     num_layers: int
     num_kv_heads: int
     head_dim: int
     value_head_dim: int
+    per_layer: tuple[tuple[int, int, int], ...] | None = None
 
 
 class _ProbeCache(Cache):
@@ -69,11 +73,11 @@ def probe_kv_shapes(model: PreTrainedModel, cache_arg: str, num_layers_hint: int
         ) from exc
     if not probe.shapes:
         raise ValueError(f"{name} wrote nothing to its KV cache in a forward: specbeam needs a model that caches keys and values")
-    distinct = set(probe.shapes.values())
-    if len(distinct) > 1:
-        raise ValueError(f"{name}'s attention layers cache K/V of different shapes {sorted(distinct)}; specbeam's paged pool needs one shape")
-    heads, k_dim, v_dim = distinct.pop()
-    return KVShapes(max(num_layers_hint, max(probe.shapes) + 1), heads, k_dim, v_dim)
+    num_layers = max(num_layers_hint, max(probe.shapes) + 1)
+    heads, k_dim, v_dim = probe.shapes[min(probe.shapes)]
+    # a layer that writes nothing reads the K/V another layer's update returned (Gemma 3n / 4 KV sharing): no pool of its own
+    per_layer = tuple(probe.shapes.get(i, (0, k_dim, v_dim)) for i in range(num_layers))
+    return KVShapes(num_layers, heads, k_dim, v_dim, per_layer if len(set(per_layer)) > 1 else None)
 
 
 @dataclass(frozen=True)

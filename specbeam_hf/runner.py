@@ -55,7 +55,8 @@ def _keys_per_token(model: PreTrainedModel, config, shapes) -> float | None:
     emb_out = model.get_output_embeddings().weight
     # parameters() counts a tied LM head once, as the input embedding: a lookup, not a matmul, but the head is one
     linear = sum(p.numel() for p in model.parameters()) - emb_in.numel() + (emb_out.numel() if emb_out is emb_in else 0)
-    per_pair = int(heads) * (shapes.head_dim + shapes.value_head_dim) * shapes.num_layers
+    per_layer = shapes.per_layer or [(heads, shapes.head_dim, shapes.value_head_dim)] * shapes.num_layers
+    per_pair = sum(int(heads) * (k_dim + v_dim) for _, k_dim, v_dim in per_layer)
     return linear / per_pair
 
 
@@ -82,6 +83,7 @@ class HFCausalLM:
         self.num_kv_heads = shapes.num_kv_heads
         self.head_dim = shapes.head_dim
         self.value_head_dim = shapes.value_head_dim
+        self.layer_shapes = list(shapes.per_layer) if shapes.per_layer else None  # None: every layer as the first
         self.keys_per_token = _keys_per_token(model, config, shapes)
 
     @property
@@ -102,6 +104,7 @@ class HFCausalLM:
             dtype=self.dtype,
             device=self.device,
             value_head_dim=self.value_head_dim,
+            layer_shapes=self.layer_shapes,
         )
 
     @torch.inference_mode()

@@ -68,6 +68,29 @@ def test_pool_layout_and_construction_checks():
         make_cache(block_size=0)
 
 
+def test_layers_of_different_shapes_share_slots_copy_on_write_and_grow():
+    """``layer_shapes``: each layer's pool has its own KV heads and key / value sizes (none for a layer
+    that reads another's K/V); slots, copy-on-write and growth are the same in every layer."""
+    shapes = [(2, 4, 4), (1, 8, 6), (0, 4, 4)]  # (kv_heads, key size, value size) per layer
+    cache = PagedKVCache(num_layers=3, num_kv_heads=2, head_dim=4, num_blocks=4, block_size=BS, layer_shapes=shapes)
+    assert [(k.shape, v.shape) for k, v in zip(cache.keys, cache.values)] == [
+        ((h, 4 * BS, kd), (h, 4 * BS, vd)) for h, kd, vd in shapes
+    ]
+    p = cache.new_sequence()
+    slots = torch.tensor(cache.append_slots(p, 6))  # blocks [1, 2], block 2 holds 2 tokens
+    cache.keys[1][:, slots] = torch.arange(6.0)[None, :, None].expand(1, 6, 8)
+    c = cache.fork(p)
+    child_slot = cache.append_slots(c, 1)[0]  # into the shared partial block: copied first, in every layer
+    copied_block = cache.block_table(c)[1]
+    assert child_slot == copied_block * BS + 2
+    assert torch.equal(cache.keys[1][0, copied_block * BS : copied_block * BS + 2, 0], torch.tensor([4.0, 5.0]))
+    cache.grow(6)
+    assert [k.shape[1] for k in cache.keys] == [6 * BS] * 3 and cache.values[1].shape == (1, 6 * BS, 6)
+    assert torch.equal(cache.keys[1][0, cache.read_slots(p), 0], torch.arange(6.0))
+    with pytest.raises(ValueError, match="layer_shapes has 2 entries for 3 layers"):
+        PagedKVCache(num_layers=3, num_kv_heads=2, head_dim=4, num_blocks=4, layer_shapes=shapes[:2])
+
+
 def test_append_slots_flat_indices_and_lazy_allocation():
     cache = make_cache()
     s = cache.new_sequence()

@@ -158,6 +158,44 @@ def test_chunked_attention_equals_its_own_generate():
     assert torch.equal(target.generate(**kwargs, custom_generate=specbeam_hf.generate, assistant=assistant), greedy)
 
 
+def gemma4(num_kv_shared_layers: int):
+    """Gemma 4's text model: sliding layers with 8-wide heads, global layers with 16-wide heads (the
+    pool holds each layer's own shape), and optionally its last layers reading the K/V of earlier
+    layers of their type instead of caching their own (KV sharing, as Gemma 4's small models do)."""
+    config = AutoConfig.for_model(
+        "gemma4_text", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, global_head_dim=16, max_position_embeddings=128, pad_token_id=0,
+        bos_token_id=1, eos_token_id=None, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=num_kv_shared_layers, hidden_size_per_layer_input=8, vocab_size_per_layer_input=96,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # Gemma 4's own init gives near-constant outputs at this size
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("num_kv_shared_layers", [0, 2])
+def test_layers_caching_keys_of_different_shapes(num_kv_shared_layers):
+    """Each layer's pool has the shape that layer writes (2 KV heads of 8, or of 16 in the global
+    layers; none for a layer that reads another layer's K/V), and greedy chains, trees and beams
+    equal Gemma 4's own generate (before, such models were refused)."""
+    target = gemma4(num_kv_shared_layers)
+    runner = specbeam_hf.HFCausalLM(target)
+    expected = [(2, 8, 8), (2, 16, 16)] * 2
+    for layer in range(4 - num_kv_shared_layers, 4):
+        expected[layer] = (0, 8, 8)
+    cache = runner.make_cache(4, 4)
+    assert [(k.shape[0], k.shape[-1], v.shape[-1]) for k, v in zip(cache.keys, cache.values)] == expected
+    check_greedy_and_beams(target, perturbed(target, noise=0.02))
+    assistant = specbeam_hf.SpecBeam(perturbed(target, noise=0.02), num_draft_tokens=4, drafter="draft_tree", tree_width=3)
+    kwargs = dict(input_ids=IDS, attention_mask=MASK, max_new_tokens=14, do_sample=False, pad_token_id=0)
+    assert torch.equal(target.generate(**kwargs, custom_generate=specbeam_hf.generate, assistant=assistant), target.generate(**kwargs))
+
+
 HOLED = MASK.clone()
 HOLED[1, 2:4] = 0  # row 1: two tokens masked inside the prompt, not padding
 

@@ -97,6 +97,7 @@ SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attenti
 # unpadded from a 2D mask; flex attention is untested here, its CPU kernels do not build)
 MASKED_IMPLEMENTATIONS = {"eager", "sdpa"}
 _ALIBI = {"bloom", "mpt"}
+_INDEX_MASKED = {"gpt_neo"}  # its attention slices a [max_positions, max_positions] table by key count
 
 
 def attention_kind(model: PreTrainedModel, config) -> AttentionKind:
@@ -108,6 +109,12 @@ def attention_kind(model: PreTrainedModel, config) -> AttentionKind:
             f"{name} runs attn_implementation={implementation!r}; specbeam passes a prepared 4D additive mask (a token "
             f"tree attends to its ancestors only, not causally), which {sorted(MASKED_IMPLEMENTATIONS)} apply as given: "
             f"load the model with one of them, or call model.set_attn_implementation('sdpa')"
+        )
+    if config.model_type in _INDEX_MASKED:
+        raise ValueError(
+            f"{name} masks attention by key index within each forward (a causal table, and local layers' windows "
+            "counted in columns), not by position; specbeam's token trees and packed beam rows place keys elsewhere: "
+            "not supported"
         )
     if config.model_type in _ALIBI or getattr(config, "alibi", False):
         raise ValueError(f"{name} uses ALiBi position biases built from a 2D attention mask; specbeam passes a prepared 4D mask and does not support it")

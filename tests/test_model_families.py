@@ -351,6 +351,18 @@ def test_alibi_model_is_refused_with_a_reason():
                         custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(perturbed(target)))
 
 
+def test_gpt_neo_is_refused_with_a_reason():
+    """GPT-Neo masks by key index inside its attention (a causal table sliced by key count, local
+    windows counted in columns), which tree and packed-row layouts do not keep: its beams differed
+    from HF's before this refusal."""
+    config = AutoConfig.for_model("gpt_neo", vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, window_size=5,
+                                  attention_types=[[["global", "local"], 1]], max_position_embeddings=128, intermediate_size=64)
+    target = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match="GPTNeoForCausalLM masks attention by key index"):
+        target.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=2,
+                        custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(perturbed(target)))
+
+
 def test_kv_shapes_are_read_from_the_model():
     """Falcon's config names its KV heads differently (and multi-query means one): the pool follows
     what the attention layers actually write."""

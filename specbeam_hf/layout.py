@@ -34,7 +34,9 @@ class KVShapes:
 
 
 class _ProbeCache(Cache):
-    """Records ``(kv_heads, head_dim, value_head_dim)`` per layer and attends to the new token alone."""
+    """Records ``(kv_heads, head_dim, value_head_dim)`` per layer and attends to the new token alone,
+    handing it back laid out as the paged pool's gather of several rows is (``[N, heads, K, dim]``
+    strided from ``[heads, N, K, dim]``), so a model that cannot take such keys fails here."""
 
     def __init__(self) -> None:
         super().__init__(layers=[])
@@ -42,7 +44,8 @@ class _ProbeCache(Cache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.shapes[int(layer_idx)] = (key_states.shape[1], key_states.shape[-1], value_states.shape[-1])
-        return key_states, value_states
+        return (key_states.transpose(0, 1).contiguous().transpose(0, 1),
+                value_states.transpose(0, 1).contiguous().transpose(0, 1))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -53,23 +56,23 @@ class _ProbeCache(Cache):
 
 @torch.inference_mode()
 def probe_kv_shapes(model: PreTrainedModel, cache_arg: str, num_layers_hint: int) -> KVShapes:
-    """One forward of one token: the K/V shapes every attention layer hands its cache."""
+    """One forward of one token in two rows: the K/V shapes every attention layer hands its cache."""
     name = type(model).__name__
     device = model.device
     probe = _ProbeCache()
     try:
         model(
-            input_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
-            position_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
-            attention_mask=torch.zeros(1, 1, 1, 1, dtype=model.dtype, device=device),  # [1, 1, T, K]
+            input_ids=torch.zeros(2, 1, dtype=torch.long, device=device),  # [N, T]
+            position_ids=torch.zeros(2, 1, dtype=torch.long, device=device),
+            attention_mask=torch.zeros(2, 1, 1, 1, dtype=model.dtype, device=device),  # [N, 1, T, K]
             use_cache=True,
             **{cache_arg: probe},
             logits_to_keep=1,
         )
     except Exception as exc:  # the model cannot run on a paged cache with a prepared 4D mask
         raise ValueError(
-            f"{name} cannot run on specbeam's paged KV cache: a one-token forward with a prepared 4D "
-            f"attention mask and a custom transformers Cache failed ({type(exc).__name__}: {exc})"
+            f"{name} cannot run on specbeam's paged KV cache: a one-token forward of two rows with a prepared 4D "
+            f"attention mask and a custom transformers Cache (keys laid out as the pool's gather) failed ({type(exc).__name__}: {exc})"
         ) from exc
     if not probe.shapes:
         raise ValueError(f"{name} wrote nothing to its KV cache in a forward: specbeam needs a model that caches keys and values")

@@ -363,6 +363,17 @@ def test_gpt_neo_is_refused_with_a_reason():
                         custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(perturbed(target)))
 
 
+def test_model_that_cannot_take_gathered_keys_is_refused_up_front():
+    """GPT-NeoX-Japanese reshapes the keys its cache returns with ``view``, which the pool's gather of
+    several rows does not allow: it failed mid-generation with a RuntimeError about view sizes. The
+    construction probe hands keys back laid out as that gather, so the model is refused up front."""
+    config = AutoConfig.for_model("gpt_neox_japanese", vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_multiple_size=2, max_position_embeddings=128)
+    target = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match="GPTNeoXJapaneseForCausalLM cannot run on specbeam's paged KV cache.*view"):
+        specbeam_hf.HFCausalLM(target)
+
+
 def test_kv_shapes_are_read_from_the_model():
     """Falcon's config names its KV heads differently (and multi-query means one): the pool follows
     what the attention layers actually write."""

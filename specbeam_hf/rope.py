@@ -88,15 +88,28 @@ def rope_pinned(model: nn.Module, input_length: int, max_length: int):
     try:
         for s in switches:
             names = (f"{s.prefix}original_inv_freq", f"{s.prefix}long_inv_freq", f"{s.prefix}inv_freq")
-            before = ([getattr(s.module, n, None) for n in names[:2]], getattr(s.module, names[2]).clone())
-            pinned = _frequencies(s, long=input_length > s.original_max)
-            saved.append((s, names, *before))
-            # HF's update picks long_inv_freq or original_inv_freq per forward; with both set to one, it picks that one
-            setattr(s.module, names[0], pinned)
-            setattr(s.module, names[1], pinned)
+            params = s.module.config.rope_parameters
+            params = params if s.layer_type is None else params[s.layer_type]
+            before = [getattr(s.module, n, None) for n in names[:2]], getattr(s.module, names[2]).clone()
+            if input_length > s.original_max:
+                # HF's update takes long_inv_freq past the switch and original_inv_freq before it: both long
+                # (transformers 5.19 recomputes the long set past the switch itself: long as well)
+                pinned = _frequencies(s, long=True)
+                saved.append((s, names, params, params["original_max_position_embeddings"], *before))
+                setattr(s.module, names[0], pinned)
+                setattr(s.module, names[1], pinned)
+            else:
+                # no forward is past a switch that is never reached: the short set, draft tokens ahead included
+                saved.append((s, names, params, params["original_max_position_embeddings"], *before))
+                params["original_max_position_embeddings"] = _NEVER
         yield
     finally:
-        for s, names, (original, long_freq), current in reversed(saved):
+        for s, names, params, original_max, (original, long_freq), current in reversed(saved):
+            params["original_max_position_embeddings"] = original_max
             setattr(s.module, names[0], original)
             setattr(s.module, names[1], long_freq)
-            getattr(s.module, names[2]).copy_(current)  # HF updates inv_freq in place; leave it as it was found
+            # HF may have replaced the buffer by one made in inference mode (5.19): put a fresh one back
+            setattr(s.module, names[2], current)
+
+
+_NEVER = 2**62  # an original_max_position_embeddings no sequence passes

@@ -33,6 +33,16 @@ class _Switch:
     def prefix(self) -> str:
         return "" if self.layer_type is None else f"{self.layer_type}_"
 
+    @property
+    def params(self) -> dict:
+        return _rope_params(self.module, self.layer_type)
+
+
+def _rope_params(module: nn.Module, layer_type: str | None) -> dict:
+    """The rope parameters HF's own frequency update reads ``original_max_position_embeddings`` from."""
+    params = module.config.rope_parameters
+    return params if layer_type is None else params[layer_type]
+
 
 def longrope_switches(model: nn.Module) -> list[_Switch]:
     """The longrope frequency sets of ``model``'s rotary embeddings (empty for every other RoPE)."""
@@ -41,16 +51,14 @@ def longrope_switches(model: nn.Module) -> list[_Switch]:
         rope_type = getattr(module, "rope_type", None)
         by_layer = {None: rope_type} if isinstance(rope_type, str) else dict(rope_type) if isinstance(rope_type, dict) else {}
         for layer_type, kind in by_layer.items():
-            if kind != "longrope":
-                continue
-            params = module.config.rope_parameters  # where HF's own frequency update reads it
-            params = params if layer_type is None else params[layer_type]
-            switches.append(_Switch(module, layer_type, int(params["original_max_position_embeddings"])))
+            if kind == "longrope":
+                original_max = int(_rope_params(module, layer_type)["original_max_position_embeddings"])
+                switches.append(_Switch(module, layer_type, original_max))
     return switches
 
 
-def _frequencies(switch: _Switch, long: bool) -> torch.Tensor:
-    """The short or long ``inv_freq`` of ``switch``, as HF's own update makes them."""
+def _long_frequencies(switch: _Switch) -> torch.Tensor:
+    """The long ``inv_freq`` of ``switch``, as HF's own update makes it."""
     module, prefix = switch.module, switch.prefix
     original = getattr(module, f"{prefix}original_inv_freq", None)
     if original is None:
@@ -58,8 +66,6 @@ def _frequencies(switch: _Switch, long: bool) -> torch.Tensor:
             f"{type(module).__name__} uses longrope, but this transformers version keeps its frequencies where specbeam "
             "does not look for them; not supported"
         )
-    if not long:
-        return original.clone()
     if getattr(module, f"{prefix}long_inv_freq", None) is None:  # HF makes it on the first long forward; make it so
         x = torch.zeros(1, 1, 1, device=original.device)  # [batch, seq, dim]: only its dtype and device are read
         position = torch.tensor([[switch.original_max]], device=original.device)  # [batch, seq]: past the switch
@@ -88,19 +94,17 @@ def rope_pinned(model: nn.Module, input_length: int, max_length: int):
     try:
         for s in switches:
             names = (f"{s.prefix}original_inv_freq", f"{s.prefix}long_inv_freq", f"{s.prefix}inv_freq")
-            params = s.module.config.rope_parameters
-            params = params if s.layer_type is None else params[s.layer_type]
+            params = s.params
             before = [getattr(s.module, n, None) for n in names[:2]], getattr(s.module, names[2]).clone()
+            saved.append((s, names, params, params["original_max_position_embeddings"], *before))
             if input_length > s.original_max:
                 # HF's update takes long_inv_freq past the switch and original_inv_freq before it: both long
                 # (transformers 5.19 recomputes the long set past the switch itself: long as well)
-                pinned = _frequencies(s, long=True)
-                saved.append((s, names, params, params["original_max_position_embeddings"], *before))
+                pinned = _long_frequencies(s)
                 setattr(s.module, names[0], pinned)
                 setattr(s.module, names[1], pinned)
             else:
                 # no forward is past a switch that is never reached: the short set, draft tokens ahead included
-                saved.append((s, names, params, params["original_max_position_embeddings"], *before))
                 params["original_max_position_embeddings"] = _NEVER
         yield
     finally:

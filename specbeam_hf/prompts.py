@@ -44,17 +44,13 @@ def unpadded_prompts(
                 "from a pad position; decoder-only generation needs left padding (load the tokenizer with "
                 "padding_side='left')"
             )
-        if sliding_window is not None and not keep[int(keep.int().argmax()) :].all():
+        counted = [f"sliding-window attention (window {sliding_window})"] if sliding_window is not None else []
+        counted += [f"chunked attention (chunks of {chunk_size})"] if chunk_size is not None else []
+        if counted and not keep[int(keep.int().argmax()) :].all():
             raise ValueError(
                 f"attention_mask row {row} has zeros inside the prompt (not only left padding); with this model's "
-                f"sliding-window attention (window {sliding_window}) HF counts the masked positions inside the "
-                "window, which specbeam's cache does not hold: drop the masked tokens from input_ids instead"
-            )
-        if chunk_size is not None and not keep[int(keep.int().argmax()) :].all():
-            raise ValueError(
-                f"attention_mask row {row} has zeros inside the prompt (not only left padding); with this model's "
-                f"chunked attention (chunks of {chunk_size}) HF counts the masked positions in its chunks, which "
-                "specbeam's cache does not hold: drop the masked tokens from input_ids instead"
+                f"{' and '.join(counted)} HF counts the masked positions, which specbeam's cache does not hold: "
+                "drop the masked tokens from input_ids instead"
             )
         prompts.append(input_ids[row][keep].tolist())
     return prompts

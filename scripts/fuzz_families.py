@@ -11,8 +11,8 @@ just short of the position limit; with ``--masked-spans``, some with masked toke
 ``scores`` (and ``logits``) step by step, and for beams ``beam_indices`` and ``sequences_scores``
 within 1e-4; ``beam_indices`` may differ only where two running beams' scores in HF's own search are
 within 1e-5 of each other (float32 rounding swaps their slots; sequences and scores still equal),
-counted apart as near-ties. After a row's EOS, greedy ``scores`` are not compared: HF scores the pad tokens it
-feeds a finished row, specbeam returns 0 at the pad token and -inf elsewhere (README, HF section).
+counted apart as near-ties. Greedy ``scores`` after a row's EOS are compared too (HF scores the pad tokens
+it feeds a finished row; so does specbeam, since 2026-11-28).
 Masks with zeros inside a prompt on a sliding-window target must be refused (HF's window counts the
 masked columns, specbeam's cache holds no masked tokens; README), and are counted apart.
 
@@ -128,7 +128,7 @@ def _same_up_to_slot_order(a: torch.Tensor, b: torch.Tensor, group: int) -> bool
     return True
 
 
-def same_steps(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], greedy: bool, slot_group: int = 0) -> str | None:
+def same_steps(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], slot_group: int = 0) -> str | None:
     """None when every step's ``[rows, vocab]`` tensor equals HF's (within 1e-4); else what differs.
     ``slot_group``: beams whose slots swapped at a near-tie are compared as each prompt's set of rows."""
     if len(ours) != len(ref):
@@ -136,9 +136,6 @@ def same_steps(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], gr
     for step, (a, b) in enumerate(zip(ours, ref)):
         if a.shape != b.shape:
             return f"step {step}: shape {tuple(a.shape)} against {tuple(b.shape)}"
-        if greedy:  # rows already finished: 0 at the pad token, -inf elsewhere (not HF's pad-token scores)
-            live = ~((torch.isfinite(a).sum(-1) == 1) & (a[:, 0] == 0))  # [rows]
-            a, b = a[live], b[live]
         if _rows_match(a, b) or (slot_group and _same_up_to_slot_order(a, b, slot_group)):
             continue
         finite = torch.isfinite(b)
@@ -217,7 +214,7 @@ def run_case(rng: random.Random, masked_spans: float = 0.0, families: list[str] 
     swapped = not greedy and not torch.equal(out.beam_indices, ref.beam_indices)  # at a near-tie, checked above
     for field in ("scores", "logits"):
         if getattr(ref, field) is not None:
-            problem = same_steps(getattr(out, field), getattr(ref, field), greedy, kwargs["num_beams"] if swapped else 0)
+            problem = same_steps(getattr(out, field), getattr(ref, field), kwargs["num_beams"] if swapped else 0)
             if problem:
                 return described, f"{field}: {problem}"
     return described, None

@@ -28,6 +28,7 @@ from specbeam_core import Request, SamplingParams
 
 from .assistant import SpecBeam
 from .beam import beam_generate
+from .finished_rows import finished_row_steps
 from .prompts import unpadded_prompts
 from .rope import rope_pinned
 
@@ -284,22 +285,22 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
         new[row, : r.num_generated] = torch.tensor(r.output, dtype=input_ids.dtype)
     sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)  # [batch, width + longest]
     if generation_config.return_dict_in_generate:
+        finished = {}
+        if record:
+            finished = finished_row_steps(model, input_ids, model_kwargs.get("attention_mask"), [r.output for r in requests],
+                                          longest, pad_id, logits_processor)
         return GenerateDecoderOnlyOutput(
             sequences=sequences,
-            scores=_per_step(requests, "scores", longest, pad_id, input_ids.device) if generation_config.output_scores else None,
-            logits=_per_step(requests, "raw_logits", longest, pad_id, input_ids.device) if generation_config.output_logits else None,
+            scores=_per_step(requests, "scores", finished, 1, longest, input_ids.device) if generation_config.output_scores else None,
+            logits=_per_step(requests, "raw_logits", finished, 0, longest, input_ids.device) if generation_config.output_logits else None,
         )
     return sequences
 
 
-def _per_step(requests: list[Request], field: str, steps: int, pad_id: int, device) -> tuple[torch.Tensor, ...]:
+def _per_step(requests: list[Request], field: str, finished: dict, which: int, steps: int, device) -> tuple[torch.Tensor, ...]:
     """HF's layout: one ``[batch, vocab]`` tensor per generated step. A row that finished before the
-    last step gets, for its remaining steps, 0 at the pad token and -inf elsewhere (HF's own loop
-    computes scores for the pad tokens it feeds such a row; specbeam runs no forward for it)."""
-    kept = [getattr(r, field)[: r.num_generated] for r in requests]  # rows cut back by a stopping criterion keep what they emitted
-    done = torch.full_like(kept[0][0], float("-inf"))  # [vocab]
-    done[pad_id] = 0.0
-    return tuple(
-        torch.stack([row[step] if step < len(row) else done for row in kept]).to(device)  # [batch, vocab]
-        for step in range(steps)
-    )
+    last step takes, for its remaining steps, what HF's loop computes for the pad tokens it feeds such
+    a row (``finished``: row -> (raw logits, scores) from :func:`finished_row_steps`; ``which`` picks)."""
+    kept = [getattr(r, field)[: r.num_generated] + (finished[row][which] if row in finished else [])
+            for row, r in enumerate(requests)]  # rows cut back by a stopping criterion keep what they emitted
+    return tuple(torch.stack([row[step].to(device) for row in kept]) for step in range(steps))  # each [batch, vocab]

@@ -1,9 +1,9 @@
 """``output_scores`` / ``output_logits`` with ``return_dict_in_generate``: what HF's own loop returns.
 
 Greedy (chains and trees) and beam search: each step's processed scores and raw logits equal
-``target.generate``'s (1e-4). A row that finished early has, for the steps after its EOS, 0 at the
-pad token and -inf elsewhere (HF computes scores for the pad tokens it feeds such a row; specbeam
-runs no forward for it). Sampling: the scores are the ones sampled from, after temperature and top-k.
+``target.generate``'s (1e-4), the steps after a row's EOS included (HF scores the pad tokens it
+feeds a finished row; specbeam runs one forward over such rows at the end). Sampling: the scores are
+the ones sampled from, after temperature and top-k.
 """
 
 from __future__ import annotations
@@ -47,15 +47,25 @@ def test_greedy_scores_and_logits_equal_hf(pair, options):
     assert len(out.scores) == len(ref.scores) == len(out.logits) == len(ref.logits)
     new = ref.sequences[:, IDS.shape[1]:].tolist()
     lengths = [row.index(eos) + 1 if eos in row else len(row) for row in new]
-    assert lengths[0] < lengths[1]  # row 0 finished early: the placeholder rows are exercised
-    for step in range(len(ref.scores)):
-        for row, length in enumerate(lengths):
-            if step < length:
-                torch.testing.assert_close(out.scores[step][row], ref.scores[step][row], atol=1e-4, rtol=0)
-                torch.testing.assert_close(out.logits[step][row], ref.logits[step][row], atol=1e-4, rtol=0)
-            else:
-                assert out.scores[step][row, 0] == 0 and torch.isinf(out.scores[step][row, 1:]).all()
+    assert lengths[0] < lengths[1]  # row 0 finished early: its steps on pad tokens are compared
+    for step in range(len(ref.scores)):  # row 0's steps after its EOS too: HF's scores of the pad tokens it fed
+        torch.testing.assert_close(out.scores[step], ref.scores[step], atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.logits[step], ref.logits[step], atol=1e-4, rtol=0)
     assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
+
+
+@pytest.mark.parametrize("model_type, seed", [("gpt2", 0), ("opt", 2)])  # seeds whose row 0 stops first
+def test_finished_row_scores_with_learned_positions(model_type, seed):
+    """Left-padded row 0 finishes first: its pad-token steps sit at positions counted by the mask."""
+    target = build(model_type, seed=seed)
+    eos = eos_ending_row_0_early(target)
+    kwargs = dict(KW, do_sample=False, eos_token_id=eos)
+    ref = target.generate(**kwargs)
+    out = target.generate(custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(perturbed(target)), **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert (out.sequences[0, -1] == 0) and (out.sequences[1, -1] != 0)  # row 0 ended in padding
+    for a, b in zip(out.scores + out.logits, ref.scores + ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
 def test_sampled_scores_are_the_warped_ones(pair):

@@ -125,8 +125,19 @@ def _refuse_unsupported(generation_config, model_kwargs: dict) -> None:
         given = model_kwargs.get(name)
         if given is not None and hasattr(given, "get_seq_length") and given.get_seq_length() > 0:
             refused.append(f"a filled {name} (specbeam keeps its own paged KV cache; pass the full input_ids)")
+    given = [model_kwargs.get(name) for name in ("past_key_values", "cache")]
+    if getattr(generation_config, "cache_implementation", None) == "quantized" or any(c is not None and _quantized(c) for c in given):
+        refused.append("a quantized KV cache (cache_implementation='quantized' or a QuantizedCache): HF's output then comes "
+                       "from keys and values rounded to a few bits, specbeam's paged cache keeps the model's precision, so "
+                       "its output would be the unquantized one, not HF's")
     if refused:
         raise ValueError("specbeam_hf.generate does not support: " + "; ".join(refused))
+
+
+def _quantized(cache) -> bool:
+    """A KV cache that stores keys and values quantized (HF's ``QuantizedCache`` and its layers)."""
+    parts = [cache, *getattr(cache, "layers", [])]
+    return any("Quantized" in type(part).__name__ for part in parts)
 
 
 # model inputs HF hands a custom_generate in model_kwargs that specbeam derives itself (the mask and

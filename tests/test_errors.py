@@ -390,6 +390,43 @@ def test_attention_implementations_without_4d_masks_are_refused(implementation):
                        target.generate(**common))
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_quantized_kv_cache_is_refused(num_beams):
+    """HF's output with a quantized KV cache is that of rounded keys and values; specbeam's would be the
+    unquantized one, so it refuses rather than differ."""
+    from transformers import GenerationConfig
+
+    target, draft = make_pair("llama")
+    ids, mask = ragged_batch([5, 7])
+    config = GenerationConfig(cache_implementation="quantized", num_beams=num_beams, max_length=12, pad_token_id=0)
+    with pytest.raises(ValueError, match="quantized KV cache"):  # the check itself, whatever backends are installed
+        specbeam_hf.generate(target, ids, generation_config=config, assistant=specbeam_hf.SpecBeam(draft), attention_mask=mask)
+    try:  # through HF generate: the fp8 backend needs no extra package (transformers 5.24)
+        from transformers.cache_utils import QuantizedCache
+
+        QuantizedCache(backend="fp8", config=target.config)
+    except Exception as error:  # noqa: BLE001 -- older transformers: no fp8 backend
+        pytest.skip(f"no quantized cache backend without extra packages here: {error}")
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, num_beams=num_beams)
+    for spelling in (dict(cache_implementation="quantized", cache_config={"backend": "fp8"}),
+                     dict(past_key_values=QuantizedCache(backend="fp8", config=target.config))):
+        target.generate(**common, **spelling)  # HF runs it
+        with pytest.raises(ValueError, match="quantized KV cache"):
+            target.generate(**common, **spelling, custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft))
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_static_cache_gives_hfs_output(num_beams):
+    """HF hands the custom generate the empty static cache it made; specbeam runs its own paged cache
+    and returns what HF's static-cache decoding returns."""
+    target, draft = make_pair("llama")
+    ids, mask = ragged_batch([5, 7])
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                  num_beams=num_beams, cache_implementation="static")
+    assert torch.equal(target.generate(**common, custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft)),
+                       target.generate(**common))
+
+
 def test_inputs_embeds_and_a_filled_cache_are_refused():
     target, draft = make_pair("llama")
     ids, mask = ragged_batch([5, 7])

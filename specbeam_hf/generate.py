@@ -104,9 +104,13 @@ def _sampling_from_processors(generation_config, logits_processor: LogitsProcess
     return SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p), None
 
 
-def _refuse_unsupported(generation_config, model_kwargs: dict) -> None:
+def _refuse_unsupported(generation_config, model_kwargs: dict, logits_processor=None) -> None:
     """Options whose result specbeam would not reproduce: a clear error rather than a different answer."""
     refused = []
+    if any(type(proc).__name__ in _STATEFUL_PROCESSORS for proc in logits_processor or []):
+        refused.append("SynthID text watermarking (its logits processor carries state from one call to the next, "
+                       "counting on one call per step for the whole batch; specbeam scores several positions a step, "
+                       "a row at a time, some of them rejected later)")
     if model_kwargs.get("inputs_embeds") is not None:
         refused.append("inputs_embeds (pass input_ids: the draft and the paged cache work on token ids)")
     if getattr(generation_config, "output_attentions", False):
@@ -132,6 +136,10 @@ def _refuse_unsupported(generation_config, model_kwargs: dict) -> None:
                        "its output would be the unquantized one, not HF's")
     if refused:
         raise ValueError("specbeam_hf.generate does not support: " + "; ".join(refused))
+
+
+# HF logits processors whose output depends on earlier calls, not only on the ids and scores given
+_STATEFUL_PROCESSORS = {"SynthIDTextWatermarkLogitsProcessor"}
 
 
 def _quantized(cache) -> bool:
@@ -187,7 +195,7 @@ def generate(
         )
     if not isinstance(assistant, SpecBeam):
         raise ValueError(f"assistant must be a specbeam_hf.SpecBeam, got {type(assistant).__name__}")
-    _refuse_unsupported(generation_config, model_kwargs)
+    _refuse_unsupported(generation_config, model_kwargs, logits_processor)
     if assistant.in_use_by == threading.get_ident():  # waiting for itself would hang
         raise ValueError(
             "this SpecBeam is already running a generate call in this thread (generate called again from a logits "

@@ -427,6 +427,26 @@ def test_a_static_cache_gives_hfs_output(num_beams):
                        target.generate(**common))
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_synthid_watermarking_is_refused_and_the_stateless_watermark_runs(num_beams):
+    """SynthID's processor keeps each row's context and seen-context hashes from call to call, so calls
+    for positions later rejected (or rows run apart) would change what it adds; the green-list
+    watermark is a function of the ids it is given and gives HF's output."""
+    from transformers import SynthIDTextWatermarkingConfig, WatermarkingConfig
+
+    target, draft = make_pair("llama")
+    ids, mask = ragged_batch([5, 7])
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, num_beams=num_beams)
+    synthid = SynthIDTextWatermarkingConfig(keys=[654, 400, 836, 123], ngram_len=3)
+    with pytest.raises(ValueError, match="SynthID"):
+        target.generate(**common, watermarking_config=synthid, custom_generate=specbeam_hf.generate,
+                        assistant=specbeam_hf.SpecBeam(draft))
+    green = WatermarkingConfig(bias=2.5, seeding_scheme="selfhash")
+    assert torch.equal(target.generate(**common, watermarking_config=green, custom_generate=specbeam_hf.generate,
+                                       assistant=specbeam_hf.SpecBeam(draft)),
+                       target.generate(**common, watermarking_config=green))
+
+
 def test_inputs_embeds_and_a_filled_cache_are_refused():
     target, draft = make_pair("llama")
     ids, mask = ragged_batch([5, 7])

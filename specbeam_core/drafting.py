@@ -21,6 +21,7 @@ import torch
 
 from .kv_cache import PagedKVCache
 from .model import CausalLM, build_kv_batch
+from .processing import apply_logits_processors
 from .request import Request
 from .sampling import check_finite, probabilities, probabilities_per_row, sample
 
@@ -205,6 +206,13 @@ class DraftModelDrafter:
             if not rows:
                 break
             logits = self._forward(requests, {r: feeds[r] for r in rows})  # [n, vocab]
+            processed_rows = [j for j, r in enumerate(rows) if requests[r].logits_processor is not None]
+            if processed_rows:  # every row's processor at this draft position, in one call where they share one
+                idx = torch.tensor(processed_rows)
+                logits = logits.clone()
+                logits[idx] = apply_logits_processors([requests[rows[j]] for j in processed_rows],
+                                                      [requests[rows[j]].tokens + drafted[rows[j]] for j in processed_rows],
+                                                      logits[idx])
             sampled_rows = [j for j, r in enumerate(rows) if not requests[r].params.greedy and requests[r].logits_processor is None]
             q_rows = {}
             if sampled_rows:  # rows that warp alike in one call
@@ -217,9 +225,7 @@ class DraftModelDrafter:
                 top_conf = torch.softmax(logits.float(), dim=-1).gather(1, top[:, None])[:, 0].tolist()
             for j, r in enumerate(rows):
                 req = requests[r]
-                row_logits = logits[j]  # [vocab]
-                if req.logits_processor is not None:
-                    row_logits = req.logits_processor(req.tokens + drafted[r], row_logits[None])[0]
+                row_logits = logits[j]  # [vocab], processed above where the request has a processor
                 if req.params.greedy and req.logits_processor is None:
                     token = top_list[j]
                     confident = top_conf is None or top_conf[j] >= self.confidence_threshold

@@ -28,6 +28,7 @@ from .drafting import Drafter
 from .kv_cache import PagedKVCache
 from .model import CausalLM, build_kv_batch, forward_rows
 from .plugins import get_plugin_manager
+from .processing import apply_logits_processors
 from .request import LogitsProcessor, Request
 from .sampling import SamplingParams, check_finite, probabilities, probabilities_per_row, warp_logits
 from .stats import SpecStats, StepRecord
@@ -100,9 +101,12 @@ class SpecEngine:
         stop: Callable[[list[int]], bool] | None = None,
         logits_processor: LogitsProcessor | None = None,
         record_scores: bool = False,
+        batch_logits_processor=None,
     ) -> Request:
         """Validate and build a request (not yet scheduled). ``record_scores``: keep the raw logits
-        and the scores of every emitted token (``Request.raw_logits`` / ``Request.scores``)."""
+        and the scores of every emitted token (``Request.raw_logits`` / ``Request.scores``).
+        ``batch_logits_processor``: the ``logits_processor`` for many positions of the requests that
+        share it in one call (:mod:`specbeam_core.processing`)."""
         prompt = [int(t) for t in prompt]
         if len(prompt) == 0:
             raise ValueError("empty prompt: a request needs at least one prompt token")
@@ -128,6 +132,7 @@ class SpecEngine:
             eos_token_ids=frozenset(int(e) for e in eos_token_ids),
             stop=stop,
             logits_processor=logits_processor,
+            batch_logits_processor=batch_logits_processor if logits_processor is not None else None,
             generator=None if params.greedy else params.make_generator(),
             record_scores=record_scores,
         )
@@ -188,12 +193,36 @@ class SpecEngine:
         gamma = check_draft_length(gamma, "draft length chosen by the specbeam_draft_length hook", allow_zero=True)
         return [max(0, min(gamma, r.remaining - 1)) for r in requests]
 
-    def _process(self, request: Request, tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """Apply the request's own logits processor at each position (``logits`` ``[P, vocab]``)."""
-        if request.logits_processor is None:
-            return logits
-        base = len(request.tokens)  # position i sees the request's tokens + its first i drafts (rows past a short draft: unused)
-        return torch.stack([request.logits_processor(tokens[: base + i], logits[i : i + 1])[0] for i in range(logits.shape[0])])
+    @staticmethod
+    def _process_chains(requests: list[Request], drafted: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+        """Apply each row's logits processor at its positions ``0 .. len(drafted[i])`` of ``logits``
+        ``[N, G + 1, vocab]`` (position k after the row's tokens and its first k drafts), all rows in
+        one :func:`apply_logits_processors`; positions past a short draft are never read and stay raw."""
+        at = [(i, k) for i, r in enumerate(requests) if r.logits_processor is not None for k in range(len(drafted[i]) + 1)]
+        contexts = [requests[i].tokens + drafted[i][:k] for i, k in at]
+        if len(at) == logits.shape[0] * logits.shape[1]:  # every position of every row: processed as one flat view
+            flat = logits.reshape(len(at), logits.shape[-1])  # [N * (G + 1), vocab], row-major like ``at``
+            return apply_logits_processors([requests[i] for i, _ in at], contexts, flat).reshape(logits.shape)
+        rows, cols = torch.tensor([i for i, _ in at]), torch.tensor([k for _, k in at])  # [E], [E]
+        processed = logits.clone()  # [N, G + 1, vocab]
+        processed[rows, cols] = apply_logits_processors([requests[i] for i, _ in at], contexts, logits[rows, cols])
+        return processed
+
+    @staticmethod
+    def _process_trees(requests: list[Request], trees, row_logits) -> list[torch.Tensor]:
+        """Each row's logits processor at its root and every node (after the node's path), all rows
+        in one :func:`apply_logits_processors`; ``row_logits[i]`` is ``[len(trees[i]) + 1, vocab]``."""
+        rows = [i for i, r in enumerate(requests) if r.logits_processor is not None]
+        if not rows:
+            return list(row_logits)
+        contexts = [requests[i].tokens + list(trees[i].path_tokens(j)) if j >= 0 else requests[i].tokens
+                    for i in rows for j in range(-1, len(trees[i]))]
+        owners = [requests[i] for i in rows for _ in range(len(trees[i]) + 1)]
+        flat = apply_logits_processors(owners, contexts, torch.cat([row_logits[i] for i in rows]))  # [E, vocab]
+        processed = list(row_logits)
+        for i, part in zip(rows, flat.split([len(trees[i]) + 1 for i in rows])):
+            processed[i] = part
+        return processed
 
     def _verify(self, requests, draft_tokens, num_draft, probs_q, logits) -> VerifyResult:
         """Greedy rows by argmax, sampled rows by exact rejection sampling; results in row order."""
@@ -253,7 +282,7 @@ class SpecEngine:
         check_finite(logits, "target model logits")
         raw = logits  # [N, G + 1, vocab]
         if any(r.logits_processor is not None for r in requests):
-            logits = torch.stack([self._process(r, r.tokens + drafted[i], logits[i]) for i, r in enumerate(requests)])
+            logits = self._process_chains(requests, drafted, logits)
 
         result = self._verify(requests, draft_tokens, num_draft, probs_q, logits)
         for i, r in enumerate(requests):
@@ -280,14 +309,11 @@ class SpecEngine:
             self.target, self.target_cache, [r.target_seq for r in requests], feeds, needed, masks, positions
         )
 
+        processed = self._process_trees(requests, trees, row_logits)
         accepted, outputs, bonus = [], [], []
         for i, (r, tree) in enumerate(zip(requests, trees)):
             n = len(tree)
-            row = row_logits[i]  # [n + 1, vocab]: root, then node j at j + 1
-            raw = row
-            if r.logits_processor is not None:
-                contexts = [r.tokens] + [r.tokens + list(tree.path_tokens(j)) for j in range(n)]
-                row = torch.stack([r.logits_processor(c, row[k : k + 1])[0] for k, c in enumerate(contexts)])
+            raw, row = row_logits[i], processed[i]  # [n + 1, vocab]: root, then node j at j + 1
             if r.params.greedy:
                 res = verify_tree_greedy(tree, row)
             else:
@@ -372,8 +398,10 @@ class SpecEngine:
         stop: Callable[[list[int]], bool] | None = None,
         logits_processor: LogitsProcessor | None = None,
         on_tokens: Callable[[Request, list[int]], None] | None = None,
+        batch_logits_processor=None,
     ) -> list[Request]:
-        """Run requests to completion. Every block is freed on return, also on error or abort."""
+        """Run requests to completion. Every block is freed on return, also on error or abort.
+        ``batch_logits_processor``: ``logits_processor`` for many positions in one call (:mod:`specbeam_core.processing`)."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -382,7 +410,8 @@ class SpecEngine:
             raise ValueError("no prompts given")
         eos = tuple(eos_token_ids)
         requests = [
-            self.make_request(p, sp, max_new_tokens, eos, stop, logits_processor) for p, sp in zip(prompts, params)
+            self.make_request(p, sp, max_new_tokens, eos, stop, logits_processor, batch_logits_processor=batch_logits_processor)
+            for p, sp in zip(prompts, params)
         ]
         self.reserve(requests)
         for r in requests:

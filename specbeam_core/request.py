@@ -25,6 +25,9 @@ class Request:
     stop: Callable[[list[int]], bool] | None = None
     # applied to the target's (and draft's) logits before sampling/argmax, position by position
     logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
+    # optional, shared by requests whose positions it can process together: (requests, contexts,
+    # logits [E, vocab]) -> [E, vocab], called instead of logits_processor (processing.py)
+    batch_logits_processor: Callable[[list["Request"], list[list[int]], torch.Tensor], torch.Tensor] | None = None
     generator: torch.Generator | None = None
     # keep, for every emitted token, the target's raw logits and the scores it was chosen from
     # (after the logits processor, and for sampled requests after temperature/top-k/top-p): HF's

@@ -10,6 +10,8 @@ sequence as long as the longest row, the streamer fed one column of tokens at a 
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import threading
 from typing import Any
@@ -102,6 +104,82 @@ def _sampling_from_processors(generation_config, logits_processor: LogitsProcess
     if generic:
         return SamplingParams(do_sample=do_sample), logits_processor
     return SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p), None
+
+
+# HF logits processors whose output for a row depends on that row's ids and scores only: no state
+# sized to the batch, no batch index (checked by exact type: a subclass may add either)
+_ROW_WISE_PROCESSORS = {
+    "RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor", "NoBadWordsLogitsProcessor",
+    "SequenceBiasLogitsProcessor", "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
+    "ForcedBOSTokenLogitsProcessor", "ForcedEOSTokenLogitsProcessor", "ExponentialDecayLengthPenalty",
+    "LogitNormalization", "SuppressTokensLogitsProcessor", "SuppressTokensAtBeginLogitsProcessor",
+    "InfNanRemoveLogitsProcessor", "WatermarkLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper",
+    "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper",
+    "TopHLogitsWarper",
+}
+
+
+def _for_rows(processors, rows: list[int]) -> LogitsProcessorList | None:
+    """``processors`` as they act on the batch rows ``rows`` called on their own (the same floats, a
+    fraction of the work), or None where one of them may need the whole batch."""
+    out = []
+    for proc in processors:
+        kind = type(proc)
+        if kind.__module__ != "transformers.generation.logits_process" or kind.__name__ not in _ROW_WISE_PROCESSORS:
+            return None
+        ignore = getattr(proc, "prompt_ignore_length", None)
+        if isinstance(ignore, torch.Tensor):  # one length per row of the batch (HF's: each row's left padding)
+            proc = copy.copy(proc)
+            proc.prompt_ignore_length = ignore[torch.tensor(rows, device=ignore.device)]  # [len(rows)]
+        out.append(proc)
+    return LogitsProcessorList(out)
+
+
+class _RowsProcessor:
+    """HF's logits processors for the rows of one ``generate`` call, as a core batch processor: the
+    positions given (any rows, any depth) whose ids are equally long, which HF's processors read as
+    the step, go in one call on those rows' ids; a list that may need the whole batch goes position
+    by position on a batch of copies of the row, read at the row."""
+
+    def __init__(self, processors, input_ids: torch.Tensor) -> None:
+        self.processors, self.input_ids = processors, input_ids
+        self.row_ids = input_ids.tolist()  # what HF's processors see: padding and masked tokens too
+        self.rows: dict[int, tuple[int, int]] = {}  # request id -> (batch row, unpadded prompt length)
+        self.row_wise = _for_rows(processors, [0]) is not None
+
+    def add(self, request: Request, row: int) -> None:
+        self.rows[request.request_id] = (row, len(request.prompt))
+
+    def ids(self, request: Request, context: list[int]) -> tuple[int, list[int]]:
+        row, prompt_len = self.rows[request.request_id]
+        return row, self.row_ids[row] + context[prompt_len:]
+
+    def one(self, request: Request, context: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """One position (``logits`` ``[1, vocab]``): the core's per-request processor."""
+        return self([request], [context], logits)
+
+    def __call__(self, requests: list[Request], contexts: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+        device = self.input_ids.device
+        out = torch.empty(logits.shape, dtype=torch.float32)  # [E, vocab]; each entry written once below
+        if not self.row_wise:
+            batch = self.input_ids.shape[0]
+            for e, (request, context) in enumerate(zip(requests, contexts)):
+                row, ids = self.ids(request, context)
+                copies = torch.tensor([ids], device=device).repeat(batch, 1)  # [batch, L]
+                out[e] = self.processors(copies, logits[e : e + 1].to(device).repeat(batch, 1))[row].float().cpu()
+            return out
+        by_length: dict[int, list[tuple[int, int, list[int]]]] = {}
+        for e, (request, context) in enumerate(zip(requests, contexts)):
+            row, ids = self.ids(request, context)
+            by_length.setdefault(len(ids), []).append((e, row, ids))
+        for group in by_length.values():
+            entries = [e for e, _, _ in group]
+            ids = torch.tensor([i for _, _, i in group], device=device)  # [g, L]
+            procs = _for_rows(self.processors, [row for _, row, _ in group])
+            if len(by_length) == 1:  # one length: the whole input in one call, no gather or scatter
+                return procs(ids, logits.to(device)).float().cpu()
+            out[entries] = procs(ids, logits[entries].to(device)).float().cpu()  # the engine works on the host
+        return out
 
 
 def _refuse_unsupported(generation_config, model_kwargs: dict, logits_processor=None) -> None:
@@ -247,16 +325,9 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
     requests: list[Request] = []
     first_stop: dict[int, int] = {}  # row -> new tokens when a custom criterion first fired (no EOS id)
     criteria_scores: list[list[torch.Tensor]] = [[] for _ in range(batch)]  # per row: [batch, vocab] views, grown per token
+    rows_processor = _RowsProcessor(hf_processors, input_ids) if hf_processors is not None else None
     for row, prompt in enumerate(prompts):
         row_ids = input_ids[row].tolist()  # what HF's processors and criteria see: padding and masked tokens too
-        processor = None
-        if hf_processors is not None:
-            def processor(tokens, logits, _row_ids=row_ids, _row=row, _prompt_len=len(prompt)):
-                # HF processors may hold per-row state sized to the batch (e.g. repetition penalty's
-                # prompt_ignore_length), so they are called on a batch-shaped input and read at this row.
-                ids = torch.tensor([_row_ids + tokens[_prompt_len:]], device=input_ids.device).repeat(batch, 1)  # [batch, L]
-                scores = logits.to(input_ids.device).repeat(batch, 1)  # [batch, vocab]
-                return hf_processors(ids, scores)[_row : _row + 1].float().cpu()  # the engine works on the host
         stop = None
         if extra_criteria:
             def stop(tokens, _row_ids=row_ids, _row=row, _prompt_len=len(prompt)):
@@ -275,7 +346,12 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
         row_params = SamplingParams(
             do_sample=params.do_sample, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seeds[row]
         )
-        requests.append(engine.make_request(prompt, row_params, max_new_tokens, eos_ids, stop, processor, record_scores=record))
+        request = engine.make_request(prompt, row_params, max_new_tokens, eos_ids, stop, record_scores=record)
+        if rows_processor is not None:  # the row's processor, and the one shared by all rows of the call
+            rows_processor.add(request, row)
+            request.logits_processor = functools.partial(rows_processor.one, request)
+            request.batch_logits_processor = rows_processor
+        requests.append(request)
 
     streamer = _caller_argument("streamer")  # HF has already put the prompt
     put_columns = _ColumnStreamer(streamer, requests, pad_id) if streamer is not None else None

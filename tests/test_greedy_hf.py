@@ -221,15 +221,26 @@ def test_return_dict_in_generate(llama_pair):
         dict(repetition_penalty=1.8),
         dict(no_repeat_ngram_size=2),
         dict(min_new_tokens=12, eos="pick"),
+        # state per row of the batch: these run on a batch of copies of the row, read at the row
+        dict(encoder_repetition_penalty=3.0),
+        dict(prefix_allowed_tokens_fn=lambda batch_id, ids: [t for t in range(64) if t % 4 != batch_id]),
+        dict(per_row_ignore_length=True),
     ],
-    ids=["repetition_penalty", "no_repeat_ngram", "min_new_tokens"],
+    ids=["repetition_penalty", "no_repeat_ngram", "min_new_tokens", "encoder_repetition_penalty",
+         "prefix_allowed_tokens_fn", "per_row_prompt_ignore_length"],
 )
 def test_hf_logits_processors_greedy(llama_pair, extra):
-    """Processors the core does not model run position by position; rows finish at different steps."""
+    """Processors the core does not model run position by position; rows finish at different steps.
+    HF's row-wise processors run on the row alone, the others on a batch of copies of it."""
     target, draft = llama_pair
     ids, mask = ragged_batch([5, 9, 3, 7], seed=18)
     width = ids.shape[1]
     extra = dict(extra)
+    if extra.pop("per_row_ignore_length", None):
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+        ignore = torch.tensor([width, 0, width - 1, 2])  # [batch]: the prompt counts for some rows
+        extra["logits_processor"] = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(5.0, prompt_ignore_length=ignore)])
     if extra.pop("eos", None):
         free_run = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
         extra["eos_token_id"], _ = _pick_eos(free_run, width, min_index=2)

@@ -1,0 +1,68 @@
+"""Logits processors over many positions at once (``specbeam_core.processing``): a batch processor
+shared by the requests is called once for all the positions a pass processes (each draft position,
+then the target's), and gives the same tokens as the same processor called position by position and
+as plain greedy decoding with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_pair
+from specbeam_core import DraftModelDrafter, SamplingParams, SpecEngine, get_plugin_manager, make_drafter
+from specbeam_hf import HFCausalLM
+
+PROMPTS = [[5, 17, 42, 8, 33], [7, 7, 9], [60, 2, 11, 23, 40, 41, 3]]
+
+
+def penalty(context: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """A processor that depends on the context: every token seen so far loses 3 (and the length matters)."""
+    out = logits.clone()  # [1, vocab]
+    out[0, sorted(set(context))] -= 3.0
+    out[0, len(context) % out.shape[-1]] += 0.5
+    return out
+
+
+class CountingBatch:
+    """The same processor over many positions at once, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls, self.positions = 0, 0
+
+    def __call__(self, requests, contexts, logits):
+        self.calls += 1
+        self.positions += len(contexts)
+        return torch.cat([penalty(c, logits[e : e + 1]) for e, c in enumerate(contexts)])  # [E, vocab]
+
+
+def plain_greedy(target, prompt: list[int], new: int) -> list[int]:
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(new):
+            logits = target(torch.tensor([tokens])).logits[:, -1].float()  # [1, vocab]
+            tokens.append(int(penalty(tokens, logits).argmax()))
+    return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("drafter", ["chain", "tree"])
+def test_a_batch_processor_is_called_once_per_pass_position_set(drafter):
+    target, draft = make_pair("llama")
+
+    def engine():
+        if drafter == "chain":
+            d = DraftModelDrafter(HFCausalLM(draft))
+        else:
+            d = make_drafter(get_plugin_manager(), "draft_tree", model=HFCausalLM(draft), tree_width=2)
+        return SpecEngine(HFCausalLM(target), d, 3)
+
+    one_by_one = engine().generate(PROMPTS, SamplingParams(), max_new_tokens=10, logits_processor=penalty)
+    batch = CountingBatch()
+    eng = engine()
+    together = eng.generate(PROMPTS, SamplingParams(), max_new_tokens=10, logits_processor=penalty, batch_logits_processor=batch)
+    expected = [plain_greedy(target, p, 10) for p in PROMPTS]
+    assert [r.output for r in one_by_one] == [r.output for r in together] == expected
+    steps = eng.stats.steps
+    # chains: one call per draft position and one for the target's positions, every row in each;
+    # trees draft without the processor, so one call a step
+    assert batch.calls <= steps * (4 if drafter == "chain" else 1)
+    assert batch.calls > 0 and batch.positions >= 2 * batch.calls  # several rows' positions in a call

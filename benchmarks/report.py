@@ -2,6 +2,10 @@
 
     python benchmarks/report.py benchmarks/results/bench_hf_bfloat16.json benchmarks/results/bench_trees_beams_*.json
     python benchmarks/report.py benchmarks/results/eval.json     # specbeam evaluate --out benchmarks/results
+    python benchmarks/report.py benchmarks/results/bench_processors*.json
+
+Files of other scripts (vLLM, profiles, family checks) get a line saying so: those scripts print
+their own tables.
 """
 
 from __future__ import annotations
@@ -57,16 +61,47 @@ def trees_beams_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def processors_table(data: dict) -> str:
+    meta = data["meta"]
+    lines = [
+        f"`bench_processors.py` — {meta.get('model', 'demo pair')}, {meta['dtype']}, {meta['max_new_tokens']} new tokens, "
+        f"{meta['threads']} threads",
+        "",
+        "| batch | processors | method | HF tokens/s | tokens/s | speed-up | acceptance | tokens per step | same as HF |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['batch']} | {r['setting']} | {r['method']} | {r['hf_tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | "
+            f"{r['speed_up']:.2f}× | {r['acceptance_rate']:.2f} | {r['tokens_per_step']:.2f} | {'yes' if r['same_as_hf'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def _table(data: dict) -> str | None:
+    """The table for a JSON file of a script this module knows, or None."""
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if "summary" in data and rows is not None:
+        return hf_table(data)
+    if rows and all("kind" in r for r in rows) and "command" in data.get("meta", {}):
+        return trees_beams_table(data)
+    if rows and all("hf_tokens_per_s" in r for r in rows):
+        return processors_table(data)
+    return None
+
+
 def main(paths: list[str]) -> int:
     for path in paths:
         data = json.loads(Path(path).read_text())
         print(f"### {Path(path).name}\n")
-        if "modes" in data:  # specbeam evaluate's output: its own tables
+        if isinstance(data, dict) and "modes" in data:  # specbeam evaluate's output: its own tables
             from specbeam_hf.evaluation.report import main as eval_report
 
             eval_report([path])
             continue
-        print(hf_table(data) if "summary" in data else trees_beams_table(data))
+        table = _table(data)
+        print(table if table is not None else "(no table here: the script that wrote this file prints its own, "
+              "and BENCHMARKS.md quotes it)")
         print()
     return 0
 

@@ -176,8 +176,8 @@ class _RowsProcessor:
             entries = [e for e, _, _ in group]
             ids = torch.tensor([i for _, _, i in group], device=device)  # [g, L]
             procs = _for_rows(self.processors, [row for _, row, _ in group])
-            if len(by_length) == 1:  # one length: the whole input in one call, no gather or scatter
-                return procs(ids, logits.to(device)).float().cpu()
+            if len(by_length) == 1:  # one length: the whole input in one call, no gather or scatter (a copy
+                return procs(ids, logits.to(device, copy=True)).float().cpu()  # still: the caller keeps the raw logits)
             out[entries] = procs(ids, logits[entries].to(device)).float().cpu()  # the engine works on the host
         return out
 

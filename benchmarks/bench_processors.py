@@ -1,8 +1,9 @@
 """Greedy decoding with HF logits processors that the core does not model (repetition penalty,
 no-repeat n-grams): HF ``generate`` against specbeam, which applies the processors position by
 position. Batches 1 and 8 of the code prompts, EOS off (``min_new_tokens``, itself a processor); specbeam at a
-fixed γ and with a confidence threshold (a row's draft stops after a token the draft is unsure of);
-in each of ``--repeats`` rounds every method
+fixed γ, with a confidence threshold (a row's draft stops after a token the draft is unsure of), and
+with ``adaptive_draft`` (the length 0..γ measured cheapest; each assistant is reused across the
+warm-up and the rounds, so this is its steady state after exploring); in each of ``--repeats`` rounds every method
 takes its turn on the batch, and a method's time is its fastest round.
 
     python benchmarks/bench_processors.py --repeats 3
@@ -92,7 +93,9 @@ def main(argv=None) -> int:
                           pad_token_id=pad_id, **extra)
             assistants = {f"specbeam γ={args.gamma}": specbeam_hf.SpecBeam(draft, num_draft_tokens=args.gamma),
                           f"specbeam γ={args.gamma}, confidence {args.confidence}": specbeam_hf.SpecBeam(
-                              draft, num_draft_tokens=args.gamma, confidence_threshold=args.confidence)}
+                              draft, num_draft_tokens=args.gamma, confidence_threshold=args.confidence),
+                          f"specbeam γ=0..{args.gamma} adaptive": specbeam_hf.SpecBeam(
+                              draft, num_draft_tokens=args.gamma, adaptive_draft=True)}
             runs = {"hf": lambda: target.generate(**kwargs)}
             for method, assistant in assistants.items():
                 runs[method] = lambda a=assistant: target.generate(**kwargs, custom_generate=specbeam_hf.generate, assistant=a)

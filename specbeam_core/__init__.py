@@ -5,6 +5,7 @@ Imports only torch, numpy and pluggy.
 
 from .beam_search import BeamStats, BeamTreeDrafter, PrefixIndex, SpecBeamSearch
 from .beam_state import BeamSearchState
+from .draft_length import AdaptiveDraftLength
 from .drafting import Draft, Drafter, DraftModelDrafter
 from .engine import SpecEngine
 from .hookspecs import hookimpl, hookspec
@@ -20,6 +21,7 @@ from .verification import VerifyResult, verify_greedy, verify_rejection_sampling
 from .vocab import VocabResizedDraft
 
 __all__ = [
+    "AdaptiveDraftLength",
     "BeamSearchState",
     "BeamStats",
     "BeamTreeDrafter",

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel
 
 from specbeam_core import (
+    AdaptiveDraftLength,
     BeamTreeDrafter, SpecBeamSearch, SpecEngine, SpecStats, VocabResizedDraft, get_plugin_manager, make_drafter,
 )
 
@@ -40,6 +41,11 @@ class SpecBeam:
     not — and revisited every 16 passes: ``specbeam_core.beam_search.DepthChooser``; False: always
     ``beam_depth``);
     ``last_beam_stats`` then holds steps per target pass. ``block_size``: KV block size (16).
+    ``adaptive_draft`` (default False; greedy and sampling): each step drafts the length, 0 ..
+    ``num_draft_tokens``, that has cost the fewest seconds per emitted token so far, measured per
+    batch size and whether logits processors run, and revisited every 16 steps; 0 is plain
+    decoding, so speculation turns itself off where it loses (``specbeam_core.AdaptiveDraftLength``).
+    It explores every length twice per workload first, which a short single call pays for.
     ``kv_blocks_in_use()`` counts the KV blocks held in its pools (``kv_pools()``): 0 between calls.
     ``vocab_size`` (default None: the draft's own, which must be the target's): the target's vocabulary
     size, for a draft that shares the target's tokenizer but whose embedding is padded to another size
@@ -61,7 +67,7 @@ class SpecBeam:
 
     _OPTIONS = {
         "block_size", "drafter", "plugin_manager", "confidence_threshold", "tree_width", "tree_budget",
-        "beam_depth", "beam_candidates", "beam_adaptive", "prompt_lookup", "draft_dtype", "vocab_size",
+        "beam_depth", "beam_candidates", "beam_adaptive", "prompt_lookup", "draft_dtype", "vocab_size", "adaptive_draft",
     }
 
     def __init__(self, draft_model=None, num_draft_tokens: int = 4, **options: Any) -> None:
@@ -76,6 +82,10 @@ class SpecBeam:
         self.block_size = int(options.get("block_size", 16))
         self.drafter_name = options.get("drafter", "draft_model")
         self.pm = options.get("plugin_manager") or get_plugin_manager()
+        self.adaptive_draft = None
+        if options.get("adaptive_draft"):  # chains and trees: the length (0 = none) measured cheapest per token
+            self.adaptive_draft = AdaptiveDraftLength(num_draft_tokens)
+            self.pm.register(self.adaptive_draft)
         drafts = list(draft_model) if isinstance(draft_model, (list, tuple)) else [] if draft_model is None else [draft_model]
         draft_dtype = _dtype(options.get("draft_dtype"))
         if draft_dtype is not None:

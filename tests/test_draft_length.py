@@ -1,0 +1,65 @@
+"""``AdaptiveDraftLength`` (``SpecBeam(..., adaptive_draft=True)``): the draft length, 0 .. max,
+measured cheapest per emitted token. The choosing is checked on made-up step costs (no timing in
+tests); through HF ``generate`` the outputs stay the target's while lengths 0 and up are used."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import specbeam_hf
+from conftest import assert_pools_free, build_model, make_pair, ragged_batch
+from specbeam_core import AdaptiveDraftLength
+
+
+def run_policy(policy, cost, emitted, steps, batch=1, prefill_first=True):
+    """Drive the policy's two hooks with ``cost[g]`` seconds and ``emitted[g]`` tokens per row for a
+    step of draft length g; returns the lengths chosen."""
+    chosen = []
+    for step in range(steps):
+        rows = [SimpleNamespace(target_len=0 if (prefill_first and step == 0) else 5, logits_processor=None)] * batch
+        g = policy.specbeam_draft_length(requests=rows, default=3)
+        chosen.append(g)
+        policy.specbeam_on_step(record=SimpleNamespace(seconds=cost[g], emitted_tokens=[[0] * emitted[g]] * batch))
+    return chosen
+
+
+def test_speculation_that_pays_keeps_the_longest_draft():
+    policy = AdaptiveDraftLength(3, explore_every=1000)
+    chosen = run_policy(policy, cost={0: 1.0, 1: 1.1, 2: 1.2, 3: 1.3}, emitted={0: 1, 1: 1, 2: 2, 3: 3}, steps=20)
+    assert chosen[-5:] == [3] * 5
+    assert set(chosen[1:9]) == {0, 1, 2, 3}  # each length tried (twice) after the unmeasured prefill
+
+
+def test_speculation_that_loses_turns_itself_off():
+    policy = AdaptiveDraftLength(3, explore_every=1000)
+    chosen = run_policy(policy, cost={0: 1.0, 1: 1.2, 2: 1.4, 3: 1.6}, emitted={0: 1, 1: 1, 2: 1, 3: 1}, steps=20)
+    assert chosen[-5:] == [0] * 5
+
+
+def test_workloads_are_measured_apart():
+    """What a batch of 8 measured does not decide for batch 1."""
+    policy = AdaptiveDraftLength(2, explore_every=1000)
+    run_policy(policy, cost={0: 1.0, 1: 1.5, 2: 2.0}, emitted={0: 1, 1: 1, 2: 1}, steps=12, batch=8)
+    chosen = run_policy(policy, cost={0: 1.0, 1: 1.05, 2: 1.1}, emitted={0: 1, 1: 2, 2: 3}, steps=12, batch=1)
+    assert chosen[-3:] == [2] * 3
+
+
+def test_bad_max_length():
+    with pytest.raises(ValueError, match="max_length"):
+        AdaptiveDraftLength(0)
+
+
+def test_through_hf_generate_outputs_stay_the_targets():
+    target, _ = make_pair("llama")
+    unrelated = build_model("llama", seed=7)  # a draft that agrees by chance only
+    ids, mask = ragged_batch([5, 9])
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    assistant = specbeam_hf.SpecBeam(unrelated, num_draft_tokens=3, adaptive_draft=True)
+    out = target.generate(**kwargs, custom_generate=specbeam_hf.generate, assistant=assistant)
+    assert torch.equal(out, target.generate(**kwargs))
+    drafted = [max(r.num_drafted) for r in assistant.last_stats.records]
+    assert 0 in drafted and 3 in drafted  # plain decoding and the longest draft were both run
+    assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)

@@ -240,7 +240,11 @@ def test_hf_logits_processors_greedy(llama_pair, extra):
         from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
         ignore = torch.tensor([width, 0, width - 1, 2])  # [batch]: the prompt counts for some rows
-        extra["logits_processor"] = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(5.0, prompt_ignore_length=ignore)])
+        try:
+            penalty = RepetitionPenaltyLogitsProcessor(5.0, prompt_ignore_length=ignore)
+        except ValueError as error:  # transformers before 5.2x: an int only
+            pytest.skip(f"this transformers takes no per-row prompt_ignore_length: {error}")
+        extra["logits_processor"] = LogitsProcessorList([penalty])
     if extra.pop("eos", None):
         free_run = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
         extra["eos_token_id"], _ = _pick_eos(free_run, width, min_index=2)

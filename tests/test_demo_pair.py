@@ -183,9 +183,11 @@ def test_assistant_model_as_hf_spells_it(demo_fp32, num_beams):
     enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
     kwargs = dict(**enc, max_new_tokens=24, num_beams=num_beams, do_sample=False)
     ref = target.generate(**kwargs)
-    for _ in range(2):
+    for call in range(2):
         out = target.generate(custom_generate=specbeam_hf.generate, assistant_model=draft, **kwargs)
         assert torch.equal(out, ref), tok.batch_decode(out)
+        if call == 0 and num_beams > 1:  # the depth chooser tries every depth before it goes by timing:
+            assert draft.__dict__["_specbeam_assistant"].assistant.last_beam_stats.tree_nodes > 0  # trees ran
     assistant = draft.__dict__["_specbeam_assistant"].assistant
     assert isinstance(assistant, specbeam_hf.SpecBeam) and assistant.draft is not None
     # the draft can still be copied and pickled (the assistant's lock cannot); a copy starts afresh
@@ -201,8 +203,6 @@ def test_assistant_model_as_hf_spells_it(demo_fp32, num_beams):
     if num_beams == 1:
         assert assistant.last_stats.mean_accepted_length > 1.3, assistant.last_stats.summary()
         assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
-    else:
-        assert assistant.last_beam_stats.steps_per_target_forward > 1.0
     with pytest.raises(ValueError, match="assistant_model must be a draft model"):
         target.generate(custom_generate=specbeam_hf.generate, assistant_model="draft", **kwargs)
 

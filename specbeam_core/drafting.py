@@ -209,10 +209,14 @@ class DraftModelDrafter:
             processed_rows = [j for j, r in enumerate(rows) if requests[r].logits_processor is not None]
             if processed_rows:  # every row's processor at this draft position, in one call where they share one
                 idx = torch.tensor(processed_rows)
-                logits = logits.clone()
-                logits[idx] = apply_logits_processors([requests[rows[j]] for j in processed_rows],
-                                                      [requests[rows[j]].tokens + drafted[rows[j]] for j in processed_rows],
-                                                      logits[idx])
+                processed = apply_logits_processors([requests[rows[j]] for j in processed_rows],
+                                                    [requests[rows[j]].tokens + drafted[rows[j]] for j in processed_rows],
+                                                    logits[idx])  # [p, vocab]
+                if len(processed_rows) == len(rows):  # every row: no copy of the rest to keep
+                    logits = processed
+                else:
+                    logits = logits.clone()
+                    logits[idx] = processed
             sampled_rows = [j for j, r in enumerate(rows) if not requests[r].params.greedy and requests[r].logits_processor is None]
             q_rows = {}
             if sampled_rows:  # rows that warp alike in one call

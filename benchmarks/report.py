@@ -2,7 +2,7 @@
 
     python benchmarks/report.py benchmarks/results/bench_hf_bfloat16.json benchmarks/results/bench_trees_beams_*.json
     python benchmarks/report.py benchmarks/results/eval.json     # specbeam evaluate --out benchmarks/results
-    python benchmarks/report.py benchmarks/results/bench_processors*.json
+    python benchmarks/report.py benchmarks/results/bench_processors*.json benchmarks/results/bench_stop_strings*.json
 
 Files of other scripts (vLLM, profiles, family checks) get a line saying so: those scripts print
 their own tables.
@@ -78,6 +78,23 @@ def processors_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def stop_strings_table(data: dict) -> str:
+    meta = data["meta"]
+    lines = [
+        f"`bench_stop_strings.py` — {meta['model']}, {meta['dtype']}, stop string {meta['stop']!r}, "
+        f"{meta['max_new_tokens']} new tokens, γ = {meta['gamma']}, {meta['threads']} threads",
+        "",
+        "| batch | method | tokens/s | criterion calls | ms in the criterion | share of the run | same as HF |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['batch']} | {r['method']} | {r['tokens_per_s']:.1f} | {r['criterion_calls']} | {r['criterion_ms']:.1f} | "
+            f"{100 * r['share']:.1f} % | {'yes' if r['same_as_hf'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def _table(data: dict) -> str | None:
     """The table for a JSON file of a script this module knows, or None."""
     rows = data.get("rows") if isinstance(data, dict) else None
@@ -87,6 +104,8 @@ def _table(data: dict) -> str | None:
         return trees_beams_table(data)
     if rows and all("hf_tokens_per_s" in r for r in rows):
         return processors_table(data)
+    if rows and all("criterion_calls" in r for r in rows):
+        return stop_strings_table(data)
     return None
 
 

@@ -102,11 +102,14 @@ class SpecEngine:
         logits_processor: LogitsProcessor | None = None,
         record_scores: bool = False,
         batch_logits_processor=None,
+        batch_stop=None,
     ) -> Request:
         """Validate and build a request (not yet scheduled). ``record_scores``: keep the raw logits
         and the scores of every emitted token (``Request.raw_logits`` / ``Request.scores``).
         ``batch_logits_processor``: the ``logits_processor`` for many positions of the requests that
-        share it in one call (:mod:`specbeam_core.processing`)."""
+        share it in one call (:mod:`specbeam_core.processing`). ``batch_stop``: shown, once per step,
+        the tokens of all the requests that share it before they are appended, so that ``stop`` can
+        answer from one judgement of them all (``Request.batch_stop``)."""
         prompt = [int(t) for t in prompt]
         if len(prompt) == 0:
             raise ValueError("empty prompt: a request needs at least one prompt token")
@@ -133,6 +136,7 @@ class SpecEngine:
             stop=stop,
             logits_processor=logits_processor,
             batch_logits_processor=batch_logits_processor if logits_processor is not None else None,
+            batch_stop=batch_stop if stop is not None else None,
             generator=None if params.greedy else params.make_generator(),
             record_scores=record_scores,
         )
@@ -349,6 +353,7 @@ class SpecEngine:
             result, drafted = self._chain_pass(requests, num_draft)
 
         # commit
+        self._judge_stops(requests, result.output_tokens)
         emitted_all: list[list[int]] = []
         events: list[tuple[Request, list[int]]] = []
         for i, r in enumerate(requests):
@@ -388,6 +393,17 @@ class SpecEngine:
                 self._release(r)
         return events
 
+    @staticmethod
+    def _judge_stops(requests: list[Request], outputs: list[list[int]]) -> None:
+        """Hand each shared ``batch_stop`` the tokens its requests are about to append, in one call
+        before any is appended; each request's ``stop`` is still asked after every token it appends."""
+        groups: dict[int, tuple[Callable, list[tuple[Request, list[int]]]]] = {}
+        for r, tokens in zip(requests, outputs):
+            if r.batch_stop is not None and r.stop is not None and tokens:
+                groups.setdefault(id(r.batch_stop), (r.batch_stop, []))[1].append((r, list(tokens)))
+        for judge, rows in groups.values():
+            judge(rows)
+
     # ------------------------------------------------------------------ whole runs
     def generate(
         self,
@@ -399,9 +415,11 @@ class SpecEngine:
         logits_processor: LogitsProcessor | None = None,
         on_tokens: Callable[[Request, list[int]], None] | None = None,
         batch_logits_processor=None,
+        batch_stop=None,
     ) -> list[Request]:
         """Run requests to completion. Every block is freed on return, also on error or abort.
-        ``batch_logits_processor``: ``logits_processor`` for many positions in one call (:mod:`specbeam_core.processing`)."""
+        ``batch_logits_processor``: ``logits_processor`` for many positions in one call (:mod:`specbeam_core.processing`).
+        ``batch_stop``: judges a step's tokens of all rows for ``stop`` in one call (``Request.batch_stop``)."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -410,7 +428,8 @@ class SpecEngine:
             raise ValueError("no prompts given")
         eos = tuple(eos_token_ids)
         requests = [
-            self.make_request(p, sp, max_new_tokens, eos, stop, logits_processor, batch_logits_processor=batch_logits_processor)
+            self.make_request(p, sp, max_new_tokens, eos, stop, logits_processor, batch_logits_processor=batch_logits_processor,
+                              batch_stop=batch_stop)
             for p, sp in zip(prompts, params)
         ]
         self.reserve(requests)

@@ -23,6 +23,10 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     # called with the full token list after each appended token; True ends the request there
     stop: Callable[[list[int]], bool] | None = None
+    # optional, shared by requests whose stops it can judge together: called once per step with every
+    # (request, tokens it is about to append), before any is appended; ``stop`` may then answer from
+    # what it judged (Engine.step)
+    batch_stop: Callable[[list[tuple["Request", list[int]]]], None] | None = None
     # applied to the target's (and draft's) logits before sampling/argmax, position by position
     logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
     # optional, shared by requests whose positions it can process together: (requests, contexts,

@@ -33,6 +33,7 @@ from .beam import beam_generate
 from .finished_rows import finished_row_steps
 from .prompts import unpadded_prompts
 from .rope import rope_pinned
+from .stopping import ROW_WISE_CRITERIA, StepStops
 
 
 def _caller_argument(name: str):
@@ -320,6 +321,9 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
     params, hf_processors = _sampling_from_processors(generation_config, logits_processor)
     record = bool(generation_config.return_dict_in_generate and (generation_config.output_scores or generation_config.output_logits))
     extra_criteria = [c for c in (stopping_criteria or []) if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+    row_wise_criteria = [c for c in extra_criteria if type(c) in ROW_WISE_CRITERIA]
+    other_criteria = [c for c in extra_criteria if type(c) not in ROW_WISE_CRITERIA]
+    step_stops = StepStops(row_wise_criteria, input_ids) if row_wise_criteria else None
 
     seeds = torch.randint(0, 2**62, (batch,)).tolist() if params.do_sample else [None] * batch  # follows torch.manual_seed
     requests: list[Request] = []
@@ -331,14 +335,19 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
         stop = None
         if extra_criteria:
             def stop(tokens, _row_ids=row_ids, _row=row, _prompt_len=len(prompt)):
-                ids = torch.tensor([_row_ids + tokens[_prompt_len:]], device=input_ids.device).repeat(batch, 1)  # [batch, L]
-                # HF hands its criteria the scores so far when it records them (output_scores), else None
-                scores = None
-                if record:
-                    seen = criteria_scores[_row]
-                    seen.extend(s.to(input_ids.device)[None].expand(batch, -1) for s in requests[_row].scores[len(seen):])
-                    scores = tuple(seen)
-                hit = any(bool(c(ids, scores).reshape(-1)[_row]) for c in extra_criteria)
+                # HF's row-wise criteria were judged for the whole step at once (StepStops); any other
+                # sees the batch HF's loop would give it, every row holding this row's tokens, and
+                # answers for row ``_row``
+                hit = step_stops is not None and step_stops.hit(requests[_row], tokens)
+                if not hit and other_criteria:
+                    ids = torch.tensor([_row_ids + tokens[_prompt_len:]], device=input_ids.device).repeat(batch, 1)  # [batch, L]
+                    # HF hands its criteria the scores so far when it records them (output_scores), else None
+                    scores = None
+                    if record:
+                        seen = criteria_scores[_row]
+                        seen.extend(s.to(input_ids.device)[None].expand(batch, -1) for s in requests[_row].scores[len(seen):])
+                        scores = tuple(seen)
+                    hit = any(bool(c(ids, scores).reshape(-1)[_row]) for c in other_criteria)
                 if hit and not eos_ids:  # HF keeps such a row generating until every row has stopped
                     first_stop.setdefault(_row, len(tokens) - _prompt_len)
                     return False
@@ -347,6 +356,9 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
             do_sample=params.do_sample, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seeds[row]
         )
         request = engine.make_request(prompt, row_params, max_new_tokens, eos_ids, stop, record_scores=record)
+        if step_stops is not None:
+            step_stops.add(request, row)
+            request.batch_stop = step_stops
         if rows_processor is not None:  # the row's processor, and the one shared by all rows of the call
             rows_processor.add(request, row)
             request.logits_processor = functools.partial(rows_processor.one, request)

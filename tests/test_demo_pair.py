@@ -103,6 +103,112 @@ def test_stop_strings_through_a_stopping_criterion(demo_fp32, num_beams, stop):
     assert torch.equal(out, ref), tok.batch_decode(out)
 
 
+def test_stop_string_beside_a_criterion_that_reads_the_batch(demo_fp32):
+    """A ``StopStringCriteria`` is judged on each row alone (it looks at no other row), a custom
+    criterion on the batch HF's loop would give it; together, with the scores recorded and handed to
+    both, the rows stop where HF's stop, whichever criterion fires first. The stop string fires at
+    different positions in different rows, and the custom criterion ends another row first."""
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    tok, target, draft = demo_fp32
+    prompts = PROMPTS + ["def add(a, b):\n", "for i in range(10):\n", "x = [1, 2, 3]\n"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    width = enc.input_ids.shape[1]
+    kwargs = dict(**enc, max_new_tokens=30, do_sample=False, pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
+                  output_scores=True)
+    free = target.generate(**kwargs)
+    texts = tok.batch_decode(free.sequences[:, width:], skip_special_tokens=True)
+    stop = "("
+    hit_rows = [row for row, text in enumerate(texts) if stop in text]
+    assert 2 <= len(hit_rows) < len(prompts), texts  # fires in some rows, not in all
+
+    class ChosenBelow:  # a criterion that reads the recorded scores of its batch
+        def __call__(self, input_ids, scores, **kwargs):
+            if scores is None or input_ids.shape[0] != len(prompts):
+                raise AssertionError(f"saw {tuple(input_ids.shape)} and {None if scores is None else len(scores)} scores")
+            return scores[-1].gather(1, input_ids[:, -1:]).squeeze(1) < threshold  # [batch]
+
+    chosen = torch.stack(free.scores, 1).gather(2, free.sequences[:, width:, None]).squeeze(2)  # [batch, 30]
+    full = (free.sequences[:, width:] != tok.pad_token_id).all(1)  # [batch] rows that ran the whole 30 tokens
+    quiet = [row for row in range(len(prompts)) if row not in hit_rows and full[row]]
+    threshold = float(chosen[quiet[0], 3:20].min()) + 1e-3  # ends a row the stop string does not end
+    criteria = StoppingCriteriaList([StopStringCriteria(tok, [stop]), ChosenBelow()])
+    ref = target.generate(**kwargs, stopping_criteria=criteria)
+    def new_tokens(sequences):
+        return (sequences[:, width:] != tok.pad_token_id).sum(1)  # [batch]
+
+    cut = (new_tokens(ref.sequences) < new_tokens(free.sequences)).nonzero().flatten().tolist()
+    assert quiet[0] in cut and set(hit_rows) & set(cut), (cut, hit_rows, quiet[0])  # both criteria ended rows
+    out = target.generate(**kwargs, stopping_criteria=criteria, custom_generate=specbeam_hf.generate,
+                          assistant=specbeam_hf.SpecBeam(draft))
+    assert torch.equal(out.sequences, ref.sequences), tok.batch_decode(out.sequences[:, width:])
+    assert len(out.scores) == len(ref.scores)
+
+
+@pytest.mark.parametrize("eos", [True, False], ids=["eos", "no_eos"])
+def test_stop_strings_judged_once_a_step(demo_fp32, monkeypatch, eos):
+    """A ``StopStringCriteria`` is called about once per engine step for all rows together (the rows'
+    tokens of a step stacked into one call), not once per row and token, and the rows stop where
+    HF's stop: with an EOS id (stopped rows padded) and without one (HF keeps every row going until
+    all have stopped). Stop strings of one and of several tokens, and a prompt shorter than the
+    longest stop string's token reach."""
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    tok, target, draft = demo_fp32
+    criterion = StopStringCriteria(tok, ["(", "return self"])
+    judge = StopStringCriteria.__call__
+    calls = []
+
+    def counted(self, input_ids, scores, **kw):
+        calls.append(input_ids.shape[0])
+        return judge(self, input_ids, scores, **kw)
+
+    long_prompts = PROMPTS + ["def add(a, b):\n", "for i in range(10):\n", "x"]
+    short_prompts = ["x", "y = 1"]  # rows shorter than the criterion reads, for their first tokens
+    for prompts in (long_prompts, short_prompts):
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        kwargs = dict(**enc, max_new_tokens=30, do_sample=False, pad_token_id=tok.pad_token_id,
+                      stopping_criteria=StoppingCriteriaList([criterion]))
+        if not eos:
+            kwargs["eos_token_id"] = None
+        ref = target.generate(**kwargs)
+        calls.clear()
+        monkeypatch.setattr(StopStringCriteria, "__call__", counted)
+        assistant = specbeam_hf.SpecBeam(draft)
+        out = target.generate(**kwargs, custom_generate=specbeam_hf.generate, assistant=assistant)
+        monkeypatch.undo()
+        assert torch.equal(out, ref), tok.batch_decode(out[:, enc.input_ids.shape[1]:])
+        if prompts is long_prompts:
+            assert len(calls) <= assistant.last_stats.steps, (len(calls), assistant.last_stats.steps)
+            assert max(calls) > len(prompts)  # rows' several tokens in one call
+        else:
+            assert enc.input_ids.shape[1] < criterion.maximum_token_len and 1 in calls  # judged whole, on their own
+
+
+def test_sampled_rows_stop_right_after_a_stop_string(demo_fp32):
+    """Sampling at batch 8 with a stop string: every row that holds the string ends with it (the
+    tokens of a step judged together stop a row at the first one that completes it)."""
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    tok, target, draft = demo_fp32
+    enc = tok(PROMPTS * 2, return_tensors="pt", padding=True)
+    width = enc.input_ids.shape[1]
+    stop = "e"
+    torch.manual_seed(3)
+    out = target.generate(**enc, max_new_tokens=30, do_sample=True, temperature=1.2, pad_token_id=tok.pad_token_id,
+                          stopping_criteria=StoppingCriteriaList([StopStringCriteria(tok, [stop])]),
+                          custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft))
+    stopped = 0
+    for row in out[:, width:]:
+        tokens = row[row != tok.pad_token_id].tolist()
+        text = tok.decode(tokens)
+        if stop in text:
+            stopped += 1
+            assert stop not in tok.decode(tokens[:-1]), text  # not past the first token that completes it
+            assert stop in tok.decode(tokens[-1:]) or text.endswith(stop), text
+    assert stopped >= 4
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_tokens_masked_inside_a_prompt(demo_fp32, num_beams):
     """A mask with zeros inside a row (not only left padding): HF attends to the unmasked tokens at

@@ -383,6 +383,8 @@ class SpecBeamSearch:
         stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
         on_step: Callable[[torch.Tensor], None] | None = None,
         on_logits: Callable[[torch.Tensor], None] | None = None,
+        do_sample: bool = False,
+        sample_device: torch.device | str = "cpu",
     ) -> BeamSearchState:
         """Beam search over ``prompts``; returns the finished :class:`BeamSearchState` (``.result()``:
         ``(sequences [batch * R, L], scores [batch * R])``).
@@ -391,6 +393,9 @@ class SpecBeamSearch:
         ``stop(sequences [N, L]) -> bool [N]`` default to nothing and to EOS / ``max_length``;
         ``on_step(log_probs)`` and ``on_logits(logits)`` see each step's processed log-probabilities
         and raw target logits ``[batch * B, vocab]`` (HF's ``output_scores`` / ``output_logits``).
+        ``do_sample``: beam sampling, each step's ``K`` continuations drawn from the processed scores
+        (temperature, top-k, top-p are logits processors here, as in HF) with the global generator of
+        ``sample_device``: one draw a step, as HF's loop makes it, so a seed gives HF's beams.
         """
         prompts = [[int(t) for t in p] for p in prompts]
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -409,6 +414,7 @@ class SpecBeamSearch:
         state = BeamSearchState(
             padded, num_beams, max_length, length_penalty=length_penalty, early_stopping=early_stopping,
             num_return_sequences=num_return_sequences, num_eos_tokens=len(eos), fill_value=fill_value,
+            do_sample=do_sample, sample_device=sample_device,
         )
         if stop is None:
             eos_t = torch.tensor(sorted(eos), dtype=torch.long)

@@ -2,7 +2,7 @@
 
 This reproduces, operation for operation, the vectorised beam search of HuggingFace transformers
 (``GenerationMixin._beam_search``, v5): the same top-``K`` candidate selection
-(``K = max(2, 1 + num_eos) * num_beams``), the same handling of finished hypotheses, length penalty,
+(``K = max(2, 1 + num_eos) * num_beams``; with ``do_sample`` the same draw of ``K`` without replacement), the same handling of finished hypotheses, length penalty,
 ``early_stopping`` (True / False / "never") heuristics, and the same output cropping. Fed the same
 log-probabilities it makes the same choices, so a caller that can produce the target's
 log-probabilities for every running beam without a forward per step (token trees, see
@@ -37,6 +37,8 @@ class BeamSearchState:
         num_return_sequences: int = 1,
         num_eos_tokens: int = 0,
         fill_value: int = -1,
+        do_sample: bool = False,
+        sample_device: torch.device | str = "cpu",
     ) -> None:
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
@@ -50,6 +52,10 @@ class BeamSearchState:
         self.batch, self.num_beams, self.max_length = batch, num_beams, max_length
         self.length_penalty, self.early_stopping = length_penalty, early_stopping
         self.num_return_sequences = num_return_sequences
+        # beam sampling: the K continuations drawn without replacement from the softmax of the
+        # accumulated scores, with the global generator of ``sample_device`` (HF's draw, on the device
+        # HF's loop would draw on), instead of the top K
+        self.do_sample, self.sample_device = do_sample, torch.device(sample_device)
         self.beams_to_keep = max(2, 1 + num_eos_tokens) * num_beams
         self.top_num_beam_mask = torch.arange(self.beams_to_keep) < num_beams  # [K]
         self.prompt_len = self.cur_len = width
@@ -86,8 +92,15 @@ class BeamSearchState:
         scores = log_probs.reshape(batch, beams, vocab) + self.running_beam_scores[:, :, None]  # [batch, B, V]
         scores = scores.reshape(batch, beams * vocab)  # [batch, B * V]
 
-        # top-K continuations over all beams
-        topk_log_probs, topk_indices = torch.topk(scores, k=k)  # [batch, K]
+        # top-K continuations over all beams, or K of them drawn (beam sampling)
+        if self.do_sample:
+            probs = torch.softmax(scores.to(self.sample_device), dim=-1)  # [batch, B * V]
+            topk_indices = torch.multinomial(probs, num_samples=k).cpu()  # [batch, K]
+            topk_log_probs = torch.gather(scores, 1, topk_indices)  # [batch, K]
+            topk_log_probs, order = topk_log_probs.sort(dim=-1, descending=True)
+            topk_indices = topk_indices.gather(-1, order)
+        else:
+            topk_log_probs, topk_indices = torch.topk(scores, k=k)  # [batch, K]
         topk_beam = topk_indices // vocab  # [batch, K]
         topk_running_beam_indices = _gather_beams(self.running_beam_indices, topk_beam)  # [batch, K, G]
         topk_running_sequences = _gather_beams(self.running_sequences, topk_beam)  # [batch, K, max_len]

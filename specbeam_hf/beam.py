@@ -4,7 +4,9 @@ HF ``generate`` hands a custom_generate callable beam-expanded inputs (``[batch 
 prompt repeated ``B`` times), its logits processors and stopping criteria. The core's
 :class:`~specbeam_core.SpecBeamSearch` replays HF's own beam search on target logits taken from
 draft token trees, calling these same processors and criteria on the same tensors HF's loop
-would pass them, so sequences, ``sequences_scores`` and ``beam_indices`` are HF's.
+would pass them, so sequences, ``sequences_scores`` and ``beam_indices`` are HF's. With
+``do_sample=True`` (beam sampling) each step's draw is HF's, from the same generator, so a seed gives
+HF's beams too.
 """
 
 from __future__ import annotations
@@ -17,11 +19,6 @@ from .prompts import unpadded_prompts
 
 def beam_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs):
     num_beams = int(generation_config.num_beams)
-    if generation_config.do_sample:
-        raise ValueError(
-            "num_beams > 1 with do_sample=True (beam sampling) is not supported by specbeam_hf.generate; "
-            "use do_sample=False for beam search"
-        )
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("empty prompt: input_ids must be [batch, length] with length >= 1")
     if input_ids.shape[0] % num_beams:
@@ -53,6 +50,8 @@ def beam_generate(model, input_ids, logits_processor, stopping_criteria, generat
         stop=lambda seqs: stopping_criteria(seqs.to(input_ids.device), tuple(scores) if scores is not None else None).cpu(),
         on_step=None if scores is None else (lambda log_probs: scores.append(log_probs.clone())),
         on_logits=None if raw_logits is None else (lambda logits: raw_logits.append(logits.clone())),
+        do_sample=bool(generation_config.do_sample),  # beam sampling: HF's draw, on the device HF draws on
+        sample_device=input_ids.device,
     )
     assistant.last_beam_stats = searcher.stats
     sequences, sequences_scores, beam_indices = state.result()

@@ -458,8 +458,8 @@ def _cmd_generate(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
-    if args.num_beams > 1 and args.mode != "greedy":
-        raise UsageError("beam sampling is not supported: --num-beams > 1 runs beam search (use --mode greedy)")
+    if args.num_beams > 1 and args.mode == "sample" and args.compare_hf and args.seed is None:
+        raise UsageError("--compare-hf with beam sampling compares the draws of one seed: give --seed")
     if args.num_beams == 1 and args.compare_hf:
         raise UsageError("--compare-hf compares beam searches: give --num-beams 2 or more")
     err = Console(stderr=True, highlight=False)

@@ -1,4 +1,5 @@
-"""``specbeam generate --num-beams B``: exact speculative beam search from the command line.
+"""``specbeam generate --num-beams B``: exact speculative beam search (``--mode sample``: beam
+sampling, seeded by ``--seed``) from the command line.
 
 Runs ``target.generate(num_beams=B, custom_generate=specbeam_hf.generate, assistant=...)`` on one
 prompt, prints the returned hypotheses best first with their ``sequences_scores``, and the beam
@@ -26,6 +27,22 @@ def _early_stopping(text: str) -> bool | str:
     return {"true": True, "false": False, "never": "never"}[text]
 
 
+def _sampling(args) -> dict[str, Any]:
+    """``--mode sample``: beam sampling with the CLI's sampling options (top-k off unless given, where
+    HF's default would be 50)."""
+    if args.mode != "sample":
+        return dict(do_sample=False)
+    return dict(do_sample=True, temperature=1.0 if args.temperature is None else args.temperature,
+                top_k=0 if args.top_k is None else args.top_k, top_p=1.0 if args.top_p is None else args.top_p)
+
+
+def _seeded(args) -> None:
+    """Beam sampling draws from torch's global generator, as HF's loop does: ``--seed`` seeds it
+    before each timed run, so ``--compare-hf`` compares the same draws."""
+    if args.mode == "sample" and args.seed is not None:
+        torch.manual_seed(args.seed)
+
+
 def beam_kwargs(args, tokenizer, eos_ids: list[int]) -> dict[str, Any]:
     """The HF ``generate`` settings of a beam run (also what ``--compare-hf`` gives HF)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
@@ -35,7 +52,7 @@ def beam_kwargs(args, tokenizer, eos_ids: list[int]) -> dict[str, Any]:
         length_penalty=args.length_penalty,
         early_stopping=_early_stopping(args.early_stopping),
         max_new_tokens=args.max_new_tokens,
-        do_sample=False,
+        **_sampling(args),
         eos_token_id=eos_ids or None,
         pad_token_id=pad,
         return_dict_in_generate=True,
@@ -58,6 +75,7 @@ def run_beams(args, tokenizer, target, assistant: SpecBeam, prompt_ids: list[int
         warm = dict(kwargs, max_new_tokens=min(8, args.max_new_tokens))
         target.generate(**inputs, **warm)
         target.generate(**inputs, **warm, custom_generate=specbeam_generate, assistant=assistant)
+    _seeded(args)
     started = time.perf_counter()
     try:
         result = target.generate(**inputs, **kwargs, custom_generate=specbeam_generate, assistant=assistant)
@@ -76,6 +94,7 @@ def run_beams(args, tokenizer, target, assistant: SpecBeam, prompt_ids: list[int
 
     comparison = None
     if args.compare_hf:
+        _seeded(args)
         started = time.perf_counter()
         ref = target.generate(**inputs, **kwargs)
         hf_seconds = time.perf_counter() - started

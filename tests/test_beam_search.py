@@ -364,14 +364,46 @@ def test_exception_mid_run_frees_pools(llama_pair, where):
     compare(target, assistant, **{k: v for k, v in kwargs.items() if k not in ("do_sample", "pad_token_id")})
 
 
-def test_beam_sampling_is_refused(llama_pair):
+@pytest.mark.parametrize("num_beams, options", [
+    (2, dict(temperature=0.2)),
+    (4, dict(temperature=0.3, length_penalty=0.5)),
+    (3, dict(temperature=0.25, top_k=8, top_p=0.9, early_stopping="never")),
+    (4, dict(temperature=1.3, num_return_sequences=3, early_stopping=True)),
+    (2, {}),
+])
+def test_beam_sampling_equals_hf_for_a_seed(llama_pair, num_beams, options):
+    """Beam sampling (``do_sample=True``): HF's loop draws ``K`` continuations a step with
+    ``torch.multinomial`` from the processed scores (temperature, top-k, top-p are logits processors
+    there). The replay makes the same draw from the same generator once a step, so under one seed the
+    sequences, scores and beam indices are HF's; and at a low temperature several steps are replayed
+    per target pass (the draft is a near copy of the target, whose random-init distributions are
+    otherwise nearly flat over the 96 tokens)."""
     target, draft = llama_pair
-    ids, mask = ragged_batch([5], seed=1)
-    with pytest.raises(ValueError, match="beam sampling"):
-        target.generate(
-            input_ids=ids, attention_mask=mask, num_beams=2, do_sample=True, max_new_tokens=5, pad_token_id=PAD_ID,
-            custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft),
-        )
+    ids, mask = ragged_batch([6, 3], seed=21)
+    width = ids.shape[1]
+    kwargs = dict(input_ids=ids, attention_mask=mask, num_beams=num_beams, do_sample=True, max_new_tokens=MAX_NEW,
+                  pad_token_id=PAD_ID, return_dict_in_generate=True, output_scores=True, **options)
+    eos, _ = pick_eos(target, **{k: v for k, v in kwargs.items()
+                                 if k not in ("do_sample", "return_dict_in_generate", "output_scores", "pad_token_id")
+                                 and k not in options})
+    assistant = specbeam_hf.SpecBeam(draft, beam_adaptive=False, beam_candidates=16)
+    steps = forwards = 0
+    sampled = set()
+    for seed in range(4):
+        for eos_token_id in (None, eos):
+            torch.manual_seed(seed)
+            ref = target.generate(**kwargs, eos_token_id=eos_token_id)
+            torch.manual_seed(seed)
+            out = target.generate(**kwargs, eos_token_id=eos_token_id, custom_generate=specbeam_hf.generate,
+                                  assistant=assistant)
+            assert_same_beams(ref, out)
+            assert_pools_free(*pools(assistant, target))
+            steps += assistant.last_beam_stats.steps
+            forwards += assistant.last_beam_stats.target_forwards
+            sampled.add(tuple(ref.sequences[0, width:].tolist()))
+    assert len(sampled) > 1  # the seeds drew different beams
+    if options.get("temperature", 1.0) <= 0.3:
+        assert steps > 1.1 * forwards, (steps, forwards)  # passes covered several steps
 
 
 @pytest.mark.parametrize(

@@ -100,9 +100,33 @@ def test_generate_beam_search_equals_hf_and_compares(tmp_path, capsys):
     assert data["summary"]["steps"] == 16 and data["summary"]["target_forwards"] == len(data["summary"]["depths"])
 
 
+def test_generate_beam_sampling_with_a_seed_equals_hf(tmp_path, capsys):
+    """``--num-beams 3 --mode sample --seed 7``: HF's beam sampling under that seed (``--compare-hf``
+    says the same, and the hypotheses are those of ``generate(num_beams=3, do_sample=True)`` after
+    ``torch.manual_seed(7)``)."""
+    log = tmp_path / "beams.json"
+    argv = ["generate", "--prompt", PROMPT, "--num-beams", "3", "--mode", "sample", "--seed", "7", "--temperature", "0.8",
+            "--top-p", "0.95", "--max-new-tokens", "12", "--compare-hf", "--json-log", str(log)]
+    assert main(argv) == 0
+    assert "same sequences as HF's beam search" in capsys.readouterr().err
+    data = json.loads(log.read_text())
+    tok = AutoTokenizer.from_pretrained(DEMO_DIR / "target")
+    target = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "target", dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    torch.manual_seed(7)
+    ref = target.generate(ids, attention_mask=torch.ones_like(ids), num_beams=3, do_sample=True, temperature=0.8, top_k=0,
+                          top_p=0.95, max_new_tokens=12, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert data["hypotheses"][0]["token_ids"] == [t for t in ref[0, ids.shape[1]:].tolist() if t != tok.pad_token_id]
+    torch.manual_seed(8)
+    other = target.generate(ids, attention_mask=torch.ones_like(ids), num_beams=3, do_sample=True, temperature=0.8,
+                            top_k=0, top_p=0.95, max_new_tokens=12, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
+    assert not torch.equal(other, ref)  # the seed decides the draw
+
+
 def test_generate_beam_search_bad_options(capsys):
     cases = [
-        (["generate", "--prompt", "x", "--num-beams", "2", "--mode", "sample"], "beam sampling is not supported"),
+        (["generate", "--prompt", "x", "--num-beams", "2", "--mode", "sample", "--compare-hf"], "give --seed"),
         (["generate", "--prompt", "x", "--num-beams", "2", "--num-return-sequences", "3"], "at most --num-beams"),
         (["generate", "--prompt", "x", "--compare-hf"], "--num-beams 2 or more"),
         (["generate", "--prompt", "x", "--num-beams", "0"], "expected an integer >= 1"),

@@ -5,6 +5,7 @@ sequences_scores within 1e-4 absolute / 1e-6 relative: one float32 ulp of a scor
     python scripts/fuzz_beams.py --cases 60 --seed 7
     python scripts/fuzz_beams.py --cases 60 --seed 7 --draft-dtype bfloat16   # bf16 drafts, float32 target
     python scripts/fuzz_beams.py --cases 12 --seed 5 --long-prompts           # 120-260-token prompts
+    python scripts/fuzz_beams.py --cases 60 --seed 7 --sample 0.7             # beam sampling too, seeded
 
 Prints every failing case and a count; exits 1 if any failed. Not a test: a case runs seconds.
 """
@@ -40,7 +41,7 @@ def long_texts(rng: random.Random, tok, n: int) -> list[str]:
     return out
 
 
-def random_case(rng: random.Random, tok, long_prompts: bool = False) -> tuple[list[str], dict, dict]:
+def random_case(rng: random.Random, tok, long_prompts: bool = False, sample: float = 0.0) -> tuple[list[str], dict, dict]:
     size = rng.choice([1, 1, 2, 3])
     batch = long_texts(rng, tok, size) if long_prompts else rng.sample(TEXTS, size)
     newline = tok.convert_tokens_to_ids("\n") if "\n" in tok.get_vocab() else None
@@ -58,6 +59,9 @@ def random_case(rng: random.Random, tok, long_prompts: bool = False) -> tuple[li
         kwargs["no_repeat_ngram_size"] = 3
     options = dict(beam_depth=rng.choice([1, 2, 3, 4]), beam_candidates=rng.choice([None, 4, 8, 12]),
                    beam_adaptive=rng.random() < 0.5)
+    if sample and rng.random() < sample:  # beam sampling (drawn only with --sample, so other seeds keep their cases)
+        kwargs.update(do_sample=True, temperature=rng.choice([0.3, 0.7, 1.0, 1.5]), top_k=rng.choice([0, 5, 50]),
+                      top_p=rng.choice([1.0, 0.9]))
     return batch, kwargs, options
 
 
@@ -70,6 +74,8 @@ def main(argv=None) -> int:
                    help="prompts are 120-260-token slices of argparse.py instead of the short code openings")
     p.add_argument("--draft-dtype", default=None, choices=["bfloat16", "float32"],
                    help="run the draft in this dtype in every case (SpecBeam's draft_dtype; default: float32, as loaded)")
+    p.add_argument("--sample", type=float, default=0.0,
+                   help="chance that a case is beam sampling (do_sample=True; both runs from the same seed)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(DEMO / "target", padding_side="left")
@@ -78,9 +84,11 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     fails = 0
     for case in range(args.cases):
-        batch, kwargs, options = random_case(rng, tok, args.long_prompts)
+        batch, kwargs, options = random_case(rng, tok, args.long_prompts, args.sample)
         enc = tok(batch, return_tensors="pt", padding=True)
+        torch.manual_seed(case)
         ref = target.generate(**enc, **kwargs)
+        torch.manual_seed(case)
         out = target.generate(**enc, **kwargs, custom_generate=specbeam_hf.generate,
                               assistant=specbeam_hf.SpecBeam(draft, draft_dtype=args.draft_dtype, **options))
         same = (torch.equal(ref.sequences, out.sequences) and torch.equal(ref.beam_indices, out.beam_indices)

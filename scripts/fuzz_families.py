@@ -5,9 +5,9 @@ adds Gemma 4, layers of different KV shapes, and Llama 4, chunked attention) and
 either the target with noise added or an unrelated model of another family (its own KV shapes;
 nearly every draft rejected), then runs greedy decoding (chains, trees or prompt lookup) or beam
 search with random kwargs: ragged left-padded batches of 1-3 prompts (on some, one that ends at or
-just short of the position limit; with ``--masked-spans``, some with masked tokens inside), EOS ids, ``length_penalty``,
-``early_stopping``, ``num_return_sequences``, repetition penalty, ``no_repeat_ngram_size``,
-``min_new_tokens``. Every case must equal ``target.generate`` without the assistant: sequences,
+just short of the position limit; with ``--masked-spans``, some with masked tokens inside), EOS ids,
+``length_penalty``, ``early_stopping``, ``num_return_sequences``, beam sampling (``--beam-sample``,
+both runs from one seed), repetition penalty, ``no_repeat_ngram_size``, ``min_new_tokens``. Every case must equal ``target.generate`` without the assistant: sequences,
 ``scores`` (and ``logits``) step by step, and for beams ``beam_indices`` and ``sequences_scores``
 within 1e-4; ``beam_indices`` may differ only where two running beams' scores in HF's own search are
 within 1e-5 of each other (float32 rounding swaps their slots; sequences and scores still equal),
@@ -17,6 +17,7 @@ Masks with zeros inside a prompt on a sliding-window target must be refused (HF'
 masked columns, specbeam's cache holds no masked tokens; README), and are counted apart.
 
     python scripts/fuzz_families.py --cases 150 --seed 3
+    python scripts/fuzz_families.py --cases 150 --seed 3 --beam-sample 0.8   # beam sampling, seeded
 
 Prints every failing case and a count; exits 1 if any failed. The model builder is the one of
 ``tests/test_model_families.py``.
@@ -86,7 +87,7 @@ def random_inputs(rng: random.Random, max_new_tokens: int, limit: int, masked_sp
     return ids, mask
 
 
-def random_kwargs(rng: random.Random) -> tuple[dict, dict]:
+def random_kwargs(rng: random.Random, beam_sample: float = 0.0) -> tuple[dict, dict]:
     beams = rng.choice([1, 2, 3, 4, 5])
     kwargs = dict(
         max_new_tokens=rng.choice([5, 12, 25]), do_sample=False, pad_token_id=0, num_beams=beams,
@@ -97,6 +98,9 @@ def random_kwargs(rng: random.Random) -> tuple[dict, dict]:
         kwargs.update(early_stopping=rng.choice([True, False, "never"]), length_penalty=rng.choice([1.0, 0.5, 2.0, -1.0]))
         if rng.random() < 0.4:
             kwargs["num_return_sequences"] = rng.randint(1, beams)
+        if beam_sample and rng.random() < beam_sample:  # drawn only with --beam-sample: other seeds keep their cases
+            kwargs.update(do_sample=True, temperature=rng.choice([0.2, 0.5, 1.0]), top_k=rng.choice([0, 5, 50]),
+                          top_p=rng.choice([1.0, 0.9]))
         options = dict(beam_depth=rng.choice([1, 2, 3]), beam_candidates=rng.choice([None, 4, 8]),
                        beam_adaptive=rng.random() < 0.5)
     else:
@@ -165,6 +169,7 @@ def running_score_gap(target, ids, mask, kwargs, ref_indices, our_indices) -> fl
 
     GenerationMixin._get_running_beams_for_next_iteration = recording
     try:
+        _seeded(kwargs)
         with torch.no_grad():
             target.generate(input_ids=ids, attention_mask=mask, **kwargs)
     finally:
@@ -179,9 +184,16 @@ def running_score_gap(target, ids, mask, kwargs, ref_indices, our_indices) -> fl
     return abs(float(scores[theirs] - scores[ours]))
 
 
-def run_case(rng: random.Random, masked_spans: float = 0.0, families: list[str] = FAMILIES) -> tuple[str, str | None]:
+def _seeded(kwargs: dict) -> None:
+    """Beam sampling draws from torch's global generator: both runs of a case start from one seed."""
+    if kwargs.get("do_sample"):
+        torch.manual_seed(1234)
+
+
+def run_case(rng: random.Random, masked_spans: float = 0.0, families: list[str] = FAMILIES,
+             beam_sample: float = 0.0) -> tuple[str, str | None]:
     target, draft, models = random_models(rng, families)
-    kwargs, options = random_kwargs(rng)
+    kwargs, options = random_kwargs(rng, beam_sample)
     ids, mask = random_inputs(rng, kwargs["max_new_tokens"], target.config.max_position_embeddings, masked_spans)
     inside = [row for row in range(mask.shape[0]) if mask[row].diff().lt(0).any()]  # rows with zeros inside the prompt
     described = f"{models}, prompt lengths {mask.sum(1).tolist()}{f', masked inside rows {inside}' if inside else ''}, {kwargs}, {options}"
@@ -196,8 +208,10 @@ def run_case(rng: random.Random, masked_spans: float = 0.0, families: list[str] 
                 return described, None
             raise
         return described, "a mask with zeros inside a prompt of a sliding-window or chunked target was not refused"
+    _seeded(kwargs)
     with torch.no_grad():
         ref = target.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    _seeded(kwargs)
     out = target.generate(input_ids=ids, attention_mask=mask, **kwargs,
                           custom_generate=specbeam_hf.generate, assistant=specbeam_hf.SpecBeam(draft, **options))
     if not torch.equal(out.sequences, ref.sequences):
@@ -229,6 +243,8 @@ def main(argv=None) -> int:
                    help="chance that a prompt of 3+ tokens gets 1-3 masked tokens inside it (attention_mask zeros, not padding)")
     p.add_argument("--families", default=",".join(FAMILIES),
                    help=f"comma-separated model types to draw from (also: {', '.join(SPECIAL)}); default: the list above")
+    p.add_argument("--beam-sample", type=float, default=0.0,
+                   help="chance that a beam case is beam sampling (do_sample=True; both runs from one seed)")
     args = p.parse_args(argv)
     families = args.families.split(",")
     torch.set_num_threads(args.threads)
@@ -236,7 +252,7 @@ def main(argv=None) -> int:
     fails = 0
     for case in range(args.cases):
         try:
-            described, problem = run_case(rng, args.masked_spans, families)
+            described, problem = run_case(rng, args.masked_spans, families, args.beam_sample)
         except Exception:  # a crash is a failure too, reported with its case
             fails += 1
             print(f"ERROR case {case}:\n{traceback.format_exc()}", flush=True)

@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--beams", default="2,4")
     p.add_argument("--temperatures", default="1.0,0.7")
     p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--beam-candidates", type=int, default=None,
+                   help="SpecBeam's beam_candidates (draft candidates per level and prompt; default num_beams + 2)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default="bench_beam_sampling")
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for beams in [int(b) for b in args.beams.split(",")]:
         for temperature in [float(t) for t in args.temperatures.split(",")]:
-            assistant = specbeam_hf.SpecBeam(draft)
+            assistant = specbeam_hf.SpecBeam(draft, beam_candidates=args.beam_candidates)
             best = {"hf": [float("inf")] * len(prompts), "specbeam": [float("inf")] * len(prompts)}
             same, steps, passes = True, 0, 0
             for round_ in range(args.repeats + 1):  # round 0: warm-up, outputs compared, not timed
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
             print(f"| {beams} | {temperature} | {r['hf_tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | {r['speed_up']:.2f}× | "
                   f"{r['steps_per_pass']:.2f} | {'yes' if same else 'no'} |", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(model="demo pair", prompts=len(prompts), max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+    meta = dict(model="demo pair", prompts=len(prompts), beam_candidates=args.beam_candidates, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                 threads=args.threads, top_k=0, torch=torch.__version__, dtype="float32")
     (args.out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     return 0

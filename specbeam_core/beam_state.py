@@ -2,8 +2,9 @@
 
 This reproduces, operation for operation, the vectorised beam search of HuggingFace transformers
 (``GenerationMixin._beam_search``, v5): the same top-``K`` candidate selection
-(``K = max(2, 1 + num_eos) * num_beams``; with ``do_sample`` the same draw of ``K`` without replacement), the same handling of finished hypotheses, length penalty,
-``early_stopping`` (True / False / "never") heuristics, and the same output cropping. Fed the same
+(``K = max(2, 1 + num_eos) * num_beams``; with ``do_sample`` the same draw of ``K`` without
+replacement), the same handling of finished hypotheses, length penalty, ``early_stopping``
+(True / False / "never") heuristics, and the same output cropping. Fed the same
 log-probabilities it makes the same choices, so a caller that can produce the target's
 log-probabilities for every running beam without a forward per step (token trees, see
 :mod:`specbeam_core.beam_search`) gets exactly the target's beam search.

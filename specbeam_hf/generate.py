@@ -395,7 +395,7 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
         finished = {}
         if record:
             finished = finished_row_steps(model, input_ids, model_kwargs.get("attention_mask"), [r.output for r in requests],
-                                          longest, pad_id, logits_processor)
+                                          longest, pad_id, logits_processor, [r.raw_logits for r in requests])
         return GenerateDecoderOnlyOutput(
             sequences=sequences,
             scores=_per_step(requests, "scores", finished, 1, longest, input_ids.device) if generation_config.output_scores else None,

@@ -54,6 +54,39 @@ def test_greedy_scores_and_logits_equal_hf(pair, options):
     assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
 
 
+def test_finished_rows_are_processed_in_the_batch_hf_processes(pair):
+    """The steps after row 0's EOS go through the processors in one call per step on the batch HF's
+    loop holds at that step (row 0's pad tokens beside row 1's real ones, row 1's logits as recorded),
+    not a call per row and step: the ids of those calls are exactly those of HF's calls."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Recording(LogitsProcessor):
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, input_ids, scores):
+            self.calls.append(input_ids.clone())
+            return scores - 0.01 * input_ids.shape[1]  # [batch, vocab] the same shift for every row
+
+    target, draft = pair
+    eos = eos_ending_row_0_early(target)
+    kwargs = dict(KW, do_sample=False, eos_token_id=eos)
+    hf_calls = Recording()
+    ref = target.generate(**kwargs, logits_processor=LogitsProcessorList([hf_calls]))
+    ours = Recording()
+    out = target.generate(**kwargs, logits_processor=LogitsProcessorList([ours]), custom_generate=specbeam_hf.generate,
+                          assistant=specbeam_hf.SpecBeam(draft, num_draft_tokens=3))
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    row0 = ref.sequences[0, IDS.shape[1]:].tolist()
+    ended = row0.index(eos) + 1  # row 0's steps from here on are scored on pad tokens
+    whole_batch = [ids for ids in ours.calls if ids.shape[0] == 2 and not torch.equal(ids[0], ids[1])]
+    assert [ids.shape[1] for ids in whole_batch] == [IDS.shape[1] + step for step in range(ended, len(ref.scores))]
+    for ids in whole_batch:
+        assert torch.equal(ids, hf_calls.calls[ids.shape[1] - IDS.shape[1]])
+
+
 @pytest.mark.parametrize("model_type, seed", [("gpt2", 0), ("opt", 2)])  # seeds whose row 0 stops first
 def test_finished_row_scores_with_learned_positions(model_type, seed):
     """Left-padded row 0 finishes first: its pad-token steps sit at positions counted by the mask."""

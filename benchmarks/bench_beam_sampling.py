@@ -18,12 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import specbeam_hf
-from bench_hf import PROMPTS
+from bench_hf import PROMPTS, load_demo
 
-DEMO = Path(specbeam_hf.__file__).parent / "demo_models"
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -41,9 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    tok = AutoTokenizer.from_pretrained(DEMO / "target")
-    target = AutoModelForCausalLM.from_pretrained(DEMO / "target", dtype=torch.float32).eval()
-    draft = AutoModelForCausalLM.from_pretrained(DEMO / "draft", dtype=torch.float32).eval()
+    tok, target, draft = load_demo()
     prompts = PROMPTS[: args.prompts]
     rows = []
     print("| B | temperature | HF tokens/s | specbeam tokens/s | speed-up | beam steps per target pass | same as HF |")

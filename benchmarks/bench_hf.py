@@ -52,6 +52,14 @@ PROMPTS = [
 ]
 
 
+def load_demo(dtype: torch.dtype = torch.float32, padding_side: str = "right"):
+    """The shipped demo pair as users load it: ``(tokenizer, target, draft)``, both models in eval mode."""
+    tok = AutoTokenizer.from_pretrained(DEMO / "target", padding_side=padding_side)
+    target = AutoModelForCausalLM.from_pretrained(DEMO / "target", dtype=dtype).eval()
+    draft = AutoModelForCausalLM.from_pretrained(DEMO / "draft", dtype=dtype).eval()
+    return tok, target, draft
+
+
 def bound(alpha: float, gamma: int, c: float) -> float:
     """Expected speed-up of chain speculation (Leviathan et al. 2023)."""
     if alpha >= 1.0:

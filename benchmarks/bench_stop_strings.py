@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList, StopStringCriteria
+from transformers import StoppingCriteriaList, StopStringCriteria
 
 import specbeam_hf
-from bench_hf import PROMPTS
+from bench_hf import PROMPTS, load_demo
 
-DEMO = Path(specbeam_hf.__file__).parent / "demo_models"
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -62,9 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    tok = AutoTokenizer.from_pretrained(DEMO / "target", padding_side="left")
-    target = AutoModelForCausalLM.from_pretrained(DEMO / "target", dtype=torch.float32).eval()
-    draft = AutoModelForCausalLM.from_pretrained(DEMO / "draft", dtype=torch.float32).eval()
+    tok, target, draft = load_demo(padding_side="left")
     criteria = StoppingCriteriaList([StopStringCriteria(tok, [args.stop])])
     rows = []
     print("| batch | method | tokens/s | criterion calls | ms in the criterion | share of the run | same as HF |")

@@ -16,12 +16,10 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
-import specbeam_hf
-from bench_hf import PROMPTS
+from bench_hf import PROMPTS, load_demo
 
-DEMO = Path(specbeam_hf.__file__).parent / "demo_models"
 RESULTS = Path(__file__).parent / "results"
 SETTINGS = {"none": {}, "repetition_penalty 1.2": dict(repetition_penalty=1.2),
             "no_repeat_ngram_size 3": dict(no_repeat_ngram_size=3),
@@ -58,9 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    tok = AutoTokenizer.from_pretrained(DEMO / "target")
-    target = AutoModelForCausalLM.from_pretrained(DEMO / "target", dtype=torch.float32).eval()
-    draft = AutoModelForCausalLM.from_pretrained(DEMO / "draft", dtype=torch.float32).eval()
+    tok, target, draft = load_demo()
     rows = []
     print("| processors | positions | target agrees | draft agrees |")
     print("|---|---|---|---|")

@@ -3,6 +3,7 @@
     python benchmarks/report.py benchmarks/results/bench_hf_bfloat16.json benchmarks/results/bench_trees_beams_*.json
     python benchmarks/report.py benchmarks/results/eval.json     # specbeam evaluate --out benchmarks/results
     python benchmarks/report.py benchmarks/results/bench_processors*.json benchmarks/results/bench_stop_strings*.json
+    python benchmarks/report.py benchmarks/results/bench_beam_sampling.json
 
 Files of other scripts (vLLM, profiles, family checks) get a line saying so: those scripts print
 their own tables.
@@ -78,6 +79,23 @@ def processors_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def beam_sampling_table(data: dict) -> str:
+    meta = data["meta"]
+    lines = [
+        f"`bench_beam_sampling.py` — {meta['model']}, {meta['dtype']}, {meta['prompts']} prompts × {meta['max_new_tokens']} "
+        f"new tokens, top-k {meta['top_k']}, {meta['threads']} threads",
+        "",
+        "| B | temperature | HF tokens/s | specbeam tokens/s | speed-up | beam steps per target pass | same as HF |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['beams']} | {r['temperature']} | {r['hf_tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | {r['speed_up']:.2f}× | "
+            f"{r['steps_per_pass']:.2f} | {'yes' if r['same_as_hf'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def stop_strings_table(data: dict) -> str:
     meta = data["meta"]
     lines = [
@@ -102,8 +120,10 @@ def _table(data: dict) -> str | None:
         return hf_table(data)
     if rows and all("kind" in r for r in rows) and "command" in data.get("meta", {}):
         return trees_beams_table(data)
-    if rows and all("hf_tokens_per_s" in r for r in rows):
+    if rows and all("hf_tokens_per_s" in r and "setting" in r for r in rows):
         return processors_table(data)
+    if rows and all("steps_per_pass" in r and "temperature" in r for r in rows):
+        return beam_sampling_table(data)
     if rows and all("criterion_calls" in r for r in rows):
         return stop_strings_table(data)
     return None

@@ -45,16 +45,21 @@ def plain_greedy(target, prompt: list[int], new: int) -> list[int]:
     return tokens[len(prompt):]
 
 
+def make_engine(drafter: str, target, draft) -> SpecEngine:
+    """γ = 3 over a draft-model chain or a width-2 draft tree."""
+    if drafter == "chain":
+        d = DraftModelDrafter(HFCausalLM(draft))
+    else:
+        d = make_drafter(get_plugin_manager(), "draft_tree", model=HFCausalLM(draft), tree_width=2)
+    return SpecEngine(HFCausalLM(target), d, 3)
+
+
 @pytest.mark.parametrize("drafter", ["chain", "tree"])
 def test_a_batch_processor_is_called_once_per_pass_position_set(drafter):
     target, draft = make_pair("llama")
 
     def engine():
-        if drafter == "chain":
-            d = DraftModelDrafter(HFCausalLM(draft))
-        else:
-            d = make_drafter(get_plugin_manager(), "draft_tree", model=HFCausalLM(draft), tree_width=2)
-        return SpecEngine(HFCausalLM(target), d, 3)
+        return make_engine(drafter, target, draft)
 
     one_by_one = engine().generate(PROMPTS, SamplingParams(), max_new_tokens=10, logits_processor=penalty)
     batch = CountingBatch()
@@ -95,11 +100,7 @@ def test_a_batch_stop_judges_each_step_once(drafter):
     target, draft = make_pair("llama")
 
     def engine():
-        if drafter == "chain":
-            d = DraftModelDrafter(HFCausalLM(draft))
-        else:
-            d = make_drafter(get_plugin_manager(), "draft_tree", model=HFCausalLM(draft), tree_width=2)
-        return SpecEngine(HFCausalLM(target), d, 3)
+        return make_engine(drafter, target, draft)
 
     alone = engine().generate(PROMPTS, SamplingParams(), max_new_tokens=12, stop=lambda tokens: tokens[-1] % 7 == 3)
     judge, eng = StepJudge(), engine()

@@ -62,55 +62,48 @@ def trees_beams_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _markdown(caption: str, columns: list[str], cells: list[list]) -> str:
+    """A caption line, then a markdown table of ``columns`` and one row per entry of ``cells``."""
+    lines = [caption, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 def processors_table(data: dict) -> str:
     meta = data["meta"]
-    lines = [
+    return _markdown(
         f"`bench_processors.py` — {meta.get('model', 'demo pair')}, {meta['dtype']}, {meta['max_new_tokens']} new tokens, "
         f"{meta['threads']} threads",
-        "",
-        "| batch | processors | method | HF tokens/s | tokens/s | speed-up | acceptance | tokens per step | same as HF |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in data["rows"]:
-        lines.append(
-            f"| {r['batch']} | {r['setting']} | {r['method']} | {r['hf_tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | "
-            f"{r['speed_up']:.2f}× | {r['acceptance_rate']:.2f} | {r['tokens_per_step']:.2f} | {'yes' if r['same_as_hf'] else 'no'} |"
-        )
-    return "\n".join(lines)
+        ["batch", "processors", "method", "HF tokens/s", "tokens/s", "speed-up", "acceptance", "tokens per step", "same as HF"],
+        [[r["batch"], r["setting"], r["method"], f"{r['hf_tokens_per_s']:.1f}", f"{r['tokens_per_s']:.1f}", f"{r['speed_up']:.2f}×",
+          f"{r['acceptance_rate']:.2f}", f"{r['tokens_per_step']:.2f}", _yes(r["same_as_hf"])] for r in data["rows"]],
+    )
 
 
 def beam_sampling_table(data: dict) -> str:
     meta = data["meta"]
-    lines = [
+    return _markdown(
         f"`bench_beam_sampling.py` — {meta['model']}, {meta['dtype']}, {meta['prompts']} prompts × {meta['max_new_tokens']} "
         f"new tokens, top-k {meta['top_k']}, {meta['threads']} threads",
-        "",
-        "| B | temperature | HF tokens/s | specbeam tokens/s | speed-up | beam steps per target pass | same as HF |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in data["rows"]:
-        lines.append(
-            f"| {r['beams']} | {r['temperature']} | {r['hf_tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | {r['speed_up']:.2f}× | "
-            f"{r['steps_per_pass']:.2f} | {'yes' if r['same_as_hf'] else 'no'} |"
-        )
-    return "\n".join(lines)
+        ["B", "temperature", "HF tokens/s", "specbeam tokens/s", "speed-up", "beam steps per target pass", "same as HF"],
+        [[r["beams"], r["temperature"], f"{r['hf_tokens_per_s']:.1f}", f"{r['tokens_per_s']:.1f}", f"{r['speed_up']:.2f}×",
+          f"{r['steps_per_pass']:.2f}", _yes(r["same_as_hf"])] for r in data["rows"]],
+    )
 
 
 def stop_strings_table(data: dict) -> str:
     meta = data["meta"]
-    lines = [
+    return _markdown(
         f"`bench_stop_strings.py` — {meta['model']}, {meta['dtype']}, stop string {meta['stop']!r}, "
         f"{meta['max_new_tokens']} new tokens, γ = {meta['gamma']}, {meta['threads']} threads",
-        "",
-        "| batch | method | tokens/s | criterion calls | ms in the criterion | share of the run | same as HF |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in data["rows"]:
-        lines.append(
-            f"| {r['batch']} | {r['method']} | {r['tokens_per_s']:.1f} | {r['criterion_calls']} | {r['criterion_ms']:.1f} | "
-            f"{100 * r['share']:.1f} % | {'yes' if r['same_as_hf'] else 'no'} |"
-        )
-    return "\n".join(lines)
+        ["batch", "method", "tokens/s", "criterion calls", "ms in the criterion", "share of the run", "same as HF"],
+        [[r["batch"], r["method"], f"{r['tokens_per_s']:.1f}", r["criterion_calls"], f"{r['criterion_ms']:.1f}",
+          f"{100 * r['share']:.1f} %", _yes(r["same_as_hf"])] for r in data["rows"]],
+    )
 
 
 def _table(data: dict) -> str | None:

@@ -385,6 +385,7 @@ class SpecBeamSearch:
         on_logits: Callable[[torch.Tensor], None] | None = None,
         do_sample: bool = False,
         sample_device: torch.device | str = "cpu",
+        draw: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> BeamSearchState:
         """Beam search over ``prompts``; returns the finished :class:`BeamSearchState` (``.result()``:
         ``(sequences [batch * R, L], scores [batch * R])``).
@@ -396,6 +397,8 @@ class SpecBeamSearch:
         ``do_sample``: beam sampling, each step's ``K`` continuations drawn from the processed scores
         (temperature, top-k, top-p are logits processors here, as in HF) with the global generator of
         ``sample_device``: one draw a step, as HF's loop makes it, so a seed gives HF's beams.
+        ``draw(scores [batch, B * V], K) -> (log-probs, flat indices)`` replaces that draw
+        (:class:`~specbeam_core.beam_state.BeamSearchState`).
         """
         prompts = [[int(t) for t in p] for p in prompts]
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -414,7 +417,7 @@ class SpecBeamSearch:
         state = BeamSearchState(
             padded, num_beams, max_length, length_penalty=length_penalty, early_stopping=early_stopping,
             num_return_sequences=num_return_sequences, num_eos_tokens=len(eos), fill_value=fill_value,
-            do_sample=do_sample, sample_device=sample_device,
+            do_sample=do_sample, sample_device=sample_device, draw=draw,
         )
         if stop is None:
             eos_t = torch.tensor(sorted(eos), dtype=torch.long)

@@ -14,6 +14,8 @@ Shapes: ``batch`` prompts, ``B = num_beams`` beams each, sequences padded to ``m
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 NEG = -1.0e9
@@ -40,6 +42,7 @@ class BeamSearchState:
         fill_value: int = -1,
         do_sample: bool = False,
         sample_device: torch.device | str = "cpu",
+        draw: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
@@ -54,9 +57,11 @@ class BeamSearchState:
         self.length_penalty, self.early_stopping = length_penalty, early_stopping
         self.num_return_sequences = num_return_sequences
         # beam sampling: the K continuations drawn without replacement from the softmax of the
-        # accumulated scores, with the global generator of ``sample_device`` (HF's draw, on the device
-        # HF's loop would draw on), instead of the top K
+        # accumulated scores instead of the top K. ``draw(scores [batch, B * V], K)`` -> (log-probs,
+        # flat indices), each [batch, K], makes the draw (a framework's own, where its versions
+        # differ); by default the draw of HF 5.2x, with the global generator of ``sample_device``
         self.do_sample, self.sample_device = do_sample, torch.device(sample_device)
+        self.draw = draw if draw is not None else self._draw
         self.beams_to_keep = max(2, 1 + num_eos_tokens) * num_beams
         self.top_num_beam_mask = torch.arange(self.beams_to_keep) < num_beams  # [K]
         self.prompt_len = self.cur_len = width
@@ -84,6 +89,13 @@ class BeamSearchState:
         gen = self.running_sequences[:, :, self.prompt_len : self.cur_len].tolist()
         return [[tuple(beam) for beam in row] for row in gen]
 
+    def _draw(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k`` of ``scores`` ``[batch, B * V]`` drawn without replacement from their softmax, best first."""
+        probs = torch.softmax(scores.to(self.sample_device), dim=-1)  # [batch, B * V]
+        indices = torch.multinomial(probs, num_samples=k).cpu()  # [batch, K]
+        log_probs, order = torch.gather(scores, 1, indices).sort(dim=-1, descending=True)  # [batch, K]
+        return log_probs, indices.gather(-1, order)
+
     # ------------------------------------------------------------------ one step
     def step(self, log_probs: torch.Tensor, stop) -> None:
         """Advance by one token. ``log_probs`` ``[batch * B, vocab]``: processed target log-probabilities
@@ -95,11 +107,7 @@ class BeamSearchState:
 
         # top-K continuations over all beams, or K of them drawn (beam sampling)
         if self.do_sample:
-            probs = torch.softmax(scores.to(self.sample_device), dim=-1)  # [batch, B * V]
-            topk_indices = torch.multinomial(probs, num_samples=k).cpu()  # [batch, K]
-            topk_log_probs = torch.gather(scores, 1, topk_indices)  # [batch, K]
-            topk_log_probs, order = topk_log_probs.sort(dim=-1, descending=True)
-            topk_indices = topk_indices.gather(-1, order)
+            topk_log_probs, topk_indices = self.draw(scores, k)  # [batch, K] each
         else:
             topk_log_probs, topk_indices = torch.topk(scores, k=k)  # [batch, K]
         topk_beam = topk_indices // vocab  # [batch, K]

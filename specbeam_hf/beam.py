@@ -17,6 +17,27 @@ from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 from .prompts import unpadded_prompts
 
 
+def hf_draw(model, num_beams: int, device):
+    """The K continuations of a beam-sampling step drawn by HF's own ``_get_top_k_continuations``
+    (its versions differ: 5.19 keeps the drawn order, later ones sort it), for
+    :class:`~specbeam_core.beam_state.BeamSearchState`: ``draw(scores [batch, B * V], K) ->
+    (log-probs, flat indices)``, each ``[batch, K]``. HF's function is handed one-column running
+    sequences and beam indices; the token and beam it writes into them give the flat index."""
+
+    def draw(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, vocab = scores.shape[0], scores.shape[1] // num_beams
+        column = torch.zeros(batch, num_beams, 1, dtype=torch.long, device=device)  # [batch, B, 1]
+        log_probs, sequences, beam_indices = model._get_top_k_continuations(
+            accumulated_log_probs=scores.to(device), running_sequences=column, running_beam_indices=column.clone(),
+            cur_len=0, decoder_prompt_len=0, do_sample=True, beams_to_keep=k, num_beams=num_beams, batch_size=batch,
+        )  # [batch, K], [batch, K, 1], [batch, K, 1]
+        offsets = torch.arange(batch, device=device)[:, None] * num_beams  # [batch, 1]
+        flat = (beam_indices[:, :, 0] - offsets) * vocab + sequences[:, :, 0]  # [batch, K]
+        return log_probs.cpu(), flat.cpu()
+
+    return draw
+
+
 def beam_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs):
     num_beams = int(generation_config.num_beams)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
@@ -50,8 +71,8 @@ def beam_generate(model, input_ids, logits_processor, stopping_criteria, generat
         stop=lambda seqs: stopping_criteria(seqs.to(input_ids.device), tuple(scores) if scores is not None else None).cpu(),
         on_step=None if scores is None else (lambda log_probs: scores.append(log_probs.clone())),
         on_logits=None if raw_logits is None else (lambda logits: raw_logits.append(logits.clone())),
-        do_sample=bool(generation_config.do_sample),  # beam sampling: HF's draw, on the device HF draws on
-        sample_device=input_ids.device,
+        do_sample=bool(generation_config.do_sample),  # beam sampling: HF's own draw, on the device HF draws on
+        draw=hf_draw(model, num_beams, input_ids.device) if generation_config.do_sample else None,
     )
     assistant.last_beam_stats = searcher.stats
     sequences, sequences_scores, beam_indices = state.result()

@@ -7,7 +7,7 @@ request past the target's position limit is refused by name. Exits 1 if any case
 
     python scripts/probe_generate_edges.py
 
-Not part of CI (about three minutes); the fuzzers (``fuzz_beams.py``, ``fuzz_families.py``) draw
+Not part of CI (about six minutes); the fuzzers (``fuzz_beams.py``, ``fuzz_families.py``) draw
 random cases, this lists fixed ones. Plain sampling is left out: it follows HF's distribution, not
 its random stream (the statistical tests cover it); beam sampling replays HF's draw under one seed.
 """
@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_hf import load_demo  # noqa: E402
@@ -51,6 +51,30 @@ def compare(tok, target, draft, prompts, seed=None, **kwargs) -> str:
     return " ".join(["equal", *gaps])
 
 
+class Boost(LogitsProcessor):
+    """A caller's processor that reads the ids: raises the token ``7 × last token mod vocab`` by 2."""
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[torch.arange(scores.shape[0]), (input_ids[:, -1] * 7) % scores.shape[-1]] += 2.0
+        return scores
+
+
+class TwoLines(StoppingCriteria):
+    """A caller's criterion: a row stops once it holds two newlines (prompt included)."""
+
+    def __init__(self, newline: int) -> None:
+        self.newline = newline
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return (input_ids == self.newline).sum(-1) >= 2
+
+
+def alternating_halves(batch_id: int, ids: torch.Tensor) -> list[int]:
+    """``prefix_allowed_tokens_fn``: the lower half of the vocabulary after an odd length, else the upper."""
+    return list(range(0, 2048)) if len(ids) % 2 else list(range(1000, 4096))
+
+
 def main() -> int:
     warnings.filterwarnings("ignore")
     tok, target, draft = load_demo(torch.float32, padding_side="left")
@@ -79,6 +103,40 @@ def main() -> int:
         "beams, renormalize_logits": dict(num_beams=3, max_new_tokens=20, renormalize_logits=True, repetition_penalty=1.2),
         "beams, output_logits": dict(num_beams=3, max_new_tokens=12, return_dict_in_generate=True, output_logits=True),
         "greedy, an empty prompt in the batch": dict(prompts=["", "x"], max_new_tokens=5),
+        "greedy, sequence_bias": dict(max_new_tokens=25, sequence_bias={(newline,): -3.0, (5, 6): 2.0}),
+        "beams, sequence_bias": dict(num_beams=4, max_new_tokens=25, sequence_bias={(newline,): -3.0}),
+        "greedy, suppress_tokens": dict(max_new_tokens=25, suppress_tokens=[newline, 5, 6]),
+        "beams, suppress_tokens + begin_suppress_tokens": dict(num_beams=3, max_new_tokens=25, suppress_tokens=[7],
+                                                              begin_suppress_tokens=[newline]),
+        "greedy, forced_eos_token_id": dict(max_new_tokens=20, forced_eos_token_id=0),
+        "beams, forced_eos_token_id": dict(num_beams=4, max_new_tokens=20, forced_eos_token_id=0),
+        "greedy, forced_bos_token_id": dict(max_new_tokens=20, forced_bos_token_id=newline),
+        "beams, exponential_decay_length_penalty": dict(num_beams=4, max_new_tokens=40, eos_token_id=[0, newline],
+                                                        exponential_decay_length_penalty=(10, 1.2)),
+        "greedy, prefix_allowed_tokens_fn": dict(max_new_tokens=20, prefix_allowed_tokens_fn=alternating_halves),
+        "beams, prefix_allowed_tokens_fn": dict(num_beams=4, max_new_tokens=20, prefix_allowed_tokens_fn=alternating_halves),
+        "greedy, a caller's logits processor": dict(max_new_tokens=25, logits_processor=LogitsProcessorList([Boost()])),
+        "beams, a caller's logits processor": dict(num_beams=4, max_new_tokens=25, logits_processor=LogitsProcessorList([Boost()])),
+        "greedy, a caller's stopping criterion": dict(max_new_tokens=40, stopping_criteria=StoppingCriteriaList([TwoLines(newline)])),
+        "beams, a caller's stopping criterion": dict(num_beams=4, max_new_tokens=40,
+                                                     stopping_criteria=StoppingCriteriaList([TwoLines(newline)])),
+        "beam sampling, min_p": dict(seed=3, do_sample=True, num_beams=4, max_new_tokens=25, min_p=0.1),
+        "beam sampling, typical_p + temperature": dict(seed=4, do_sample=True, num_beams=3, max_new_tokens=25, typical_p=0.8,
+                                                       temperature=0.7),
+        "beam sampling, epsilon_cutoff": dict(seed=6, do_sample=True, num_beams=2, max_new_tokens=25, epsilon_cutoff=3e-4),
+        "beam sampling, eta_cutoff": dict(seed=7, do_sample=True, num_beams=2, max_new_tokens=25, eta_cutoff=1e-3),
+        "greedy, use_cache=False": dict(max_new_tokens=15, use_cache=False),
+        "beams, use_cache=False": dict(num_beams=4, max_new_tokens=15, use_cache=False),
+        "beams, length_penalty 0": dict(num_beams=4, max_new_tokens=30, length_penalty=0.0, eos_token_id=[0, newline]),
+        "beams, length_penalty 2, early_stopping=True": dict(num_beams=4, max_new_tokens=30, length_penalty=2.0,
+                                                             early_stopping=True, eos_token_id=[0, newline]),
+        "beams, batch 1, 8 of 8 returned, scores": dict(prompts=PROMPTS[1:2], num_beams=8, num_return_sequences=8,
+                                                       max_new_tokens=20, return_dict_in_generate=True, output_scores=True,
+                                                       eos_token_id=[0, newline]),
+        "greedy, scores and logits": dict(max_new_tokens=20, return_dict_in_generate=True, output_scores=True, output_logits=True),
+        "beams, repetition_penalty 0.8": dict(num_beams=2, max_new_tokens=30, repetition_penalty=0.8),
+        "greedy, batch 1 without padding": dict(prompts=PROMPTS[:1], max_new_tokens=20),
+        "beams, cache_implementation='static'": dict(num_beams=4, max_new_tokens=15, cache_implementation="static"),
     }
     failed = 0
     for name, kwargs in cases.items():

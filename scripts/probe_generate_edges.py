@@ -71,7 +71,7 @@ class TwoLines(StoppingCriteria):
 
 
 def alternating_halves(batch_id: int, ids: torch.Tensor) -> list[int]:
-    """``prefix_allowed_tokens_fn``: the lower half of the vocabulary after an odd length, else the upper."""
+    """``prefix_allowed_tokens_fn``: tokens 0-2047 after an odd length, else 1000-4095 (the ranges overlap)."""
     return list(range(0, 2048)) if len(ids) % 2 else list(range(1000, 4096))
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks and GPU benchmark figures of BENCHMARKS.md ("GPU figures"), in one run on a CUDA
+# The CUDA checks and GPU benchmark figures of BENCHMARKS.md ("GPU: NVIDIA H100 and H200"), in one run on a CUDA
 # machine with torch installed:
 #
 #     bash benchmarks/gpu_check.sh            # writes benchmarks/results/gpu/new/ (or $OUT when set)
@@ -10,8 +10,8 @@
 # models), they are installed first (for machines without a registry).
 # Each step has its own time limit, so one failing step leaves the others' results; the steps run in
 # order of importance. The full set outlasts one 10-minute device call (its limits add up to ~16
-# minutes); `TREE_GAMMAS="" HF_GAMMAS=5,4,3 HF_BATCH_GAMMAS="" SKIP_BF16_TREES=1` took 343 s in the
-# third lease (its bf16 step failing at once; ~90 s more when it runs). Environment: TREE_GAMMAS (chains and
+# minutes); `TREE_GAMMAS="" HF_GAMMAS=5,4,3 HF_BATCH_GAMMAS="" SKIP_BF16_TREES=1` took 343 s in an
+# earlier run on an H100 (its bf16 step failing at once; ~90 s more when it runs). Environment: TREE_GAMMAS (chains and
 # trees beside the beams in the float32 step, default 3,4,5; "" for beams only), HF_GAMMAS and
 # HF_BATCH_GAMMAS (the bf16 bench_hf step, default 3,4,5 and 3,4), SKIP_BF16_TREES=1 skips the last step,
 # ONLY (a comma-separated list of step names: run just those, e.g. ONLY=env,tests,wide_beams_adaptive).
@@ -54,14 +54,14 @@ step() {  # step NAME LIMIT_S COMMAND...
     # target's pass costs about the same whatever the tree holds
     step wide_beams 70 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
         --gammas "" --beams 4 --beam-depth 4 --beam-candidates 12 --no-beam-adaptive --repeats 2 --out "$OUT/wide_beams"
-    # the same width with the adaptive depth (fourth lease: it chose the fixed step's depth, 2.84 steps a pass)
+    # the same width with the adaptive depth (on an H100 it chose the fixed step's depth, 2.84 steps a pass)
     step wide_beams_adaptive 70 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
         --gammas "" --beams 4 --beam-depth 4 --beam-candidates 12 --repeats 2 --out "$OUT/wide_beams_adaptive"
     # deeper still at a fixed depth: how many beam steps a pass covers when the tree costs ~nothing more
     step deep_beams 80 python3 benchmarks/bench_trees_beams.py --device cuda --dtype float32 \
         --gammas "" --beams 4 --beam-depth 6 --beam-candidates 16 --no-beam-adaptive --repeats 2 --out "$OUT/deep_beams"
-    # the bf16 greedy rows that ran at 29-65 % of their bound in earlier leases, each γ in its own process
-    # (whether the slowness follows the rows' order within one process; at 90 s each, the fourth lease's
+    # the bf16 greedy rows that ran at 29-65 % of their bound in earlier runs, each γ in its own process
+    # (whether the slowness follows the rows' order within one process; at 90 s each, an earlier run's
     # stopped during the HF assisted rows, before specbeam's)
     for g in 4 5; do
         step "hf_bf16_gamma$g" 180 python3 benchmarks/bench_hf.py --device cuda --dtype bfloat16 --modes greedy \

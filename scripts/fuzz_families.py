@@ -14,7 +14,7 @@ within 1e-5 of each other (float32 rounding swaps their slots; sequences and sco
 counted apart as near-ties. Greedy ``scores`` after a row's EOS are compared too (HF scores the pad tokens
 it feeds a finished row; so does specbeam, since 2026-11-28).
 Masks with zeros inside a prompt on a sliding-window target must be refused (HF's window counts the
-masked columns, specbeam's cache holds no masked tokens; README), and are counted apart.
+masked columns, specbeam's cache holds no masked tokens; docs/hf-generate.md), and are counted apart.
 
     python scripts/fuzz_families.py --cases 150 --seed 3
     python scripts/fuzz_families.py --cases 150 --seed 3 --beam-sample 0.8   # beam sampling, seeded
@@ -151,7 +151,7 @@ def same_steps(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], sl
 
 TIE = 1e-5  # running beam scores this close swap slots with float32 rounding (~1e-6 at scores ~10)
 near_ties: list[str] = []
-refused: list[str] = []  # masks with zeros inside a prompt on sliding-window targets (README: refused)
+refused: list[str] = []  # masks with zeros inside a prompt on sliding-window targets (docs/hf-generate.md: refused)
 
 
 def running_score_gap(target, ids, mask, kwargs, ref_indices, our_indices) -> float:

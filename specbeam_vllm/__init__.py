@@ -1,20 +1,18 @@
-"""specbeam_vllm: specbeam as a vLLM speculative proposer, one flag away.
+"""specbeam_vllm: specbeam inside vLLM, one flag away.
 
-    vllm serve TARGET --speculative-config '{"model": "specbeam", "num_speculative_tokens": 4}' \\
-        --additional-config '{"specbeam": {"draft": "DRAFT_PATH"}}'
+    vllm serve TARGET --speculative-config '{"method": "specbeam", "model": "DRAFT", "num_speculative_tokens": 4}'
 
-or ``specbeam serve --target TARGET --draft DRAFT``. The short name comes from the
-``vllm.general_plugins`` entry point (:mod:`specbeam_vllm.plugin`); the dotted path
-``specbeam_vllm.proposer.SpecBeamProposer`` works without it. Importing this package does not import
-vLLM: the proposer module does, when vLLM loads it.
+or ``specbeam serve --target TARGET --draft DRAFT``. The method name comes from the
+``vllm.general_plugins`` entry point (:mod:`specbeam_vllm.plugin`): vLLM runs its own draft-model path
+(:mod:`specbeam_vllm.config`), with drafts sampled at each request's parameters
+(:mod:`specbeam_vllm.drafter`) and each step's draft length chosen from measured costs
+(:mod:`specbeam_vllm.scheduler`). Importing this package does not import vLLM.
 
 Speculative beam search over the offline ``vllm.LLM`` API: :func:`specbeam_vllm.beam.beam_search`
 (also ``specbeam_vllm.beam_search``, imported on first use).
 """
 
-from .policy import BatchSizePolicy, batch_draft_length
-
-__all__ = ["BatchSizePolicy", "batch_draft_length", "beam_search", "count_engine_calls", "SpecBeamStats"]
+__all__ = ["beam_search", "count_engine_calls", "SpecBeamStats"]
 
 _BEAM_EXPORTS = ("beam_search", "count_engine_calls", "SpecBeamStats")
 

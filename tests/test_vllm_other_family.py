@@ -2,7 +2,7 @@
 
 A small Qwen2 target (grouped-query attention: 4 query heads over 2 key/value heads, untied
 embeddings, attention biases) and a draft made from it with perturbed weights, both built here from
-random weights and saved with ``save_pretrained``: vLLM serves the target, specbeam loads the draft.
+random weights and saved with ``save_pretrained``: vLLM serves the target and loads the draft.
 Greedy outputs must equal a spec-off server's under concurrency, with drafts both accepted and
 rejected.
 """
@@ -61,7 +61,7 @@ def test_qwen2_greedy_equals_spec_off_under_concurrency(qwen_pair, tmp_path):
     prompts = PROMPTS + PROMPTS[::-1]
     with Server(qwen_pair["target"], COMMON_FLAGS, log_path=str(tmp_path / "spec-off.log")) as server:
         reference = {p: greedy(server.url, p) for p in PROMPTS}
-    flags = specbeam_flags(qwen_pair["draft"], 4, full_draft_max_batch=8, no_draft_min_batch=9)
+    flags = specbeam_flags(qwen_pair["draft"], 4, adaptive_draft_length=False)
     with Server(qwen_pair["target"], flags + COMMON_FLAGS, log_path=str(tmp_path / "specbeam.log")) as server:
         outputs = run_all(lambda p: greedy(server.url, p), prompts, concurrency=8)
         metrics = spec_metrics(server.url)

@@ -1,34 +1,36 @@
 """specbeam inside a real vLLM server on 127.0.0.1 (started and stopped here), on the demo pair.
 
-Spec-off runs first and records the reference outputs, then stops; the specbeam server must give
-the same greedy tokens, alone, under concurrency, and next to sampled requests; streaming clients
-that disconnect must not crash it, and its draft KV blocks must come back.
+Spec-off runs first and records the reference outputs, then stops. The specbeam server
+(``"method": "specbeam"``: vLLM's draft-model path with specbeam's drafter and scheduler) must give the
+same greedy tokens alone, at 16 concurrent requests of mixed prompt lengths, next to sampled
+requests and while streaming clients disconnect; its draft length must move (each length is
+measured, and the policy here re-measures often); vLLM's KV cache must come back to its idle level.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from vllm_support import (COMMON_FLAGS, completion, read_stats, require_vllm, run_all, served_name,
+from vllm_support import (COMMON_FLAGS, completion, require_vllm, run_all, served_name,
                           stream_and_maybe_disconnect, token_ids, wait_for)
 
 require_vllm()
 
-from specbeam_vllm.server import Server, spec_metrics, specbeam_flags  # noqa: E402
+from specbeam_vllm.server import (Server, draft_length_steps, kv_idle, metric_sum, read_metrics,  # noqa: E402
+                                  spec_metrics, specbeam_flags)
 
 from conftest import DEMO_DIR  # noqa: E402
 
 TARGET, DRAFT = str(DEMO_DIR / "target"), str(DEMO_DIR / "draft")
 PROMPTS = ["def fibonacci(n):\n", "The old man walked", "import os\nimport sys\n", "Once upon a time",
            "class Stack:\n    def __init__(self):\n", "In the morning the", "She said that", "for i in range("]
-LONG_PROMPTS = ["\n".join(PROMPTS[i:i + 4]) for i in range(4)]  # 25-35 tokens: rows that join with them catch up
+LONG_PROMPTS = ["\n".join(PROMPTS[i:i + 4]) for i in range(4)]  # 25-35 tokens
 MAX_TOKENS = 40
-MIXED_SAMPLED = [(p, 1000 + i) for i, p in enumerate(PROMPTS[:4])]  # (prompt, seed) at T = 0.8
+FLAGS16 = [("16" if prev == "--max-num-seqs" else f) for prev, f in zip([None] + COMMON_FLAGS, COMMON_FLAGS)]
+# every length tried at once, re-measured every second choice, held 2 steps: lengths 0..4 all occur
+POLICY = {"hold_steps": 2, "settle_steps": 0, "trials": 1, "explore_every": 1}
 
 
 def greedy_ids(url: str, prompt: str) -> list[int]:
@@ -39,24 +41,26 @@ def greedy_ids(url: str, prompt: str) -> list[int]:
 def reference(tmp_path_factory):
     """Spec-off greedy outputs of every prompt (the server is stopped afterwards)."""
     log = str(tmp_path_factory.mktemp("spec-off") / "server.log")
-    with Server(TARGET, COMMON_FLAGS, log_path=log) as server:
+    with Server(TARGET, FLAGS16, log_path=log) as server:
         return {p: greedy_ids(server.url, p) for p in PROMPTS + LONG_PROMPTS}
 
 
 @pytest.fixture(scope="module")
 def specbeam_server(tmp_path_factory, reference):
     folder = tmp_path_factory.mktemp("specbeam")
-    stats = str(folder / "stats.json")
-    # full drafting at every batch size, so rows join, leave and reorder while drafts run; the draft
-    # catches rows up 16 padded token slots a step, so rows joining together with long prompts wait
-    flags = specbeam_flags(DRAFT, 4, stats_file=stats, full_draft_max_batch=8, no_draft_min_batch=9,
-                           max_catch_up_tokens=16)
-    server = Server(TARGET, flags + COMMON_FLAGS, log_path=str(folder / "server.log"))
-    server.stats_file = stats
+    server = Server(TARGET, specbeam_flags(DRAFT, 4, **POLICY) + FLAGS16, log_path=str(folder / "server.log"))
     with server:
+        server.idle_usage = metric_sum(read_metrics(server.url), "vllm:kv_cache_usage_perc")
         yield server
         before_shutdown = server.log_tail(10_000_000).split("[shutdown]")[0]
     assert "Traceback" not in before_shutdown, before_shutdown[-4000:]
+
+
+def test_the_engine_runs_vllms_draft_model_path_with_specbeams_scheduler(specbeam_server):
+    log = specbeam_server.log_tail(10_000_000)
+    assert "method='draft_model'" in log, log[-3000:]
+    assert "specbeam_vllm.scheduler" in log, log[-3000:]
+    assert specbeam_server.idle_usage == 0.0
 
 
 def test_greedy_equals_spec_off_one_at_a_time(specbeam_server, reference):
@@ -64,148 +68,74 @@ def test_greedy_equals_spec_off_one_at_a_time(specbeam_server, reference):
         assert greedy_ids(specbeam_server.url, prompt) == reference[prompt], prompt
 
 
-def test_greedy_equals_spec_off_under_concurrency(specbeam_server, reference):
-    prompts = PROMPTS + PROMPTS[::-1]  # 16 requests, 8 at a time: rows join, leave and reorder
-    outputs = run_all(lambda p: greedy_ids(specbeam_server.url, p), prompts, concurrency=8)
+def test_greedy_equals_spec_off_at_concurrency_16_with_mixed_prompt_lengths(specbeam_server, reference):
+    prompts = PROMPTS + LONG_PROMPTS + PROMPTS[::-1] + LONG_PROMPTS[::-1]  # 24 requests, 16 at a time
+    outputs = run_all(lambda p: greedy_ids(specbeam_server.url, p), prompts, concurrency=16)
     for prompt, ids in zip(prompts, outputs):
         assert ids == reference[prompt], prompt
-
-
-def test_rows_joining_with_long_prompts_wait_for_their_catch_up(specbeam_server, reference):
-    """Requests that join together with prompts longer than the catch-up bound: the draft catches
-    them up over several steps (rows waiting draft nothing), greedy outputs stay spec-off's and the
-    draft blocks come back."""
-    before = read_stats(specbeam_server.stats_file)["rows_waiting_for_catch_up"]
-    prompts = LONG_PROMPTS + LONG_PROMPTS[::-1]
-    outputs = run_all(lambda p: greedy_ids(specbeam_server.url, p), prompts, concurrency=8)
-    for prompt, ids in zip(prompts, outputs):
-        assert ids == reference[prompt], prompt
-
-    def back_to_baseline():
-        s = read_stats(specbeam_server.stats_file)
-        return s and s["states"] == 0 and s["free_blocks"] == s["baseline_free_blocks"] and s
-
-    stats = wait_for(back_to_baseline, timeout=30)
-    assert stats, read_stats(specbeam_server.stats_file)
-    assert stats["rows_waiting_for_catch_up"] > before, stats  # the bound was reached in the server
 
 
 def test_mixed_greedy_and_sampled_batch(specbeam_server, reference):
-    """Sampled requests in the same batch must not change greedy rows (upstream #55005 on CPU)."""
-    jobs = [("greedy", p, None) for p in PROMPTS[:4]] + [("sampled", p, s) for p, s in MIXED_SAMPLED]
-    jobs = [j for pair in zip(jobs[:4], jobs[4:]) for j in pair]  # interleave
+    """Sampled requests (temperature, top-k, top-p) in the same batch do not change greedy rows."""
+    sampled = [dict(temperature=0.8, seed=11), dict(temperature=1.0, top_k=20, seed=12),
+               dict(temperature=0.7, top_p=0.8, seed=13), dict(temperature=0.9, top_k=5, top_p=0.9, seed=14)]
+    jobs = [j for pair in zip([(p, None) for p in PROMPTS[:4]], [(p, s) for p, s in zip(PROMPTS[4:], sampled)])
+            for j in pair]
 
     def run(job):
-        kind, prompt, seed = job
-        return token_ids(completion(specbeam_server.url, prompt, MAX_TOKENS, 0.8 if seed else 0.0, seed=seed))
+        prompt, params = job
+        if params is None:
+            return greedy_ids(specbeam_server.url, prompt)
+        params = dict(params)
+        return token_ids(completion(specbeam_server.url, prompt, MAX_TOKENS, params.pop("temperature"), **params))
 
     outputs = run_all(run, jobs, concurrency=8)
-    for (kind, prompt, _), ids in zip(jobs, outputs):
-        if kind == "greedy":
+    for (prompt, params), ids in zip(jobs, outputs):
+        if params is None:
             assert ids == reference[prompt], prompt
         else:
-            assert len(ids) > 0
+            assert 0 < len(ids) <= MAX_TOKENS
 
 
-def test_acceptance_counters_in_metrics(specbeam_server):
-    greedy_ids(specbeam_server.url, PROMPTS[0])
-    metrics = spec_metrics(specbeam_server.url)
-    assert metrics["drafts"] > 0 and metrics["draft_tokens"] > 0
-    assert metrics["accepted_tokens"] > 0, metrics
+def test_counters_and_draft_lengths_on_metrics(specbeam_server):
+    run_all(lambda p: greedy_ids(specbeam_server.url, p), PROMPTS, concurrency=4)
+    counters = spec_metrics(specbeam_server.url)
+    assert counters["drafts"] > 0 and 0 < counters["accepted_tokens"] < counters["draft_tokens"], counters
+    steps = draft_length_steps(specbeam_server.url)
+    assert len([k for k, n in steps.items() if n > 0]) >= 3, steps  # the policy moved the length
+    assert 0 in steps and max(steps) == 4, steps
+    assert "vllm:specbeam_draft_length" in " ".join(read_metrics(specbeam_server.url))
 
 
-def test_streaming_clients_disconnect_and_blocks_come_back(specbeam_server, reference):
+def test_streaming_clients_disconnect_and_kv_blocks_come_back(specbeam_server, reference):
     model = served_name(specbeam_server.url)
-    cuts = [2, None, 5, None, 1, None, 8, None]  # half the clients go away mid-stream
+    cuts = [2, None, 5, None, 1, None, 8, None] * 2  # half the clients go away mid-stream
     chunks = run_all(lambda c: stream_and_maybe_disconnect(specbeam_server.port, model, PROMPTS[0], 120, c),
-                     cuts, concurrency=8)
+                     cuts, concurrency=16)
     for cut, (n, done) in zip(cuts, chunks):
         if cut is None:
             assert done and n > 0
         else:
             assert n == cut and not done
-    # the server lives on, the aborted requests' draft states are freed, the pool is back to baseline
-    assert greedy_ids(specbeam_server.url, PROMPTS[1]) == reference[PROMPTS[1]]
-
-    def back_to_baseline():
-        s = read_stats(specbeam_server.stats_file)
-        return s and s["states"] == 0 and s["free_blocks"] == s["baseline_free_blocks"] and s
-
-    stats = wait_for(back_to_baseline, timeout=30)
-    assert stats, read_stats(specbeam_server.stats_file)
-    assert stats["states_created"] >= 8 and stats["drafted_tokens"] > 0
+    assert greedy_ids(specbeam_server.url, PROMPTS[1]) == reference[PROMPTS[1]]  # the server lives on
+    assert wait_for(lambda: kv_idle(specbeam_server.url), timeout=30), read_metrics(specbeam_server.url)
 
 
-@pytest.mark.parametrize("lookup", [0, 2], ids=["no_lookup", "lookup"])
-def test_greedy_equals_spec_off_when_most_steps_have_no_drafts(tmp_path, reference, lookup):
-    """The default policy's regime under load: from 3 decoding rows on the draft model drafts
-    nothing; without prompt lookup such steps run as spec-off steps (inputs without spec-decode
-    metadata, the plain sampler), with it rows whose last tokens repeat get lookup drafts. Drafting
-    resumes whenever the batch thins out. Greedy tokens stay spec-off's through every kind of step
-    and the switches between them, and the draft blocks come back."""
-    stats = str(tmp_path / "stats.json")
-    flags = specbeam_flags(DRAFT, 4, stats_file=stats, full_draft_max_batch=1, no_draft_min_batch=3,
-                           lookup_draft_tokens=lookup)
-    with Server(TARGET, flags + COMMON_FLAGS, log_path=str(tmp_path / "server.log")) as server:
-        prompts = PROMPTS + PROMPTS[::-1]
-        outputs = run_all(lambda p: greedy_ids(server.url, p), prompts, concurrency=8)
-        for prompt, ids in zip(prompts, outputs):
-            assert ids == reference[prompt], prompt
-        assert greedy_ids(server.url, PROMPTS[2]) == reference[PROMPTS[2]]  # alone: drafts
-        metrics = spec_metrics(server.url)
-
-        def back_to_baseline():
-            s = read_stats(stats)
-            return s and s["states"] == 0 and s["free_blocks"] == s["baseline_free_blocks"] and s
-
-        final = wait_for(back_to_baseline, timeout=30)
-        log = server.log_tail(10_000_000).split("[shutdown]")[0]
-    assert final, read_stats(stats)
-    assert metrics["drafts"] > 0 and metrics["accepted_tokens"] > 0, metrics
-    assert (final["lookup_tokens"] > 0 and final["lookup_accepted"] > 0) == bool(lookup), final
-    assert "Traceback" not in log, log[-4000:]
-
-
-def _serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "specbeam_hf.cli", "serve", *args],
-                          capture_output=True, text=True, timeout=120)
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--target", TARGET, "--draft", "/nonexistent/draft"], "--draft '/nonexistent/draft' is not a model folder"),
-    (["--target", TARGET, "--draft", DRAFT, "--specbeam-options", '{"draft_kv_tokenz": 10}'], "draft_kv_tokenz"),
-    (["--target", TARGET, "--draft", DRAFT, "--specbeam-options", '{"block_size": 0}'], "block_size"),
-    (["--target", TARGET, "--draft", DRAFT, "--num-speculative-tokens", "0"], "--num-speculative-tokens"),
+@pytest.mark.parametrize("spec, message", [
+    ({"model": "specbeam", "num_speculative_tokens": 4}, '"method": "specbeam", "model": "/drafts/d"'),
+    ({"method": "specbeam", "model": DRAFT, "num_speculative_tokens": 4, "hold_stepz": 3}, "hold_stepz"),
+    ({"method": "specbeam", "model": DRAFT, "num_speculative_tokens": 4,
+      "num_speculative_tokens_per_batch_size": [[1, 8, 4]]}, "num_speculative_tokens_per_batch_size"),
 ])
-def test_specbeam_serve_refuses_bad_setup(args, message):
-    result = _serve(*args, "--port", "1")
-    assert result.returncode == 2, result
-    assert message in result.stderr, result.stderr
-
-
-def test_specbeam_serve_refuses_a_draft_with_another_vocabulary(tmp_path):
-    from model_folders import small_vocab_pair
-
-    _, other_draft = small_vocab_pair(tmp_path)
-    result = _serve("--target", TARGET, "--draft", other_draft, "--port", "1")
-    assert result.returncode == 2 and "different vocabulary" in result.stderr, result.stderr
-
-
-@pytest.mark.parametrize("options, message", [
-    ({"draft": DRAFT, "sample_drafts": "sometimes"}, "sample_drafts"),
-    ({"draft": "SMALL_VOCAB_DRAFT"}, "vocabulary"),
-])
-def test_vllm_server_refuses_to_start_on_bad_setup(tmp_path, options, message):
-    """Through vLLM's own flags (no specbeam serve checks): the server exits with a message naming it."""
-    if options["draft"] == "SMALL_VOCAB_DRAFT":
-        from model_folders import small_vocab_pair
-
-        options = {**options, "draft": small_vocab_pair(tmp_path)[1]}
-    flags = ["--speculative-config", json.dumps({"model": "specbeam", "num_speculative_tokens": 4}),
-             "--additional-config", json.dumps({"specbeam": options})] + COMMON_FLAGS
-    server = Server(TARGET, flags, log_path=str(tmp_path / "server.log"), startup_timeout=180)
-    with pytest.raises(RuntimeError, match="exited"):
+def test_vllm_server_refuses_a_bad_specbeam_config_in_one_line(tmp_path, spec, message):
+    """Through vLLM's own flags: the server exits at once with one line naming the problem and the fix."""
+    flags = ["--speculative-config", json.dumps(spec),
+             "--additional-config", json.dumps({"specbeam": {"draft": "/drafts/d"}} if spec.get("model") == "specbeam"
+                                               else {})] + COMMON_FLAGS
+    server = Server(TARGET, flags, log_path=str(tmp_path / "server.log"), startup_timeout=120)
+    with pytest.raises(RuntimeError, match="exited with status 2"):
         server.start()
-    assert message in server.log_tail(200_000), server.log_tail()
-    assert server.process.returncode != 0
-    assert os.path.exists(tmp_path / "server.log")
+    log = server.log_tail(200_000)
+    errors = [line for line in log.splitlines() if line.startswith("specbeam: error:")]
+    assert len(errors) == 1 and message in errors[0], log
+    assert "Traceback" not in log, log

@@ -1,0 +1,97 @@
+"""specbeam's draft model inside vLLM: vLLM's own ``DraftModelProposer``, drafting at each request's
+sampling parameters.
+
+vLLM's model runner builds its draft-model proposer from the module-level name
+``vllm.v1.worker.gpu_model_runner.DraftModelProposer``; :func:`install` binds that name to
+:class:`SpecBeamDraftProposer`, so every ``method == "draft_model"`` branch of the runner (draft
+loading, KV cache groups, attention backends, CUDA graph keys, async scheduling) treats it as
+vLLM's own. For an engine that did not ask for specbeam it is vLLM's class unchanged.
+
+What it changes: the draft tokens of sampled requests. vLLM 0.32 samples them at the request's
+temperature alone; here each row's draft is drawn from the draft's distribution after the request's
+temperature, top-k and top-p (vLLM's own ``apply_top_k_top_p``), with the request's generator when
+it has a seed, and those probabilities go to vLLM's rejection sampler. Rejection sampling is exact
+for any draft distribution it is told; one closer to the target's accepts more. Every tensor stays
+on the runner's device; :func:`check_on_device` asserts it where the tensors leave for vLLM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .options import options_of
+
+GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it is greedy
+
+
+def check_on_device(tensor: torch.Tensor | None, device: torch.device, what: str) -> None:
+    """Raise if a tensor handed to vLLM sits on another device than the runner's."""
+    if tensor is not None and tensor.device.type != torch.device(device).type:
+        raise RuntimeError(f"specbeam: {what} is on {tensor.device}, but vLLM's runner is on {device}")
+
+
+def sample_drafts(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,
+                  top_p: torch.Tensor | None, generators: dict[int, torch.Generator]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draft tokens and the probabilities they were drawn from, one draft position for every row.
+
+    ``logits`` [rows, vocab] (the draft's); ``temperature``, ``top_k``, ``top_p`` [rows] (vLLM's
+    sampling metadata; a temperature under ``GREEDY_EPS`` marks a greedy row, which gets the argmax);
+    ``generators``: row -> the request's own generator (seeded requests). Returns tokens [rows] and
+    probabilities [rows, vocab], float32, on ``logits``' device."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    greedy = temperature < GREEDY_EPS  # [rows]
+    scaled = logits.float() / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
+    scaled = apply_top_k_top_p(scaled, top_k, top_p)  # [rows, vocab]; masked entries -inf
+    probs = scaled.softmax(dim=-1)  # [rows, vocab]
+    noise = torch.empty_like(probs).exponential_()  # [rows, vocab]: Gumbel-max through exponential races
+    for row, generator in generators.items():
+        if row < noise.shape[0]:
+            noise[row].exponential_(generator=generator)
+    sampled = (probs / noise).argmax(dim=-1)  # [rows]
+    tokens = torch.where(greedy, probs.argmax(dim=-1), sampled)  # [rows]
+    return tokens, probs
+
+
+def _proposer_class():
+    from vllm.v1.spec_decode.draft_model import DraftModelProposer
+
+    class SpecBeamDraftProposer(DraftModelProposer):
+        """vLLM's draft-model proposer whose sampled drafts follow each request's top-k and top-p."""
+
+        def __init__(self, vllm_config, device, runner=None):
+            super().__init__(vllm_config, device, runner)
+            self.specbeam = options_of(vllm_config)  # None: an engine that did not ask for specbeam
+
+        def _sample_from_logits(self, logits, sampling_metadata):
+            if self.specbeam is None or not self._enable_probabilistic_draft_probs or sampling_metadata.all_greedy:
+                return super()._sample_from_logits(logits, sampling_metadata)
+            rows = logits.shape[0]
+            temperature = sampling_metadata.temperature[:rows]
+            top_k = None if sampling_metadata.top_k is None else sampling_metadata.top_k[:rows]
+            top_p = None if sampling_metadata.top_p is None else sampling_metadata.top_p[:rows]
+            return sample_drafts(logits, temperature, top_k, top_p, sampling_metadata.generators)
+
+        def propose(self, *args, **kwargs):
+            drafts = super().propose(*args, **kwargs)  # [batch, k]
+            if self.specbeam is not None:
+                check_on_device(drafts, self.device, "the draft token ids")
+                check_on_device(self._last_draft_probs, self.device, "the draft probabilities")
+            return drafts
+
+    return SpecBeamDraftProposer
+
+
+_installed = None
+
+
+def install() -> type:
+    """Bind the runner's ``DraftModelProposer`` to specbeam's subclass (idempotent); return the class."""
+    global _installed
+    if _installed is None:
+        from vllm.v1.worker import gpu_model_runner
+
+        _installed = _proposer_class()
+        gpu_model_runner.DraftModelProposer = _installed
+    return _installed

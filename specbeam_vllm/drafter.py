@@ -7,21 +7,38 @@ vLLM's model runner builds its draft-model proposer from the module-level name
 loading, KV cache groups, attention backends, CUDA graph keys, async scheduling) treats it as
 vLLM's own. For an engine that did not ask for specbeam it is vLLM's class unchanged.
 
-What it changes: the draft tokens of sampled requests. vLLM 0.32 samples them at the request's
-temperature alone; here each row's draft is drawn from the draft's distribution after the request's
-temperature, top-k and top-p (vLLM's own ``apply_top_k_top_p``), with the request's generator when
-it has a seed, and those probabilities go to vLLM's rejection sampler. Rejection sampling is exact
-for any draft distribution it is told; one closer to the target's accepts more. Every tensor stays
-on the runner's device; :func:`check_on_device` asserts it where the tensors leave for vLLM.
+What it changes:
+
+- A step at draft length 0 that verified no drafts skips the draft's forward; the draft catches up on
+  what it missed when drafting resumes (:mod:`specbeam_vllm.draft_lag`), so length 0 costs what a
+  spec-off step costs.
+- The draft tokens of sampled requests. vLLM 0.32 samples them at the request's temperature alone;
+  here each row's draft is drawn from the draft's distribution after the request's temperature,
+  top-k and top-p (vLLM's own ``apply_top_k_top_p``), with the request's generator when it has a
+  seed, and those probabilities go to vLLM's rejection sampler. Rejection sampling is exact for any
+  draft distribution it is told; one closer to the target's accepts more.
+
+Every tensor stays on the runner's device; :func:`check_on_device` asserts it where the tensors
+leave for vLLM.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from .draft_lag import DraftLag, catch_up
 from .options import options_of
 
+logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers print ours
+
 GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it is greedy
+LAG_BUDGET_STEPS = 32  # skipped tokens recorded at most, in multiples of the step's token budget
+
+
+def _flat_positions(positions: torch.Tensor) -> torch.Tensor:
+    return positions[0] if positions.dim() == 2 else positions  # M-RoPE [3, tokens]: text positions agree
 
 
 def check_on_device(tensor: torch.Tensor | None, device: torch.device, what: str) -> None:
@@ -62,7 +79,13 @@ def _proposer_class():
 
         def __init__(self, vllm_config, device, runner=None):
             super().__init__(vllm_config, device, runner)
+            self.runner = runner  # the base class takes it but keeps none: the batch's request ids come from it
             self.specbeam = options_of(vllm_config)  # None: an engine that did not ask for specbeam
+            self.last_length: int | None = None  # draft length of the last proposal
+            self.lag = DraftLag(max_tokens=LAG_BUDGET_STEPS * self.max_num_tokens)
+            self.can_skip = (self.specbeam is not None and self.specbeam.skip_draft_at_zero and runner is not None
+                             and not self.supports_mm_inputs and not self.uses_mrope and not self.parallel_drafting
+                             and vllm_config.parallel_config.data_parallel_size == 1)
 
         def _sample_from_logits(self, logits, sampling_metadata):
             if self.specbeam is None or not self._enable_probabilistic_draft_probs or sampling_metadata.all_greedy:
@@ -73,12 +96,39 @@ def _proposer_class():
             top_p = None if sampling_metadata.top_p is None else sampling_metadata.top_p[:rows]
             return sample_drafts(logits, temperature, top_k, top_p, sampling_metadata.generators)
 
-        def propose(self, *args, **kwargs):
-            drafts = super().propose(*args, **kwargs)  # [batch, k]
+        def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+                    next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
+                    mm_embed_inputs=None, num_rejected_tokens_gpu=None, slot_mappings=None):
+            args = dict(num_speculative_tokens=num_speculative_tokens, target_token_ids=target_token_ids,
+                        target_positions=target_positions, target_hidden_states=target_hidden_states,
+                        next_token_ids=next_token_ids, token_indices_to_sample=token_indices_to_sample,
+                        common_attn_metadata=common_attn_metadata, sampling_metadata=sampling_metadata,
+                        mm_embed_inputs=mm_embed_inputs, num_rejected_tokens_gpu=num_rejected_tokens_gpu,
+                        slot_mappings=slot_mappings)
+            if not self.can_skip:
+                return self._checked(super().propose(**args))
+            batch = common_attn_metadata.batch_size()
+            req_ids = self.runner.input_batch.req_ids[:batch]
+            verified_nothing = self.last_length == 0  # the last proposal drafted nothing: this step verified none
+            self.last_length = num_speculative_tokens
+            if num_speculative_tokens == 0 and verified_nothing:  # plain decoding: no draft forward at all
+                self._last_draft_probs = None
+                self.lag.record(req_ids, common_attn_metadata.query_start_loc_cpu, target_token_ids,
+                                _flat_positions(target_positions))
+                return torch.empty(batch, 0, dtype=torch.int64, device=self.device)  # [batch, 0]
+            if self.lag:  # the rows' draft KV misses the skipped steps: write it before this step's pass reads it
+                skipped = len(self.lag.steps)
+                for chunk in self.lag.take(req_ids, budget=self.max_num_tokens):
+                    catch_up(self, chunk, common_attn_metadata)
+                    logger.debug("specbeam: draft caught up on %d tokens of %d requests after %d skipped steps",
+                                 chunk.num_tokens, len(chunk.rows), skipped)
+            return self._checked(super().propose(**args))
+
+        def _checked(self, drafts):
             if self.specbeam is not None:
                 check_on_device(drafts, self.device, "the draft token ids")
                 check_on_device(self._last_draft_probs, self.device, "the draft probabilities")
-            return drafts
+            return drafts  # [batch, k]
 
     return SpecBeamDraftProposer
 

@@ -23,6 +23,9 @@ class SpecBeamVllmOptions(BaseModel):
     adaptive_draft_length: bool = Field(
         True, description="choose each step's draft length, 0 .. num_speculative_tokens, from measured seconds "
         "per emitted token by batch size (off: always num_speculative_tokens)")
+    skip_draft_at_zero: bool = Field(
+        True, description="at draft length 0, skip the draft's forward (vLLM runs it to keep the draft's KV cache "
+        "complete) and catch the draft up when drafting resumes: length 0 then costs a spec-off step")
     hold_steps: int = Field(8, ge=2, le=1024, description="engine steps a chosen draft length is kept and measured")
     settle_steps: int = Field(2, ge=0, le=64, description="steps after a change of length left unmeasured "
                               "(they still verify drafts proposed at the previous length)")

@@ -1,7 +1,12 @@
 """Output tokens/s of vLLM servers at several concurrencies: spec-off, vLLM's draft_model and ngram
 proposers, and specbeam, on the demo pair. Prints a table and writes JSON.
 
-    python benchmarks/bench_vllm.py --out benchmarks/results/vllm.json
+    python benchmarks/bench_vllm.py --concurrency 1,4,8,16 --requests-per-level 48 --min-waves 16 --rounds 3
+
+The last column says, per level, whether specbeam's median is at least the best other median
+(``win``), short of it by less than that level's round-to-round spread (``tie``), or short by more
+(``loss``); and whether it is at least spec-off's. ``--target`` the draft itself gives a target as
+cheap as its draft, where speculation cannot pay.
 
 Each configuration gets its own server on 127.0.0.1 (started, warmed up, measured, stopped); every
 request asks for ``--max-tokens`` tokens with ``ignore_eos`` so all configurations produce the
@@ -130,6 +135,23 @@ def interleaved(args, table: dict, common: list[str], levels: list[int], results
                 print(f"{name:18s} c={c:3d} median {level['tokens_per_s']:8.1f} tok/s  acc={level['acceptance_rate']}", flush=True)
 
 
+def verdict(configs: dict, c: int) -> str:
+    """specbeam against the best other configuration at level ``c`` (see the module docstring)."""
+    ours = configs["specbeam"]["levels"].get(c)
+    others = {n: e["levels"][c] for n, e in configs.items() if n != "specbeam" and c in e.get("levels", {})}
+    if ours is None or not others:
+        return "n/a"
+    best_name, best = max(others.items(), key=lambda kv: kv[1]["tokens_per_s"])
+    rounds = [r for lv in (ours, best) for r in lv.get("rounds", [lv["tokens_per_s"]])]
+    spread = (max(rounds) - min(rounds)) / 2
+    gap = ours["tokens_per_s"] - best["tokens_per_s"]
+    word = "win" if gap >= 0 else ("tie" if -gap <= spread else "loss")
+    off = configs.get("spec-off", {}).get("levels", {}).get(c)
+    vs_off = "" if off is None else f"; {ours['tokens_per_s'] / off['tokens_per_s']:.2f}x spec-off"
+    return (f"{word} against {best_name} ({ours['tokens_per_s']:.1f} vs {best['tokens_per_s']:.1f} tok/s, "
+            f"round spread ±{spread:.1f}{vs_off})")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default=os.path.join(DEMO, "target"))
@@ -145,15 +167,25 @@ def main(argv=None) -> None:
     ap.add_argument("--specbeam-options", default="{}", help="JSON object of specbeam options for the specbeam server")
     ap.add_argument("--extra-flags", default="[]",
                     help='JSON list of more vLLM flags for every server, e.g. \'["--no-async-scheduling"]\'')
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=None,
+                    help="--enforce-eager for every server (default: on without CUDA, off with it: CUDA graphs)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="> 1: all servers up at once, each level measured this many times in turns (see above)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "vllm.json"))
-    ap.add_argument("--log-dir", default="/tmp")
+    ap.add_argument("--log-dir", default="bench-vllm-logs", help="server logs (created if missing)")
     args = ap.parse_args(argv)
+    os.makedirs(args.log_dir, exist_ok=True)
+    if args.eager is None:
+        import torch
+
+        args.eager = not torch.cuda.is_available()
     levels = [int(c) for c in args.concurrency.split(",")]
     table = configs(os.path.abspath(args.draft), args.gamma, json.loads(args.specbeam_options))
-    common = ["--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", str(max(levels)),
-              "--seed", "0", *json.loads(args.extra_flags)]
+    eager = ["--enforce-eager"] if args.eager else []  # the CPU has no CUDA graphs to capture
+    common = ["--max-model-len", str(args.max_model_len), *eager, "--dtype", args.dtype, "--max-num-seqs",
+              str(max(levels)), "--seed", "0", *json.loads(args.extra_flags)]
     results: dict = {"args": vars(args), "configs": {}}
     if args.rounds > 1:
         interleaved(args, table, common, levels, results)
@@ -184,6 +216,10 @@ def main(argv=None) -> None:
             spread = "; {:.2f}–{:.2f}".format(*lv["speedup_range"]) if lv and "speedup_range" in lv else ""
             cells.append("failed" if lv is None else f"{lv['tokens_per_s']:.1f} ({lv.get('speedup_vs_spec_off', 1):.2f}×{spread})")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if "specbeam" in results["configs"]:
+        print()
+        for c in levels:
+            print(f"c={c}: {verdict(results['configs'], c)}")
     print(f"wrote {args.out}")
 
 

@@ -101,17 +101,25 @@ def count_engine_calls(llm: Any) -> Iterator[EngineCounter]:
 
 
 class HFDraftModel:
-    """A HuggingFace causal LM on CPU that gives next-token log-probs for batches of token lists
-    (no KV cache: the draft is small and its sequences short, so it recomputes them)."""
+    """A HuggingFace causal LM that gives next-token log-probs for batches of token lists (no KV
+    cache: the draft is small and its sequences short, so it recomputes them). :func:`beam_search`
+    moves it to the engine's device."""
 
-    def __init__(self, path: str, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
         from transformers import AutoModelForCausalLM
 
         self.path = path
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().to(self.device)
         self.own_vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.vocab_size = self.own_vocab_size  # the target's, once match_vocab has seen it
         self.forward_count = 0
+
+    def to(self, device: str | torch.device) -> "HFDraftModel":
+        """Move the draft to ``device`` (the engine's: CUDA on a GPU server)."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
 
     def match_vocab(self, target_vocab: int, target_tokenizer: Any) -> None:
         """Draft for a target of ``target_vocab`` ids (:func:`~specbeam_vllm.vocab.check_draft_vocab`):
@@ -132,11 +140,11 @@ class HFDraftModel:
         tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)  # [N, T]
         for i, s in enumerate(seqs):
             tokens[i, : len(s)] = torch.tensor(s)
-        tokens = fit_ids(tokens, self.own_vocab_size)  # ids only the target has: the draft reads id 0 there
+        tokens = fit_ids(tokens, self.own_vocab_size).to(self.device)  # ids only the target has: the draft reads id 0
         hidden = self.model.get_decoder()(input_ids=tokens).last_hidden_state  # [N, T, hidden]
-        last = hidden[torch.arange(len(seqs)), lengths - 1]  # [N, hidden]
+        last = hidden[torch.arange(len(seqs), device=self.device), lengths.to(self.device) - 1]  # [N, hidden]
         logits = self.model.get_output_embeddings()(last).float()  # [N, own]: the head on last positions only
-        return torch.log_softmax(fit_logits(logits, self.vocab_size), dim=-1)  # [N, vocab]
+        return torch.log_softmax(fit_logits(logits, self.vocab_size), dim=-1).cpu()  # [N, vocab], for the host replay
 
 
 _DRAFTS: dict[str, HFDraftModel] = {}
@@ -484,7 +492,7 @@ def beam_search(
     _check_inputs(prompts, beam_width, max_tokens, temperature)
     if num_draft_steps < 0:
         raise ValueError(f"num_draft_steps must be >= 0, got {num_draft_steps}")
-    draft_model = load_draft(draft)
+    draft_model = load_draft(draft).to(llm.llm_engine.vllm_config.device_config.device)
     width = 2 * beam_width if draft_width is None else draft_width
     if width < 1:
         raise ValueError(f"draft_width must be >= 1, got {width}")

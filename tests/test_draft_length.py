@@ -47,6 +47,30 @@ def test_workloads_are_measured_apart():
     assert chosen[-3:] == [2] * 3
 
 
+def test_a_held_choice_is_measured_after_it_settles():
+    """In a serving engine a length takes effect a step late: each choice is held ``hold_steps``
+    steps and the first ``settle_steps`` after a change, which still pay for the old length, are
+    not measured. Here a step costs what the length chosen the step before decides; a policy that
+    measured the settling step would blame each length for its predecessor's cost."""
+    policy = AdaptiveDraftLength(2, trials=1, explore_every=1000, hold_steps=4, settle_steps=1)
+    cost, emitted = {0: 1.0, 1: 1.0, 2: 1.0}, {0: 1, 1: 1, 2: 3}  # length 2 pays threefold
+    rows = [SimpleNamespace(target_len=5, logits_processor=None)]
+    chosen, previous = [], 2  # the engine starts at the longest length
+    for _ in range(40):
+        g = policy.specbeam_draft_length(requests=rows, default=2)
+        chosen.append(g)
+        policy.specbeam_on_step(record=SimpleNamespace(seconds=cost[previous], emitted_tokens=[[0] * emitted[previous]]))
+        previous = g
+    assert chosen[:12] == [2] * 4 + [1] * 4 + [0] * 4  # each length held 4 steps, deepest first
+    assert chosen[-8:] == [2] * 8
+    assert policy.table()[(1, False)][2] == pytest.approx(1000 / 3)  # ms per token of length 2, unpolluted
+
+
+def test_bad_hold():
+    with pytest.raises(ValueError, match="settle_steps"):
+        AdaptiveDraftLength(2, hold_steps=2, settle_steps=2)
+
+
 def test_bad_max_length():
     with pytest.raises(ValueError, match="max_length"):
         AdaptiveDraftLength(0)

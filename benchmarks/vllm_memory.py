@@ -1,0 +1,81 @@
+"""Host memory of a vLLM server after start-up: spec-off, vLLM's draft_model and specbeam.
+
+    python benchmarks/vllm_memory.py --max-num-seqs 256 --max-model-len 4096
+
+Each server starts alone, waits for ``/health``, answers one request, and then the resident memory
+(RSS) of every process in its group (API server, engine core, workers) is summed. specbeam's draft
+runs on vLLM's draft-model path, with its KV blocks inside vLLM's profiled KV budget
+(``VLLM_CPU_KVCACHE_SPACE`` on the CPU, the same for every server), so it should hold no more than
+spec-off plus the draft's weights. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import psutil
+
+from specbeam_vllm.server import Server, draft_model_flags, post_json, specbeam_flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO = os.path.join(HERE, "..", "specbeam_hf", "demo_models")
+
+
+def group_rss(pid: int) -> int:
+    """Summed RSS (bytes) of a process and all its descendants."""
+    root = psutil.Process(pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def weights_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default=os.path.join(DEMO, "target"))
+    ap.add_argument("--draft", default=os.path.join(DEMO, "draft"))
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--settle-s", type=float, default=5.0, help="wait after the request before reading RSS")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "vllm_memory.json"))
+    ap.add_argument("--log-dir", default="bench-vllm-logs")
+    args = ap.parse_args(argv)
+    os.makedirs(args.log_dir, exist_ok=True)
+    draft = os.path.abspath(args.draft)
+    common = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs), "--enforce-eager",
+              "--dtype", "bfloat16", "--seed", "0"]
+    configs = {"spec-off": [], "vllm-draft_model": draft_model_flags(draft, 4), "specbeam": specbeam_flags(draft, 4)}
+    results = {"args": vars(args), "draft_weights_bytes": weights_bytes(draft), "configs": {}}
+    for name, flags in configs.items():
+        # the demo models handle 1024 positions; a longer --max-model-len only sizes vLLM's tables
+        with Server(os.path.abspath(args.target), flags + common, env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"},
+                    log_path=os.path.join(args.log_dir, f"memory-{name}.log")) as server:
+            post_json(server.url + "/v1/completions", {"model": server.model, "prompt": "def fibonacci(n):",
+                                                       "max_tokens": 16, "temperature": 0.0})
+            time.sleep(args.settle_s)
+            rss = group_rss(server.process.pid)
+        results["configs"][name] = {"rss_bytes": rss}
+        print(f"{name:18s} RSS {rss / 2**20:9.1f} MiB", flush=True)
+    off = results["configs"]["spec-off"]["rss_bytes"]
+    print(f"\n| server | RSS after start-up (MiB) | minus spec-off (MiB) |\n|---|---|---|")
+    for name, entry in results["configs"].items():
+        entry["over_spec_off_bytes"] = entry["rss_bytes"] - off
+        print(f"| {name} | {entry['rss_bytes'] / 2**20:.1f} | {entry['over_spec_off_bytes'] / 2**20:+.1f} |")
+    print(f"draft weights: {results['draft_weights_bytes'] / 2**20:.1f} MiB")
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -258,3 +258,56 @@ def test_hf_generate_sampling_with_position_by_position_processors_is_exact(smal
     assert pvalue > P_MIN, f"chi-square p={pvalue:.2e}"
     assert tv < bound
     assert 0 < assistant.last_stats.acceptance_rate < 1
+
+
+# ---------------------------------------------------------------------------- the chain verifier alone
+
+ALPHA = 1e-3  # false-alarm rate of each verifier-level statistical test (Bonferroni over its positions)
+V_SYN = 8
+P_BASE = [0.40, 0.25, 0.15, 0.09, 0.06, 0.05, 0.0, 0.0]  # target: mid-range mass on the drafted tokens
+Q_BASE = [0.10, 0.45, 0.05, 0.20, 0.0, 0.05, 0.15, 0.0]  # draft: over- and under-weights, and mass where p = 0
+
+
+def synthetic_chain(g: int):
+    """Per position ``i`` of ``g`` drafts (+ the bonus position): target ``p_i`` and draft ``q_i``,
+    both the base distributions rolled by ``i`` ([g + 1, V] and [g, V]); ``p_i`` is what the target
+    gives after the drafted prefix, whatever it is (the verifier cannot tell)."""
+    p = torch.stack([torch.tensor(P_BASE).roll(i) for i in range(g + 1)]).double()
+    q = torch.stack([torch.tensor(Q_BASE).roll(i) for i in range(g)]).double()
+    return p, q
+
+
+def per_position_fit(outputs: list[list[int]], p: torch.Tensor) -> list[tuple[int, int, float]]:
+    """``(position, samples, chi-square p-value)`` of the token at each position among the rows that
+    reached it (every earlier draft accepted): it must follow ``p[position]``."""
+    fits = []
+    for i in range(p.shape[0]):
+        tokens = [o[i] for o in outputs if len(o) > i]
+        counts = np.bincount(tokens, minlength=p.shape[1]).astype(float)
+        fits.append((i, len(tokens), fit(counts, p[i].numpy())[0]))
+    return fits
+
+
+@pytest.mark.parametrize("drafts", ["one_hot", "sampled_from_q"])
+def test_chain_verifier_per_position_chi_square(drafts):
+    """``verify_rejection_sampling`` on 20000 rows of 3 drafts whose tokens carry 40 % / 25 % of the
+    target's mass (one-hot drafts) or are drawn from a draft distribution that over- and
+    under-weights the target's tokens: at every position, among the rows that reached it, the
+    emitted token follows the target's distribution there (chi-square, each position at
+    ``ALPHA / 4``, so a false alarm has probability <= 1e-3; fixed seeds, so the outcome is fixed).
+    Mid-range drafted probabilities are where skipping the residual shows most."""
+    n, g = 20000, 3
+    p, q = synthetic_chain(g)
+    gen = torch.Generator().manual_seed(0)
+    if drafts == "one_hot":
+        draft_tokens = torch.stack([p[i].argsort(descending=True)[i % 2] for i in range(g)])[None].repeat(n, 1)
+        draft_probs = None
+    else:
+        draft_tokens = torch.stack([torch.multinomial(q[i], n, replacement=True, generator=gen) for i in range(g)], 1)
+        draft_probs = q[None].repeat(n, 1, 1)
+    res = specbeam_core.verify_rejection_sampling(draft_tokens, [g] * n, p[None].repeat(n, 1, 1), draft_probs, [gen] * n)
+    fits = per_position_fit(res.output_tokens, p)
+    print(f"\nchain verifier ({drafts}): " + ", ".join(f"pos {i}: n={m} p={pv:.3g}" for i, m, pv in fits))
+    assert all(m > 500 for _, m, _ in fits)  # every position, the bonus one included, sampled often
+    for i, m, pvalue in fits:
+        assert pvalue > ALPHA / len(fits), f"position {i}: chi-square p={pvalue:.2e} over {m} samples"

@@ -188,3 +188,15 @@ def rows_layout(request, monkeypatch):
 
     monkeypatch.setattr(core_model, "pack_is_cheaper", forced)
     yield used
+
+
+def first_difference(out: torch.Tensor, ref: torch.Tensor, width: int = 0) -> str:
+    """Where ``out`` first differs from ``ref`` (``[rows, L]`` each): for assertion messages."""
+    if out.shape != ref.shape:
+        return f"shapes differ: {tuple(out.shape)} vs reference {tuple(ref.shape)}"
+    for row in range(out.shape[0]):
+        a, b = out[row].tolist(), ref[row].tolist()
+        for j in range(len(a)):
+            if a[j] != b[j]:
+                return f"row {row} first differs at new token {j - width}: {a[j]} vs reference {b[j]}"
+    return "equal"

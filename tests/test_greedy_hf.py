@@ -8,7 +8,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 import specbeam_hf
-from conftest import FAMILIES, assert_pools_free, build_model, make_pair, ragged_batch
+from conftest import FAMILIES, assert_pools_free, build_model, first_difference, make_pair, ragged_batch
 
 
 def spec(target, assistant, **kwargs):
@@ -46,7 +46,7 @@ def test_greedy_equals_hf(family_pairs, family, gamma, lengths):
     assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=gamma)
     out = spec(target, assistant, **kwargs)
     assert out.shape == ref.shape
-    assert torch.equal(out, ref)
+    assert torch.equal(out, ref), first_difference(out, ref, ids.shape[1])
     stats = assistant.last_stats
     assert stats.drafted > 0 and stats.emitted == 20 * len(lengths)
     assert all(max(r.num_drafted) <= gamma for r in stats.records)
@@ -105,7 +105,7 @@ def test_eos_inside_draft(llama_pair, self_draft, gamma):
     assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=gamma)
     out = spec(target, assistant, **kwargs)
     assert out.shape == ref.shape
-    assert torch.equal(out, ref)  # includes the pad fill after EOS
+    assert torch.equal(out, ref), first_difference(out, ref, width)  # includes the pad fill after EOS
     assert ref[0, width + index] == eos and ref.shape[1] > width + index + 1
     if self_draft:
         # EOS was an accepted draft token with more drafted tokens after it in the same step

@@ -11,7 +11,6 @@ each to fail. A new mutant is one entry in :data:`MUTANTS`.
 from __future__ import annotations
 
 import functools
-import math
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,7 +21,7 @@ import specbeam_core
 from specbeam_core import BeamSearchState, VerifyResult
 from specbeam_core.beam_state import NEG
 from specbeam_core.sampling import sample
-from specbeam_core.tree_verification import verify_tree_rejection_sampling
+from specbeam_hf import HFCausalLM
 
 
 @dataclass(frozen=True)
@@ -32,9 +31,10 @@ class Check:
     module: str  # test module name, e.g. "test_sampling"
     function: str
     kwargs: dict = field(default_factory=dict)
+    label: str = ""  # the parameters as the table shows them (default: the kwargs' values)
 
     def __str__(self) -> str:
-        args = ",".join(f"{v}" for v in self.kwargs.values())
+        args = self.label or ",".join(f"{v}" for v in self.kwargs.values())
         return f"{self.module}.py::{self.function}" + (f"[{args}]" if args else "")
 
 
@@ -160,6 +160,23 @@ def logit_noise(ulps: float, seed: int = 0):
     return make
 
 
+def forward_noise(ulps: float, seed: int = 0):
+    """A model wrapper (``HFCausalLM.forward``) whose logits carry Gaussian noise of ``ulps`` bf16
+    ulps of each position's top logit: the beam search's scores, the draft's too (harmless there)."""
+
+    def make(real):
+        gen = torch.Generator().manual_seed(seed)
+
+        def forward(self, tokens, kv, num_logits):
+            logits = real(self, tokens, kv, num_logits)
+            sigma = ulps * bf16_ulps(logits.max(dim=-1, keepdim=True).values)
+            return logits + sigma * torch.randn(logits.shape, generator=gen)
+
+        return forward
+
+    return make
+
+
 # ---------------------------------------------------------------------------- what must catch them
 
 SAMPLING_ENGINE = Check("test_sampling", "test_speculative_sampling_is_exact", {"case": "temperature"})
@@ -196,6 +213,10 @@ MUTANTS: tuple[Mutant, ...] = (
     # sigma in bf16 ulps of each position's top logit (0.0625 on the demo pair's top logits of 8-16,
     # 0.0078 on the tiny models' of 1-2); the bf16 checks allow a divergence within 4 ulps. Each
     # check below catches its sigma with this noise seed (tests/MUTANTS.md: which catch which)
+    Mutant("beam_logit_noise_4ulp", HFCausalLM, "forward", forward_noise(4.0),
+           (Check("test_demo_pair", "test_demo_pair_bf16_beam_search_up_to_rounding",
+                  {"num_beams": 2, "prompts": ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n"]},
+                  label="2 beams, 2 prompts"),)),
     Mutant("logit_noise_2ulp", specbeam_core, "verify_greedy", logit_noise(2.0),
            (BF16_DEMO, bf16_family("llama", [4, 10, 6], 3), bf16_family("gpt2", [4, 10, 6], 0))),
     Mutant("logit_noise_4ulp", specbeam_core, "verify_greedy", logit_noise(4.0),

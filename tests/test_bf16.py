@@ -18,6 +18,16 @@ logit of 10 and called 28 % of the demo positions near-ties).
 again from the prompt plus specbeam's tokens up to and including the divergence, and the comparison
 goes on against that continuation, so every later position is still checked (a divergence at a
 near-tie no longer hides the rest of the row).
+
+**Beam search** (:func:`assert_beam_search_up_to_rounding`) cannot be compared with HF's beams
+token for token: a near-tie among the candidates' summed scores reorders them and the beams part.
+Instead, every step is teacher-forced: the per-step log-probabilities specbeam reports
+(``output_scores``), fed to HF's beam search algorithm (``specbeam_core.BeamSearchState``, equal
+to HF's operation for operation in float32, ``test_beam_search.py``), must reproduce specbeam's
+output exactly; and at every step, for every running beam, HF's own forward of that beam's prefix
+must give the same log-probabilities within ``2 * NEAR_TIE_ULPS`` ulps of the row's top logit (a
+log-probability is a logit minus the log-sum-exp, each off by at most ``NEAR_TIE_ULPS``) on every
+token the beam search could choose there (the row's top ``2 * num_beams`` by either side's scores).
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ import pytest
 import torch
 
 import specbeam_hf
+from specbeam_core import BeamSearchState
+from transformers import DynamicCache
 from conftest import assert_pools_free, make_pair, ragged_batch
 
 BF16_SIGNIFICAND_BITS = 8  # 1 implicit + 7 stored
@@ -119,6 +131,63 @@ def assert_equal_up_to_near_ties(out: torch.Tensor, ref, width: int, *, target, 
                 expected[j + 1 :] = tokens + [pad] * (n - j - 1 - len(tokens))
                 scores[j + 1 :] = new_scores + [None] * (n - j - 1 - len(new_scores))
     return report
+
+
+@torch.no_grad()
+def assert_beam_search_up_to_rounding(out, *, target, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                      num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
+                                      early_stopping=False, ulps: float = NEAR_TIE_ULPS) -> int:
+    """``out``: specbeam's ``generate(num_beams=..., num_return_sequences=num_beams,
+    return_dict_in_generate=True, output_scores=True)``; see the module docstring. Returns the number
+    of (step, beam) log-probability rows compared with HF's forward."""
+    pad = target.generation_config.pad_token_id
+    pad = 0 if pad is None else int(pad)
+    eos = torch.tensor(sorted(_eos_ids(target)), dtype=torch.long)
+    input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
+    width = input_ids.shape[1]
+    max_length = width + max_new_tokens
+    state = BeamSearchState(input_ids, num_beams, max_length, length_penalty=length_penalty,
+                            early_stopping=early_stopping, num_return_sequences=num_beams,
+                            num_eos_tokens=len(eos), fill_value=pad)
+
+    def stop(seqs):
+        return torch.isin(seqs[:, -1], eos) | (seqs.shape[1] >= max_length)
+
+    k = min(2 * num_beams, out.scores[0].shape[-1])
+    compared = 0
+    # HF's forward of every running beam's prefix, kept incremental as HF's own beam search keeps it:
+    # a KV cache reordered to the beams' parents each step, one new token per beam
+    mask = attention_mask.repeat_interleave(num_beams, 0)  # [batch * B, cur_len]
+    feed, cache = state.flat_running_sequences(), DynamicCache()
+    for step, ours in enumerate(out.scores):
+        ours = ours.float().cpu()  # [batch * B, V]
+        assert not state.done, f"specbeam reports a step {step} after the replayed search ended"
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -feed.shape[1]:]
+        logits = target(input_ids=feed.to(target.device), attention_mask=mask.to(target.device),
+                        position_ids=positions.to(target.device), past_key_values=cache,
+                        use_cache=True).logits[:, -1].float().cpu()  # [batch * B, V]
+        theirs = torch.log_softmax(logits, dim=-1)
+        live = state.running_beam_scores.reshape(-1) > -1e8  # step 0: only the first (identical) beam counts
+        for r in torch.nonzero(live).flatten().tolist():
+            tokens = torch.cat([ours[r].topk(k).indices, theirs[r].topk(k).indices]).unique()
+            bound = 2 * ulps * bf16_ulp(float(logits[r].max()))
+            worst = float((ours[r, tokens] - theirs[r, tokens]).abs().max())
+            assert worst <= bound, (
+                f"step {step}, beam row {r}: specbeam's log-probs differ from HF's forward of the same prefix by "
+                f"{worst:.4g} > {bound:.4g} ({2 * ulps} bf16 ulps of the top logit {float(logits[r].max()):.4g})"
+            )
+            compared += 1
+        state.step(ours, stop)
+        if not state.done:
+            cache.reorder_cache(state.running_beam_indices[:, :, step].reshape(-1).long().to(target.device))
+            feed = state.flat_running_sequences()[:, -1:]
+            mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=torch.long)], 1)
+    assert state.done, "specbeam stopped before the replayed search"
+    sequences, scores, beam_indices = state.result()
+    assert torch.equal(out.sequences.cpu(), sequences), "specbeam's beams are not HF's beam search over its own log-probs"
+    torch.testing.assert_close(out.sequences_scores.float().cpu(), scores, atol=1e-5, rtol=1e-6)
+    assert torch.equal(out.beam_indices.cpu(), beam_indices.to(out.beam_indices.dtype))
+    return compared
 
 
 @pytest.mark.parametrize("seed", [0, 3])

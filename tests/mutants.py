@@ -179,7 +179,8 @@ def forward_noise(ulps: float, seed: int = 0):
 
 # ---------------------------------------------------------------------------- what must catch them
 
-SAMPLING_ENGINE = Check("test_sampling", "test_speculative_sampling_is_exact", {"case": "temperature"})
+SAMPLING_ENGINE = tuple(Check("test_sampling", "test_speculative_sampling_is_exact", {"case": c})
+                        for c in ("temperature", "top_k", "top_p", "all"))
 CHAIN_ONE_HOT = Check("test_sampling", "test_chain_verifier_per_position_chi_square", {"drafts": "one_hot"})
 CHAIN_SAMPLED = Check("test_sampling", "test_chain_verifier_per_position_chi_square", {"drafts": "sampled_from_q"})
 BF16_DEMO = Check("test_demo_pair", "test_demo_pair_bf16_greedy_up_to_near_ties")
@@ -191,13 +192,14 @@ def bf16_family(family: str, lengths: list[int], seed: int) -> Check:
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("residual_skipped", specbeam_core, "verify_rejection_sampling", residual_skipped,
-           (CHAIN_ONE_HOT, CHAIN_SAMPLED, SAMPLING_ENGINE)),
+           (CHAIN_ONE_HOT, CHAIN_SAMPLED, *SAMPLING_ENGINE)),
     Mutant("accept_everything", specbeam_core, "verify_rejection_sampling", accept_everything,
-           (CHAIN_ONE_HOT, CHAIN_SAMPLED, SAMPLING_ENGINE)),
+           (CHAIN_ONE_HOT, CHAIN_SAMPLED, *SAMPLING_ENGINE)),
     Mutant("tree_without_residual", sys.modules["specbeam_core.tree_verification"], "verify_tree_rejection_sampling",
            tree_without_residual,
            (Check("test_tree_decoding", "test_tree_verifier_per_node_chi_square"),
             Check("test_tree_decoding", "test_tree_sampling_is_exact", {"case": "temperature"}),
+            Check("test_tree_decoding", "test_tree_sampling_is_exact", {"case": "all"}),
             # prompt lookup proposes its drafts as trees (chains): one child per level, so here the
             # missing residual update is the chain verifier's skipped residual
             Check("test_prompt_lookup", "test_engine_sampling_follows_the_target"))),

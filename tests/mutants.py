@@ -225,3 +225,40 @@ MUTANTS: tuple[Mutant, ...] = (
            (BF16_DEMO, bf16_family("llama", [7], 0), bf16_family("llama", [4, 10, 6], 0),
             bf16_family("qwen2", [7], 0), bf16_family("qwen2", [4, 10, 6], 0))),
 )
+
+
+def scan_noise(ulps=(0.5, 1, 1.5, 2, 3, 4, 6, 8), seeds=(0, 1, 2)) -> None:
+    """Print, for each bf16 check, which noise levels (in bf16 ulps of the top logit) it catches
+    under each noise seed ("X" caught, "." passed): ``python tests/mutants.py``."""
+    import contextlib
+
+    import pytest
+
+    torch.set_num_threads(1)
+    import test_bf16
+    import test_demo_pair
+
+    checks = {"demo pair": test_demo_pair.test_demo_pair_bf16_greedy_up_to_near_ties}
+    for family in ("llama", "qwen2", "gpt2"):
+        for seed in (0, 3):
+            for lengths in ([7], [4, 10, 6]):
+                checks[f"{family} seed {seed} batch {len(lengths)}"] = functools.partial(
+                    test_bf16.test_bf16_greedy_matches_up_to_near_ties, family, lengths, seed)
+    print(f"{'check':24s} " + " ".join(f"{u:>{len(seeds)}g}" for u in ulps) + "   (sigma in ulps; one column per noise seed)")
+    for name, check in checks.items():
+        marks = []
+        for u in ulps:
+            cell = ""
+            for s in seeds:
+                with pytest.MonkeyPatch.context() as mp, contextlib.suppress(AssertionError):
+                    apply(Mutant("noise", specbeam_core, "verify_greedy", logit_noise(u, s), ()), mp)
+                    check()
+                    cell += "."
+                    continue
+                cell += "X"
+            marks.append(cell)
+        print(f"{name:24s} " + " ".join(marks), flush=True)
+
+
+if __name__ == "__main__":
+    scan_noise()

@@ -7,6 +7,8 @@ noise), so drafts are often but not always accepted: both the accept and the rej
 from __future__ import annotations
 
 import copy
+import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,8 @@ transformers.logging.set_verbosity_error()
 import specbeam_core  # noqa: E402
 
 FAMILIES = ("llama", "gpt2", "opt", "qwen2")
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+SECOND_STEP = ".ci/run's second step (a venv with transformers>=5.24 and no vLLM: pytest -m needs_new_transformers)"
 PAD_ID = 0
 DEMO_DIR = Path(specbeam_core.__file__).resolve().parent.parent / "specbeam_hf" / "demo_models"
 
@@ -188,3 +192,59 @@ def rows_layout(request, monkeypatch):
 
     monkeypatch.setattr(core_model, "pack_is_cheaper", forced)
     yield used
+
+
+def first_difference(out: torch.Tensor, ref: torch.Tensor, width: int = 0) -> str:
+    """Where ``out`` first differs from ``ref`` (``[rows, L]`` each): for assertion messages."""
+    if out.shape != ref.shape:
+        return f"shapes differ: {tuple(out.shape)} vs reference {tuple(ref.shape)}"
+    for row in range(out.shape[0]):
+        a, b = out[row].tolist(), ref[row].tolist()
+        for j in range(len(a)):
+            if a[j] != b[j]:
+                return f"row {row} first differs at new token {j - width}: {a[j]} vs reference {b[j]}"
+    return "equal"
+
+
+# ---------------------------------------------------------------------------- skips in CI
+
+
+def skip_for_old_transformers(detail: str) -> None:
+    """For a test marked ``needs_new_transformers`` whose feature this transformers lacks: skip,
+    naming the CI step that runs it; fail where that step runs (``SPECBEAM_REQUIRE_NEW_TRANSFORMERS=1``)."""
+    have = transformers.__version__
+    if os.environ.get("SPECBEAM_REQUIRE_NEW_TRANSFORMERS") == "1":
+        pytest.fail(f"transformers {have} lacks what this test needs ({detail}); this step must run it")
+    pytest.skip(f"needs transformers>=5.24 (have {have}: {detail}); run by {SECOND_STEP}")
+
+
+def _may_skip_in_ci(item, reason: str) -> bool:
+    """Skips a CI run cannot meet by nature: no CUDA device; the newer-transformers tests (their own
+    step runs them); vLLM's tests (tests/vllm_support.py decides those)."""
+    return ("CUDA" in reason or item.get_closest_marker("needs_new_transformers") is not None
+            or item.path.name.startswith("test_vllm_"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With ``CI`` set, a skip for a missing requirement is a failure (CI must install what the suite
+    needs), except the skips of :func:`_may_skip_in_ci`."""
+    outcome = yield
+    report = outcome.get_result()
+    if not CI or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if not _may_skip_in_ci(item, reason):
+        report.outcome = "failed"
+        report.longrepr = f"skipped with CI set ({reason}): CI must meet this requirement, so the skip fails"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Skip counts by reason (``-rs`` / ``-ra`` list each test; this groups them)."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    reasons = Counter(r.longrepr[2] if isinstance(r.longrepr, tuple) else str(r.longrepr) for r in skipped)
+    terminalreporter.section(f"{len(skipped)} skipped, by reason")
+    for reason, count in reasons.most_common():
+        terminalreporter.line(f"{count:4d}  {reason}")

@@ -13,7 +13,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 import specbeam_hf
-from conftest import FAMILIES, PAD_ID, assert_pools_free, build_model, perturbed_copy, ragged_batch
+from conftest import FAMILIES, PAD_ID, assert_pools_free, build_model, first_difference, perturbed_copy, ragged_batch
 from specbeam_core import BeamTreeDrafter, SpecBeamSearch
 
 MAX_NEW = 20
@@ -29,8 +29,8 @@ def pools(assistant, target):
 
 
 def assert_same_beams(ref, out):
-    assert out.sequences.shape == ref.sequences.shape
-    assert torch.equal(out.sequences, ref.sequences)
+    assert out.sequences.shape == ref.sequences.shape, first_difference(out.sequences, ref.sequences)
+    assert torch.equal(out.sequences, ref.sequences), first_difference(out.sequences, ref.sequences)
     assert out.sequences_scores.shape == ref.sequences_scores.shape
     # 1e-4, or a few float32 ulps where the score is large: a negative length_penalty multiplies the
     # summed log-probs by the length, and at |score| ~ 1e3 one ulp is 1.2e-4 — below what any other
@@ -304,7 +304,8 @@ def test_core_spec_beam_search_equals_hf(llama_pair, with_drafter):
         num_return_sequences=2, eos_token_ids=[eos], fill_value=PAD_ID,
     )
     sequences, scores, beam_indices = state.result()
-    assert sequences.shape == ref.sequences.shape and torch.equal(sequences, ref.sequences)
+    assert sequences.shape == ref.sequences.shape and torch.equal(sequences, ref.sequences), (
+        first_difference(sequences, ref.sequences, ids.shape[1]))
     torch.testing.assert_close(scores, ref.sequences_scores, atol=1e-4, rtol=0)
     assert torch.equal(beam_indices, ref.beam_indices)
     assert_eos_took_effect(sequences, ids.shape[1], eos, free_best)

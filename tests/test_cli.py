@@ -26,8 +26,8 @@ def test_generate_greedy_equals_target_and_writes_json_log(tmp_path, capsys):
     ids = tok(PROMPT, return_tensors="pt")["input_ids"]
     ref = target.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
     assert data["prompt_token_ids"] == ids[0].tolist()
-    assert data["output_token_ids"] == ref[: len(data["output_token_ids"])]
-    assert len(data["output_token_ids"]) == 12 or data["finish_reason"] == "eos"
+    assert data["output_token_ids"] == ref and len(ref) == 12  # the whole output: no EOS within 12 tokens here
+    assert data["finish_reason"] == "length"
     assert sum(len(s["emitted_tokens"][0]) for s in data["steps"]) == len(data["output_token_ids"])
     assert data["summary"]["target_forwards"] == len(data["steps"])
 
@@ -42,8 +42,8 @@ def test_generate_with_a_bfloat16_draft_equals_the_float32_target(tmp_path):
     target = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "target", dtype=torch.float32).eval()
     ids = tok(PROMPT, return_tensors="pt")["input_ids"]
     ref = target.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:].tolist()
-    assert data["output_token_ids"] == ref[: len(data["output_token_ids"])]
-    assert len(data["output_token_ids"]) == 16 or data["finish_reason"] == "eos"
+    assert data["output_token_ids"] == ref and len(ref) == 16  # the whole output: no EOS within 16 tokens here
+    assert data["finish_reason"] == "length"
 
 
 def test_config_file_and_flags_override_it(tmp_path):
@@ -54,7 +54,11 @@ def test_config_file_and_flags_override_it(tmp_path):
     data = json.loads(log.read_text())
     assert data["options"]["max_new_tokens"] == 7  # the flag wins
     assert data["options"]["draft_length"] == 2  # from the file
-    assert len(data["output_token_ids"]) == 7 or data["finish_reason"] == "eos"
+    tok = AutoTokenizer.from_pretrained(DEMO_DIR / "target")
+    target = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "target", dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    ref = target.generate(ids, max_new_tokens=7, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert data["output_token_ids"] == ref and len(ref) == 7  # the whole output, 7 tokens (the flag's count)
 
 
 def test_bad_input_is_one_line_with_status_2(tmp_path, capsys):
@@ -159,7 +163,7 @@ def test_generate_with_a_draft_embedding_padded_to_another_size(tmp_path, capsys
         ref = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                               num_beams=int(beams), pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
         got = data["output_token_ids"] if beams == "1" else data["hypotheses"][0]["token_ids"]
-        assert got == [t for t in ref if t != tok.pad_token_id][: len(got)] and len(got) >= 1
+        assert got == ref and len(ref) == 12, (beams, got, ref)  # the whole output (no EOS within 12 tokens here)
     capsys.readouterr()
     assert main(["generate", "--prompt", PROMPT, "--draft", str(tmp_path / "bare")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("specbeam generate: error:")]

@@ -93,7 +93,8 @@ def test_cuda_bf16_greedy_up_to_near_ties():
     ref = target.generate(return_dict_in_generate=True, output_scores=True, **kwargs)
     assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=4)
     out = target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
-    assert_equal_up_to_near_ties(out.cpu(), ref, width)
+    report = assert_equal_up_to_near_ties(out, ref, width, target=target, attention_mask=enc["attention_mask"])
+    assert report.positions == 40 * len(PROMPTS)
     assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
 
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import specbeam_hf
 from conftest import DEMO_DIR, assert_pools_free
-from test_bf16 import assert_equal_up_to_near_ties
+from test_bf16 import assert_beam_search_up_to_rounding, assert_equal_up_to_near_ties
 
 PROMPTS = [
     "def fibonacci(n):\n",
@@ -65,8 +65,28 @@ def test_demo_pair_bf16_greedy_up_to_near_ties():
     ref = target.generate(return_dict_in_generate=True, output_scores=True, **kwargs)
     assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=4)
     out = target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
-    assert_equal_up_to_near_ties(out, ref, width)
+    report = assert_equal_up_to_near_ties(out, ref, width, target=target, attention_mask=enc["attention_mask"])
+    assert report.positions == 40 * len(PROMPTS)
     assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
+
+
+@pytest.mark.parametrize("num_beams, prompts", [(2, PROMPTS), (4, PROMPTS[2:])], ids=["beams2", "beams4"])
+def test_demo_pair_bf16_beam_search_up_to_rounding(num_beams, prompts):
+    """bf16 beam search on the demo pair, every step of every running beam teacher-forced against HF's
+    forward (``test_bf16.assert_beam_search_up_to_rounding``), with EOS and a length penalty."""
+    tok, target, draft = load(torch.bfloat16)
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    new = 24
+    kwargs = dict(**enc, max_new_tokens=new, do_sample=False, num_beams=num_beams, num_return_sequences=num_beams,
+                  length_penalty=0.8, return_dict_in_generate=True, output_scores=True, pad_token_id=tok.pad_token_id)
+    assistant = specbeam_hf.SpecBeam(draft, beam_adaptive=False)
+    out = target.generate(custom_generate=specbeam_hf.generate, assistant=assistant, **kwargs)
+    compared = assert_beam_search_up_to_rounding(out, target=target, input_ids=enc["input_ids"],
+                                                 attention_mask=enc["attention_mask"], num_beams=num_beams,
+                                                 max_new_tokens=new, length_penalty=0.8)
+    assert compared >= len(prompts) * num_beams * (len(out.scores) - 1)
+    assert assistant.last_beam_stats.steps_per_target_forward > 1.0  # the trees covered several steps a pass
+    assert_pools_free(assistant.beam_searcher_for(target).cache, assistant._beam_drafter.cache)
 
 
 def test_demo_pair_sampling_runs_seeded_and_reproducibly(demo_fp32):

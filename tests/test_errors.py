@@ -7,7 +7,7 @@ import torch
 
 import specbeam_core
 import specbeam_hf
-from conftest import assert_pools_free, build_model, make_pair, ragged_batch
+from conftest import assert_pools_free, build_model, make_pair, ragged_batch, skip_for_old_transformers
 from specbeam_core import DraftModelDrafter, SamplingParams, SpecEngine
 from specbeam_hf import HFCausalLM
 
@@ -390,6 +390,7 @@ def test_attention_implementations_without_4d_masks_are_refused(implementation):
                        target.generate(**common))
 
 
+@pytest.mark.needs_new_transformers
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_a_quantized_kv_cache_is_refused(num_beams):
     """HF's output with a quantized KV cache is that of rounded keys and values; specbeam's would be the
@@ -406,7 +407,7 @@ def test_a_quantized_kv_cache_is_refused(num_beams):
 
         QuantizedCache(backend="fp8", config=target.config)
     except Exception as error:  # noqa: BLE001 -- older transformers: no fp8 backend
-        pytest.skip(f"no quantized cache backend without extra packages here: {error}")
+        skip_for_old_transformers(f"no quantized cache backend without extra packages: {error}")
     common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, num_beams=num_beams)
     for spelling in (dict(cache_implementation="quantized", cache_config={"backend": "fp8"}),
                      dict(past_key_values=QuantizedCache(backend="fp8", config=target.config))):

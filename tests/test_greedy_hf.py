@@ -8,7 +8,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 import specbeam_hf
-from conftest import FAMILIES, assert_pools_free, build_model, make_pair, ragged_batch
+from conftest import (FAMILIES, assert_pools_free, build_model, first_difference, make_pair, ragged_batch,
+                      skip_for_old_transformers)
 
 
 def spec(target, assistant, **kwargs):
@@ -46,7 +47,7 @@ def test_greedy_equals_hf(family_pairs, family, gamma, lengths):
     assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=gamma)
     out = spec(target, assistant, **kwargs)
     assert out.shape == ref.shape
-    assert torch.equal(out, ref)
+    assert torch.equal(out, ref), first_difference(out, ref, ids.shape[1])
     stats = assistant.last_stats
     assert stats.drafted > 0 and stats.emitted == 20 * len(lengths)
     assert all(max(r.num_drafted) <= gamma for r in stats.records)
@@ -105,7 +106,7 @@ def test_eos_inside_draft(llama_pair, self_draft, gamma):
     assistant = specbeam_hf.SpecBeam(draft, num_draft_tokens=gamma)
     out = spec(target, assistant, **kwargs)
     assert out.shape == ref.shape
-    assert torch.equal(out, ref)  # includes the pad fill after EOS
+    assert torch.equal(out, ref), first_difference(out, ref, width)  # includes the pad fill after EOS
     assert ref[0, width + index] == eos and ref.shape[1] > width + index + 1
     if self_draft:
         # EOS was an accepted draft token with more drafted tokens after it in the same step
@@ -224,7 +225,7 @@ def test_return_dict_in_generate(llama_pair):
         # state per row of the batch: these run on a batch of copies of the row, read at the row
         dict(encoder_repetition_penalty=3.0),
         dict(prefix_allowed_tokens_fn=lambda batch_id, ids: [t for t in range(64) if t % 4 != batch_id]),
-        dict(per_row_ignore_length=True),
+        pytest.param(dict(per_row_ignore_length=True), marks=pytest.mark.needs_new_transformers),
     ],
     ids=["repetition_penalty", "no_repeat_ngram", "min_new_tokens", "encoder_repetition_penalty",
          "prefix_allowed_tokens_fn", "per_row_prompt_ignore_length"],
@@ -243,7 +244,7 @@ def test_hf_logits_processors_greedy(llama_pair, extra):
         try:
             penalty = RepetitionPenaltyLogitsProcessor(5.0, prompt_ignore_length=ignore)
         except ValueError as error:  # transformers before 5.2x: an int only
-            pytest.skip(f"this transformers takes no per-row prompt_ignore_length: {error}")
+            skip_for_old_transformers(f"no per-row prompt_ignore_length: {error}")
         extra["logits_processor"] = LogitsProcessorList([penalty])
     if extra.pop("eos", None):
         free_run = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False)

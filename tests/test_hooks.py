@@ -98,12 +98,25 @@ def test_engines_made_and_dropped_with_a_shared_plugin_manager(llama_pair):
     """
     import gc
 
+    from specbeam_core import SpecStats
+
     pm = specbeam_core.get_plugin_manager()
     target = HFCausalLM(llama_pair[0])
+
+    def stats_registered() -> list:
+        return [p for p in pm.get_plugins() if isinstance(p, SpecStats)]
+
+    assert stats_registered() == []
     for _ in range(50):
         engine = SpecEngine(target, None, 2, plugin_manager=pm)
+        assert [id(p) for p in stats_registered()] == [id(engine.stats)]  # its own, and no stale one
         del engine
         gc.collect()
+        assert stats_registered() == []  # the dropped engine's stats left with it: no leak
+    # a live engine counts only its own steps, not those of the 50 made before it on this manager
+    engine = SpecEngine(target, None, 2, plugin_manager=pm)
+    engine.generate([[5, 6, 7]], max_new_tokens=4)
+    assert engine.stats.steps == 4 and [id(p) for p in stats_registered()] == [id(engine.stats)]
 
 
 # ---------------------------------------------------------------------------- draft length

@@ -11,8 +11,11 @@ from full (non-paged, non-speculative) target forwards and HF's own warpers:
   ``E[TV] <= 1/2 sum_i sqrt(p_i (1 - p_i) / N)`` and ``delta = 1e-4`` (McDiarmid: one sample moves the
   empirical TV by at most 1/N).
 
-The same tests run with a verifier that accepts every draft must fail (p-value tiny, TV large),
-which shows they have the power to catch a wrong acceptance rule.
+``test_mutants.py`` runs these same tests, every sampling case, with broken verifiers (one that
+accepts every draft, one that skips the residual ``max(0, p - q)`` after a rejection) and requires
+each run to fail, which shows they have the power to catch a wrong acceptance or recovery rule. The
+verifier-level tests at the end (per-position chi-square, drafted tokens of mid-range target
+probability) have a stated false-alarm rate of 1e-3 each.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import specbeam_core
 import specbeam_core.engine
 import specbeam_hf
 from conftest import SMALL_VOCAB, assert_pools_free
-from specbeam_core import DraftModelDrafter, SamplingParams, SpecEngine, VerifyResult
+from specbeam_core import DraftModelDrafter, SamplingParams, SpecEngine
 from specbeam_hf import HFCausalLM
 
 VOCAB = SMALL_VOCAB
@@ -123,31 +126,11 @@ def test_speculative_sampling_is_exact(small_pair, case):
     target, draft = small_pair
     params = SAMPLING_CASES[case]
     outputs, stats = run_engine(target, draft, params, num_tokens=3, gamma=2)
-    # both the accept and the reject branch ran many times
-    assert 0.2 < stats.acceptance_rate < 0.95 and stats.recovered > 500 and stats.bonus > 500
     pvalue, tv, bound = fit(empirical(outputs, 3, VOCAB), exact_joint(target, PROMPT, 3, params))
     assert pvalue > P_MIN, f"chi-square p={pvalue:.2e}"
     assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
-
-
-def accept_every_draft(draft_tokens, num_draft, target_probs, draft_probs, generators) -> VerifyResult:
-    """WRONG on purpose: keeps every draft token, then a bonus token from the target."""
-    outputs = []
-    for r, g in enumerate(num_draft):
-        bonus = int(torch.multinomial(target_probs[r, g], 1, generator=generators[r]))
-        outputs.append(draft_tokens[r, :g].tolist() + [bonus])
-    return VerifyResult(num_accepted=list(num_draft), output_tokens=outputs, bonus=[True] * len(num_draft))
-
-
-def test_statistical_test_catches_a_wrong_verifier(small_pair, monkeypatch):
-    target, draft = small_pair
-    params = SAMPLING_CASES["temperature"]
-    monkeypatch.setattr(specbeam_core.engine, "verify_rejection_sampling", accept_every_draft)
-    outputs, stats = run_engine(target, draft, params, num_tokens=3, gamma=2)
-    assert stats.acceptance_rate == 1.0
-    pvalue, tv, bound = fit(empirical(outputs, 3, VOCAB), exact_joint(target, PROMPT, 3, params))
-    assert pvalue < 1e-12, f"the wrong verifier went unnoticed: p={pvalue:.2e}"
-    assert tv > bound
+    # both the accept and the reject branch ran many times
+    assert 0.2 < stats.acceptance_rate < 0.95 and stats.recovered > 500 and stats.bonus > 500
 
 
 def test_seeded_request_is_reproducible_whatever_shares_the_batch(small_pair):
@@ -258,3 +241,56 @@ def test_hf_generate_sampling_with_position_by_position_processors_is_exact(smal
     assert pvalue > P_MIN, f"chi-square p={pvalue:.2e}"
     assert tv < bound
     assert 0 < assistant.last_stats.acceptance_rate < 1
+
+
+# ---------------------------------------------------------------------------- the chain verifier alone
+
+ALPHA = 1e-3  # false-alarm rate of each verifier-level statistical test (Bonferroni over its positions)
+V_SYN = 8
+P_BASE = [0.40, 0.25, 0.15, 0.09, 0.06, 0.05, 0.0, 0.0]  # target: mid-range mass on the drafted tokens
+Q_BASE = [0.10, 0.45, 0.05, 0.20, 0.0, 0.05, 0.15, 0.0]  # draft: over- and under-weights, and mass where p = 0
+
+
+def synthetic_chain(g: int):
+    """Per position ``i`` of ``g`` drafts (+ the bonus position): target ``p_i`` and draft ``q_i``,
+    both the base distributions rolled by ``i`` ([g + 1, V] and [g, V]); ``p_i`` is what the target
+    gives after the drafted prefix, whatever it is (the verifier cannot tell)."""
+    p = torch.stack([torch.tensor(P_BASE).roll(i) for i in range(g + 1)]).double()
+    q = torch.stack([torch.tensor(Q_BASE).roll(i) for i in range(g)]).double()
+    return p, q
+
+
+def per_position_fit(outputs: list[list[int]], p: torch.Tensor) -> list[tuple[int, int, float]]:
+    """``(position, samples, chi-square p-value)`` of the token at each position among the rows that
+    reached it (every earlier draft accepted): it must follow ``p[position]``."""
+    fits = []
+    for i in range(p.shape[0]):
+        tokens = [o[i] for o in outputs if len(o) > i]
+        counts = np.bincount(tokens, minlength=p.shape[1]).astype(float)
+        fits.append((i, len(tokens), fit(counts, p[i].numpy())[0]))
+    return fits
+
+
+@pytest.mark.parametrize("drafts", ["one_hot", "sampled_from_q"])
+def test_chain_verifier_per_position_chi_square(drafts):
+    """``verify_rejection_sampling`` on 20000 rows of 3 drafts whose tokens carry 40 % / 25 % of the
+    target's mass (one-hot drafts) or are drawn from a draft distribution that over- and
+    under-weights the target's tokens: at every position, among the rows that reached it, the
+    emitted token follows the target's distribution there (chi-square, each position at
+    ``ALPHA / 4``, so a false alarm has probability <= 1e-3; fixed seeds, so the outcome is fixed).
+    Mid-range drafted probabilities are where skipping the residual shows most."""
+    n, g = 20000, 3
+    p, q = synthetic_chain(g)
+    gen = torch.Generator().manual_seed(0)
+    if drafts == "one_hot":
+        draft_tokens = torch.stack([p[i].argsort(descending=True)[i % 2] for i in range(g)])[None].repeat(n, 1)
+        draft_probs = None
+    else:
+        draft_tokens = torch.stack([torch.multinomial(q[i], n, replacement=True, generator=gen) for i in range(g)], 1)
+        draft_probs = q[None].repeat(n, 1, 1)
+    res = specbeam_core.verify_rejection_sampling(draft_tokens, [g] * n, p[None].repeat(n, 1, 1), draft_probs, [gen] * n)
+    fits = per_position_fit(res.output_tokens, p)
+    print(f"\nchain verifier ({drafts}): " + ", ".join(f"pos {i}: n={m} p={pv:.3g}" for i, m, pv in fits))
+    assert all(m > 500 for _, m, _ in fits)  # every position, the bonus one included, sampled often
+    for i, m, pvalue in fits:
+        assert pvalue > ALPHA / len(fits), f"position {i}: chi-square p={pvalue:.2e} over {m} samples"

@@ -2,18 +2,17 @@
 rejection sampling over siblings), merged drafters, and the KV pools.
 
 The sampling test is the one of ``test_sampling.py`` (chi-square with small cells merged, p > 1e-3,
-and total variation under its McDiarmid bound at delta = 1e-4) on trees; a verifier that skips the
-residual update (siblings tried against the unchanged target distribution) must fail it.
+and total variation under its McDiarmid bound at delta = 1e-4) on trees; ``test_mutants.py`` runs
+it with a verifier that skips the residual update (siblings tried against the unchanged target
+distribution), which must fail it.
 """
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 
-import specbeam_core.engine
 import specbeam_hf
 from conftest import assert_pools_free, build_model, make_pair, ragged_batch
 from specbeam_core import SamplingParams, SpecEngine, TokenTree
@@ -143,17 +142,6 @@ def test_tree_sampling_is_exact_with_a_draft_of_another_family(small_pair):
     assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
 
 
-def test_statistical_test_catches_a_verifier_without_residual_update(small_pair, monkeypatch):
-    target, draft = small_pair
-    params = SAMPLING_CASES["temperature"]
-    wrong = functools.partial(verify_tree_rejection_sampling, update_residual=False)
-    monkeypatch.setattr(specbeam_core.engine, "verify_tree_rejection_sampling", wrong)
-    outputs, _ = run_tree_engine(target, draft, params)
-    pvalue, tv, bound = fit(empirical(outputs, 3, VOCAB), exact_joint(target, PROMPT, 3, params))
-    assert pvalue < 1e-6, f"the wrong verifier went unnoticed: p={pvalue:.2e}"
-    assert tv > bound
-
-
 def test_tree_drafter_rejects_bad_options():
     model = HFCausalLM(build_model("llama"))
     with pytest.raises(ValueError, match="tree width"):
@@ -220,3 +208,32 @@ def test_large_tree_budget_fits_the_pools(llama_pair):
     assert torch.equal(spec(target, assistant, **kwargs), target.generate(**kwargs))
     assert max(len(t) for rec in assistant.last_stats.records for t in rec.drafted_tokens) > 16
     assert_pools_free(assistant.engine_for(target).target_cache, assistant.drafter.cache)
+
+
+def test_tree_verifier_per_node_chi_square():
+    """``verify_tree_rejection_sampling`` alone, 20000 draws on a hand tree whose siblings carry
+    40 %, 25 % and 15 % of the target's mass (where a missing residual update shows most): after
+    every accepted node (and at the root) the next emitted token follows the target's distribution
+    there (chi-square per node, each at ``ALPHA`` / the number of nodes tested, so a false alarm
+    has probability <= 1e-3; fixed seed)."""
+    from test_sampling import ALPHA, P_BASE, fit
+
+    import numpy as np
+
+    # root -> 0, 1, 2; token 0 -> 3, 4; token 1 -> 5; token 3 -> 6
+    tree = TokenTree([0, 1, 2, 3, 4, 5, 6], [-1, -1, -1, 0, 0, 1, 3])
+    rolls = [0, 3, 5, 7, 6, 1, 2, 4]  # p[1 + i] after node i: its children's tokens get 40 % and 25 %
+    p = torch.stack([torch.tensor(P_BASE).roll(s) for s in rolls]).double()
+    gen = torch.Generator().manual_seed(0)
+    after: dict[int, list[int]] = {}
+    for _ in range(20000):
+        res = verify_tree_rejection_sampling(tree, p, gen)
+        for depth, token in enumerate(res.output_tokens):
+            after.setdefault(-1 if depth == 0 else res.accepted_nodes[depth - 1], []).append(token)
+    tested = {node: toks for node, toks in after.items() if len(toks) > 200}
+    fits = {node: fit(np.bincount(toks, minlength=len(P_BASE)).astype(float), p[node + 1].numpy())[0]
+            for node, toks in tested.items()}
+    print("\ntree verifier: " + ", ".join(f"after node {k}: n={len(tested[k])} p={v:.3g}" for k, v in sorted(fits.items())))
+    assert set(tested) == {-1, 0, 1, 2, 3, 4, 5, 6}  # every node accepted often, leaves' bonus tokens included
+    for node, pvalue in fits.items():
+        assert pvalue > ALPHA / len(fits), f"after node {node}: chi-square p={pvalue:.2e}"

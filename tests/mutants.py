@@ -214,7 +214,7 @@ MUTANTS: tuple[Mutant, ...] = (
                   {"num_beams": 4, "lengths": [5, 9], "length_penalty": 0.5, "early_stopping": True, "nrs": 1}))),
     # sigma in bf16 ulps of each position's top logit (0.0625 on the demo pair's top logits of 8-16,
     # 0.0078 on the tiny models' of 1-2); the bf16 checks allow a divergence within 4 ulps. Each
-    # check below catches its sigma with this noise seed (tests/MUTANTS.md: which catch which)
+    # check below catches its sigma with this noise seed (docs/testing.md: which catch which)
     Mutant("beam_logit_noise_4ulp", HFCausalLM, "forward", forward_noise(4.0),
            (Check("test_demo_pair", "test_demo_pair_bf16_beam_search_up_to_rounding",
                   {"num_beams": 2, "prompts": ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n"]},

@@ -1,7 +1,7 @@
 """Every mutant of :mod:`mutants` (a deliberately broken verifier, beam replay, or noisy logits)
 must fail the suite's own checks — the same test functions the real code passes elsewhere in the
 suite. Run with ``-s`` to see, per mutant and check, the failure message: the chi-square p-value or
-the first differing token (``tests/MUTANTS.md`` tabulates them).
+the first differing token (docs/testing.md tabulates them).
 
 The statistical checks have a stated false-alarm rate (each test 1e-3, Bonferroni over its
 positions) and fixed seeds, so a pass or a fail here is deterministic.

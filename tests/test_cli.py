@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import DEMO_DIR
-from specbeam_hf.cli import main
+from specbeam_hf.app.cli import main
 
 PROMPT = "class Stack:\n    def __init__(self):\n"
 

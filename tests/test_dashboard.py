@@ -9,7 +9,7 @@ import json
 import pytest
 
 from conftest import DEMO_DIR
-from specbeam_hf.dashboard.app import Dashboard
+from specbeam_hf.app.dashboard.app import Dashboard
 
 PROMPT = "def read_lines(path):\n    with open(path) as f:\n"
 
@@ -78,7 +78,7 @@ def test_only_json_and_png_inside_the_runs_folders(board):
 def test_collector_ignores_other_engines(board):
     from specbeam_core.stats import StepRecord
 
-    from specbeam_hf.dashboard.app import StepCollector
+    from specbeam_hf.app.dashboard.app import StepCollector
 
     c = StepCollector(source=1)
     rec = dict(step=1, request_ids=[0], num_drafted=[1], num_accepted=[1], bonus=[True], drafted_tokens=[[5]],

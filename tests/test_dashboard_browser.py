@@ -79,7 +79,7 @@ def dashboard(tmp_path_factory):
     }))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "specbeam_hf.cli", "dashboard", "--port", "0", "--runs-dir", str(runs)],
+        [sys.executable, "-m", "specbeam_hf.app.cli", "dashboard", "--port", "0", "--runs-dir", str(runs)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     url, lines = None, []

@@ -60,8 +60,7 @@ def _speed_row(run: ModeRun, greedy: ModeRun | None, baseline: ModeRun | None) -
 
 def evaluate(config: EvalConfig, progress: bool = True, log=print) -> dict[str, Any]:
     """Run the evaluation described by ``config``; returns the results (also written as JSON + PNGs)."""
-    from specbeam_hf.cli import load_model, load_tokenizer
-
+    from ..models import load_model, load_tokenizer
     from . import plots
 
     config.validate()

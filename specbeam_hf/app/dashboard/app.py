@@ -26,7 +26,7 @@ from specbeam_core import SamplingParams, hookimpl
 from specbeam_core.stats import StepRecord
 
 STATIC = Path(__file__).parent / "static"
-REPO = Path(__file__).resolve().parent.parent.parent
+REPO = Path(__file__).resolve().parents[3]  # the clone: specbeam_hf/app/dashboard/app.py
 # mode name -> (drafter, do_sample)
 MODES = {
     "speculative-greedy": ("draft_model", False),
@@ -73,13 +73,13 @@ class Dashboard:
     """The models and the generation loop behind the app."""
 
     def __init__(self, target: str, draft: str, dtype: str = "float32", runs_dirs: list[Path] | None = None) -> None:
-        from specbeam_hf.cli import _vocab_resize, load_model, load_tokenizer
+        from ..models import load_pair
 
         self.target_name, self.draft_name, self.dtype = target, draft, dtype
-        self.tokenizer = load_tokenizer(target)
-        self.target = load_model(target, "target", dtype)
-        self.draft = load_model(draft, "draft", dtype)
-        self.draft_options = _vocab_resize(draft, self.draft, self.target, self.tokenizer)  # a padded embedding
+        pair = load_pair(target, draft, dtype)
+        self.tokenizer, self.target, self.draft = pair.tokenizer, pair.target, pair.draft
+        self.draft_options = pair.draft_options  # a padded embedding
+        self.eos_ids = pair.eos_ids
         self.runs_dirs = [Path(d) for d in (runs_dirs if runs_dirs is not None else default_runs_dirs())]
         self.lock = threading.Lock()
         self._assistants: dict[tuple, Any] = {}
@@ -152,8 +152,6 @@ class Dashboard:
     def events(self, prompt: str, mode: str, gamma: int, max_new_tokens: int, temperature: float, seed: int | None,
                tree_width: int, cancel: threading.Event | None = None) -> Iterator[str]:
         """One generation as server-sent events (runs in the calling thread)."""
-        from specbeam_hf.cli import _eos_ids
-
         if mode not in MODES:
             yield _sse("error", {"message": f"unknown mode {mode!r}; known: {', '.join(MODES)}"})
             return
@@ -171,7 +169,7 @@ class Dashboard:
             params = SamplingParams(do_sample=True, temperature=temperature, seed=seed) if do_sample else SamplingParams()
             engine = self.engine(drafter, gamma, tree_width)
             prompt_ids = self.tokenizer(prompt)["input_ids"]
-            request = engine.make_request(prompt_ids, params, max_new_tokens, _eos_ids(self.tokenizer, self.target))
+            request = engine.make_request(prompt_ids, params, max_new_tokens, self.eos_ids)
             collector = StepCollector(id(engine))
             engine.pm.register(collector)
             totals = dict.fromkeys(("steps", "drafted", "accepted", "recovered", "bonus", "tokens"), 0)
@@ -253,7 +251,7 @@ def create_app(target: str, draft: str, dtype: str = "float32", runs_dirs: list[
 
     @app.get("/api/info")
     def info():
-        from specbeam_hf.evaluation.task import load_passages
+        from ..evaluation.task import load_passages
 
         prompts = [{"name": p.splitlines()[0][:60], "text": p} for p in EXAMPLE_PROMPTS]
         prompts += [{"name": f"held-out: {p.id}", "text": p.prompt} for p in load_passages(8)]

@@ -84,7 +84,7 @@ def markdown_table(rows: list[dict[str, Any]], columns=SPEED_COLUMNS) -> str:
 
 
 def main(argv=None) -> int:
-    """``python -m specbeam_hf.evaluation.report runs/eval/eval.json``: the run's tables as Markdown."""
+    """``python -m specbeam_hf.app.evaluation.report runs/eval/eval.json``: the run's tables as Markdown."""
     import argparse
     import json
     from pathlib import Path

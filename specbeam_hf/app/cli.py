@@ -34,18 +34,10 @@ from typing import Any, Callable, Sequence
 from .config_file import load_config
 from .errors import UsageError, one_line
 from .models import DEMO_DRAFT, DEMO_TARGET, DTYPES, check_model_location
+from .version import version
 from .options import HelpFormatter, Parser, int_at_least, int_list, non_negative_int, positive_int
 
 DEMO_HELP = {"target": "the shipped demo target", "draft": "the shipped demo draft"}
-
-
-def version() -> str:
-    try:
-        from importlib.metadata import version as dist_version
-
-        return dist_version("specbeam")
-    except Exception:  # not installed as a distribution
-        return "unknown"
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from . import verbose as view
 from .errors import UsageError, one_line
 from .models import DEMO_DRAFT, DEMO_TARGET, DTYPES, display_name, load_pair
 from .options import HelpFormatter, any_int, non_negative_int, positive_int, temperature, top_p
+from .version import version
 
 MODES = ("greedy", "sample")
 DRAFTERS = {"chain": "draft_model", "tree": "draft_tree", "lookup": "prompt_lookup"}
@@ -168,7 +169,6 @@ def run(args) -> int:
 
     from specbeam_hf.rope import rope_pinned
 
-    from .cli import version
     from .models import check_device
 
     _check_args(args)

@@ -31,6 +31,9 @@ MAX_NEW = 16
 GAMMA = 3
 
 
+pytestmark = pytest.mark.slow  # drives a browser: not in the quick tier (-m "not slow")
+
+
 def _chromium() -> tuple[str | None, str | None]:
     browser = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and os.path.exists(p)), None)
     driver = next((p for p in ("/usr/bin/chromedriver", shutil.which("chromedriver") or "") if p and os.path.exists(p)), None)

@@ -1,8 +1,8 @@
 """The ``specbeam`` command line.
 
-    specbeam generate --prompt "def fibonacci(n):" --draft-length 4 --max-new-tokens 64
+    specbeam generate --prompt "class Stack:" --draft-length 4 --max-new-tokens 64
     specbeam generate --prompt "import os" --mode sample --temperature 0.8 --seed 1 --verbose
-    specbeam generate --prompt "def parse(" --num-beams 4 --num-return-sequences 2 --compare-hf
+    specbeam generate --prompt "class Stack:" --num-beams 4 --num-return-sequences 2 --compare-hf
     specbeam generate --config examples/config.yaml --json-log run.json
     specbeam evaluate [--quick] [--out runs/eval]      # modes compared, γ and tree sweeps: JSON + PNG
     specbeam dashboard [--host 127.0.0.1] [--port 8765] # watch iterations in a browser, browse runs
@@ -34,8 +34,8 @@ from typing import Any, Callable, Sequence
 from .config_file import load_config
 from .errors import UsageError, one_line
 from .models import DEMO_DRAFT, DEMO_TARGET, DTYPES, check_model_location
-from .version import version
 from .options import HelpFormatter, Parser, int_at_least, int_list, non_negative_int, positive_int
+from .version import version
 
 DEMO_HELP = {"target": "the shipped demo target", "draft": "the shipped demo draft"}
 
@@ -76,7 +76,8 @@ def _mode_list(text: str) -> tuple[str, ...]:
 def _add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "evaluate",
-        help="compare greedy, beam, speculative, speculative beam and tree decoding (speed, acceptance, quality, diversity)",
+        help="compare greedy, beam, speculative, speculative beam and tree decoding "
+        "(speed, acceptance, quality, diversity)",
         description=(
             "Evaluate the decoding modes on a reference task built from the demo models' held-out stdlib files: "
             "tokens/s, acceptance, perplexity under the target, BLEU/ROUGE against the reference continuations, "
@@ -87,44 +88,108 @@ def _add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     )
     _add_model_arguments(p)
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 prompts, 12 tokens, 2 beams, small sweeps")
-    p.add_argument("--num-prompts", type=positive_int, default=None, metavar="N", help="held-out prompts (default 8; quick 2)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="N",
-                   help="tokens per prompt (default 40; quick 12)")
-    p.add_argument("--modes", type=_mode_list, default=None, metavar="LIST", help="comma-separated modes (default all five)")
-    p.add_argument("--gamma", type=positive_int, default=None,
-                   help="draft length of speculative chains, depth of trees (default 4)")
-    p.add_argument("--num-beams", type=positive_int, default=None, metavar="B",
-                   help="beams of the beam modes (default 4; quick 2)")
-    p.add_argument("--tree-width", type=positive_int, default=None, metavar="W", help="tree width of the tree mode (default 3)")
-    p.add_argument("--tree-budget", type=positive_int, default=None, metavar="N",
-                   help="tree nodes of the tree mode (default width × depth)")
-    p.add_argument("--gammas", type=int_list, default=None, metavar="LIST",
-                   help="γ sweep values ('' for none; default 1,2,3,4,6,8)")
+    p.add_argument(
+        "--num-prompts", type=positive_int, default=None, metavar="N", help="held-out prompts (default 8; quick 2)"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="tokens per prompt (default 40; quick 12)",
+    )
+    p.add_argument(
+        "--modes", type=_mode_list, default=None, metavar="LIST", help="comma-separated modes (default all five)"
+    )
+    p.add_argument(
+        "--gamma",
+        type=positive_int,
+        default=None,
+        help="draft length of speculative chains, depth of trees (default 4)",
+    )
+    p.add_argument(
+        "--num-beams", type=positive_int, default=None, metavar="B", help="beams of the beam modes (default 4; quick 2)"
+    )
+    p.add_argument(
+        "--tree-width", type=positive_int, default=None, metavar="W", help="tree width of the tree mode (default 3)"
+    )
+    p.add_argument(
+        "--tree-budget",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="tree nodes of the tree mode (default width × depth)",
+    )
+    p.add_argument(
+        "--gammas",
+        type=int_list,
+        default=None,
+        metavar="LIST",
+        help="γ sweep values ('' for none; default 1,2,3,4,6,8)",
+    )
     p.add_argument("--tree-widths", type=int_list, default=None, metavar="LIST", help="tree sweep widths (default 2,3)")
-    p.add_argument("--tree-budgets", type=int_list, default=None, metavar="LIST",
-                   help="tree sweep node budgets ('' for none; default 4,8,12)")
-    p.add_argument("--repeats", type=positive_int, default=None,
-                   help="timing: best of this many passes per mode (default 2; quick 1)")
-    p.add_argument("--threads", type=non_negative_int, default=None,
-                   help="torch threads (default 1: steadier on a shared machine; 0: torch's default)")
+    p.add_argument(
+        "--tree-budgets",
+        type=int_list,
+        default=None,
+        metavar="LIST",
+        help="tree sweep node budgets ('' for none; default 4,8,12)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help="timing: best of this many passes per mode (default 2; quick 1)",
+    )
+    p.add_argument(
+        "--threads",
+        type=non_negative_int,
+        default=None,
+        help="torch threads (default 1: steadier on a shared machine; 0: torch's default)",
+    )
     p.add_argument("--out", default="runs/eval", metavar="DIR", help="folder for eval[_quick].json and the PNG plots")
-    p.add_argument("--track", "--wandb", dest="track", action="store_true",
-                   help="also log to Weights & Biases, offline (needs pip install wandb; nothing is sent)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="show a progress bar (default: on)")
-    p.add_argument("--config", default=None, metavar="FILE.yaml",
-                   help="YAML file of these options; command-line flags override it")
+    p.add_argument(
+        "--track",
+        "--wandb",
+        dest="track",
+        action="store_true",
+        help="also log to Weights & Biases, offline (needs pip install wandb; nothing is sent)",
+    )
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar (default: on)"
+    )
+    p.add_argument(
+        "--config", default=None, metavar="FILE.yaml", help="YAML file of these options; command-line flags override it"
+    )
     return p
 
 
 def _eval_config(args):
     from .evaluation import EvalConfig
 
-    fields = ("num_prompts", "max_new_tokens", "modes", "gamma", "num_beams", "tree_width", "tree_budget", "gammas",
-              "tree_widths", "tree_budgets", "repeats", "threads")
+    fields = (
+        "num_prompts",
+        "max_new_tokens",
+        "modes",
+        "gamma",
+        "num_beams",
+        "tree_width",
+        "tree_budget",
+        "gammas",
+        "tree_widths",
+        "tree_budgets",
+        "repeats",
+        "threads",
+    )
     given = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
-    common = dict(target=args.target, draft=args.draft, dtype=args.dtype, out=Path(args.out).expanduser(),
-                  track=args.track, extra={"argv": list(getattr(args, "_argv", []))})
+    common = dict(
+        target=args.target,
+        draft=args.draft,
+        dtype=args.dtype,
+        out=Path(args.out).expanduser(),
+        track=args.track,
+        extra={"argv": list(getattr(args, "_argv", []))},
+    )
     config = EvalConfig.quick_defaults(**common, **given) if args.quick else EvalConfig(**common, **given)
     try:
         config.validate()
@@ -173,11 +238,17 @@ def _add_dashboard_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only by default)")
     p.add_argument("--port", type=int_at_least(0), default=8765, help="TCP port (0: any free port)")
     _add_model_arguments(p)
-    p.add_argument("--runs-dir", action="append", default=None, metavar="DIR",
-                   help="folders of saved JSON runs and PNG plots to browse (repeatable; default: the canonical "
-                        "benchmark results and runs/)")
-    p.add_argument("--config", default=None, metavar="FILE.yaml",
-                   help="YAML file of these options; command-line flags override it")
+    p.add_argument(
+        "--runs-dir",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="folders of saved JSON runs and PNG plots to browse (repeatable; default: the canonical "
+        "benchmark results and runs/)",
+    )
+    p.add_argument(
+        "--config", default=None, metavar="FILE.yaml", help="YAML file of these options; command-line flags override it"
+    )
     return p
 
 
@@ -194,8 +265,11 @@ def _cmd_dashboard(args) -> int:
     runs_dirs = [Path(d).expanduser() for d in args.runs_dir] if args.runs_dir else default_runs_dirs()
     app = create_app(args.target, args.draft, dtype=args.dtype, runs_dirs=runs_dirs)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"specbeam dashboard: warning: listening on {args.host}, not only on loopback; anyone who can reach it "
-              "can run generations", file=sys.stderr)
+        print(
+            f"specbeam dashboard: warning: listening on {args.host}, not only on loopback; anyone who can reach it "
+            "can run generations",
+            file=sys.stderr,
+        )
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     server = uvicorn.Server(config)
 
@@ -221,10 +295,12 @@ def _add_serve_parser(subparsers) -> argparse.ArgumentParser:
     from specbeam_vllm.serve import add_arguments
 
     p = subparsers.add_parser(
-        "serve", help="start vLLM's OpenAI-compatible server with specbeam as its speculative proposer",
+        "serve",
+        help="start vLLM's OpenAI-compatible server with specbeam as its speculative proposer",
         description="Start vLLM's OpenAI-compatible server with specbeam set up. Flags not listed here "
-                    "(--max-model-len, --dtype, --tensor-parallel-size, ...) go to vLLM unchanged.",
-        formatter_class=HelpFormatter)
+        "(--max-model-len, --dtype, --tensor-parallel-size, ...) go to vLLM unchanged.",
+        formatter_class=HelpFormatter,
+    )
     return add_arguments(p)
 
 
@@ -240,11 +316,17 @@ def _cmd_serve(args) -> int:
 # name -> (one-line help, add the subcommand's parser, run it)
 COMMANDS: dict[str, tuple[str, Callable[[Any], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
     "generate": ("generate a continuation of a prompt with speculative decoding", _add_generate_parser, _cmd_generate),
-    "evaluate": ("compare greedy, beam, speculative, speculative beam and tree decoding", _add_evaluate_parser,
-                 _cmd_evaluate),
+    "evaluate": (
+        "compare greedy, beam, speculative, speculative beam and tree decoding",
+        _add_evaluate_parser,
+        _cmd_evaluate,
+    ),
     "dashboard": ("a web page to watch speculative decoding step by step", _add_dashboard_parser, _cmd_dashboard),
-    "serve": ("start vLLM's OpenAI-compatible server with specbeam as its speculative proposer", _add_serve_parser,
-              _cmd_serve),
+    "serve": (
+        "start vLLM's OpenAI-compatible server with specbeam as its speculative proposer",
+        _add_serve_parser,
+        _cmd_serve,
+    ),
 }
 PASS_THROUGH = {"serve"}  # subcommands whose unknown flags belong to another program (vLLM)
 

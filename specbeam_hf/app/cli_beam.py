@@ -89,12 +89,20 @@ def run_beams(args, tokenizer, target, assistant: SpecBeam, prompt_ids: list[int
     stats = assistant.last_beam_stats
     width = input_ids.shape[1]
     hypotheses = [
-        {"rank": i + 1, "score": float(score), "token_ids": [int(t) for t in seq[width:] if int(t) != kwargs["pad_token_id"]],
-         "text": tokenizer.decode(seq[width:], skip_special_tokens=True)}
+        {
+            "rank": i + 1,
+            "score": float(score),
+            "token_ids": [int(t) for t in seq[width:] if int(t) != kwargs["pad_token_id"]],
+            "text": tokenizer.decode(seq[width:], skip_special_tokens=True),
+        }
         for i, (seq, score) in enumerate(zip(result.sequences, result.sequences_scores))
     ]
-    summary = dict(stats.summary(), seconds=seconds, beam_steps_per_second=stats.steps / seconds if seconds > 0 else 0.0,
-                   depths=[r["depth"] for r in stats.records])
+    summary = dict(
+        stats.summary(),
+        seconds=seconds,
+        beam_steps_per_second=stats.steps / seconds if seconds > 0 else 0.0,
+        depths=[r["depth"] for r in stats.records],
+    )
 
     comparison = None
     if args.compare_hf:
@@ -105,7 +113,9 @@ def run_beams(args, tokenizer, target, assistant: SpecBeam, prompt_ids: list[int
         same = ref.sequences.shape == result.sequences.shape and torch.equal(ref.sequences, result.sequences)
         comparison = {
             "same_sequences": bool(same),
-            "max_score_difference": float((ref.sequences_scores - result.sequences_scores).abs().max()) if same else None,
+            "max_score_difference": float((ref.sequences_scores - result.sequences_scores).abs().max())
+            if same
+            else None,
             "hf_seconds": hf_seconds,
             "speedup": hf_seconds / seconds if seconds > 0 else None,
         }
@@ -129,20 +139,33 @@ def run_beams(args, tokenizer, target, assistant: SpecBeam, prompt_ids: list[int
         ):
             table.add_row(name, value)
         out.print(table)
-    line = (f"B = {args.num_beams}: {stats.steps} beam steps in {stats.target_forwards} target passes "
-            f"({stats.steps_per_target_forward:.2f} per pass), {seconds:.2f} s")
+    line = (
+        f"B = {args.num_beams}: {stats.steps} beam steps in {stats.target_forwards} target passes "
+        f"({stats.steps_per_target_forward:.2f} per pass), {seconds:.2f} s"
+    )
     if comparison is not None:
         verdict = "same sequences as" if comparison["same_sequences"] else "DIFFERENT sequences from"
-        line += (f" | {verdict} HF's beam search ({comparison['hf_seconds']:.2f} s, "
-                 f"speed-up {comparison['speedup']:.2f}×)")
+        line += (
+            f" | {verdict} HF's beam search ({comparison['hf_seconds']:.2f} s, speed-up {comparison['speedup']:.2f}×)"
+        )
     err.print(line, style="dim", soft_wrap=True)
 
     if args.json_log is not None:
         options = {k: v for k, v in vars(args).items() if k not in ("command", "_handler", "_argv")}
-        log = {"command": "generate", "options": options, "prompt": args.prompt, "prompt_token_ids": list(prompt_ids),
-               "hypotheses": hypotheses, "summary": summary, "records": stats.records, "compare_hf": comparison}
+        log = {
+            "command": "generate",
+            "options": options,
+            "prompt": args.prompt,
+            "prompt_token_ids": list(prompt_ids),
+            "hypotheses": hypotheses,
+            "summary": summary,
+            "records": stats.records,
+            "compare_hf": comparison,
+        }
         try:
-            Path(args.json_log).expanduser().write_text(json.dumps(log, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            Path(args.json_log).expanduser().write_text(
+                json.dumps(log, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
         except OSError as exc:
             raise UsageError(f"cannot write --json-log {args.json_log}: {exc.strerror or exc}") from None
     return 1 if comparison is not None and not comparison["same_sequences"] else 0

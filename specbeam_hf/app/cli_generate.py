@@ -178,9 +178,13 @@ def run(args) -> int:
         raise UsageError(str(exc)) from None
     err = Console(stderr=True, highlight=False)
     if args.mode == "greedy":
-        ignored = [f"--{n.replace('_', '-')}" for n in ("temperature", "top_k", "top_p", "seed") if getattr(args, n) is not None]
+        sampling_only = ("temperature", "top_k", "top_p", "seed")
+        ignored = [f"--{n.replace('_', '-')}" for n in sampling_only if getattr(args, n) is not None]
         if ignored:
-            err.print(f"note: {', '.join(ignored)} only apply with --mode sample; greedy decoding ignores them", style="yellow")
+            err.print(
+                f"note: {', '.join(ignored)} only apply with --mode sample; greedy decoding ignores them",
+                style="yellow",
+            )
 
     started = time.perf_counter()
     check_device(args.device)
@@ -197,8 +201,9 @@ def run(args) -> int:
 
     def generate(max_new_tokens: int, on_tokens=None):
         with rope_pinned(target, len(prompt_ids), len(prompt_ids) + max_new_tokens):  # longrope: HF's frequencies
-            (request,) = engine.generate([prompt_ids], params=params, max_new_tokens=max_new_tokens,
-                                         eos_token_ids=eos_ids, on_tokens=on_tokens)
+            (request,) = engine.generate(
+                [prompt_ids], params=params, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids, on_tokens=on_tokens
+            )
         return request
 
     warmup_seconds = 0.0
@@ -254,8 +259,9 @@ def run(args) -> int:
         prompt = tokenizer.decode(prompt_ids) if args.chat else args.prompt
         log = view.json_log(args, prompt, prompt_ids, request, tokenizer, engine, summary, text, version())
         try:
-            Path(args.json_log).expanduser().write_text(json.dumps(log, indent=2, ensure_ascii=False) + "\n",
-                                                        encoding="utf-8")
+            Path(args.json_log).expanduser().write_text(
+                json.dumps(log, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
         except OSError as exc:
             raise UsageError(f"cannot write --json-log {args.json_log}: {exc.strerror or exc}") from None
         if args.verbose:

@@ -54,7 +54,9 @@ def check_model_location(name: str, role: str) -> None:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise UsageError(f"{role} model {name!r} is a file; expected a model folder (with config.json) or a model-hub name")
+            raise UsageError(
+                f"{role} model {name!r} is a file; expected a model folder (with config.json) or a model-hub name"
+            )
         if not (path / "config.json").is_file():
             raise UsageError(f"{role} model folder {name} has no config.json; is it a saved transformers model?")
         return
@@ -212,8 +214,9 @@ class ModelPair:
         return eos_ids(self.tokenizer, self.target)
 
 
-def load_pair(target: str, draft: str, dtype: str = "float32", draft_dtype: str | None = None,
-              device: str = "cpu") -> ModelPair:
+def load_pair(
+    target: str, draft: str, dtype: str = "float32", draft_dtype: str | None = None, device: str = "cpu"
+) -> ModelPair:
     """Check both locations, then load the target's tokenizer, the target and the draft."""
     check_model_location(target, "target")
     check_model_location(draft, "draft")

@@ -266,3 +266,11 @@ def test_evaluate_tables_fit_80_columns():
     text = console.export_text()
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
     assert "tree 3×4/12" in text and "spec_beam B=4" in text
+
+
+def test_evaluate_mode_names_match_the_evaluation():
+    """The CLI checks --modes against its own copy of the names (so --help imports no torch)."""
+    from specbeam_hf.app.cli import EVAL_MODES
+    from specbeam_hf.app.evaluation.modes import MODES
+
+    assert EVAL_MODES == MODES

@@ -224,7 +224,8 @@ def run(args) -> int:
         out.print(f"{'step':>4}  {'acc/γ':^{2 * width + 1}}  tokens", style="dim")
 
         def on_tokens(request, new_tokens):
-            out.print(view.iteration_line(tokenizer, engine.stats.records[-1], width, symbols))
+            records = engine.stats.records  # this run's only: reset after the warm-up
+            out.print(view.iteration_line(tokenizer, records[-1], width, symbols, step=len(records)))
     else:
         from transformers import TextStreamer
 

@@ -66,13 +66,15 @@ def _append_run(line, text: str, kind: str, symbols: bool) -> None:
     line.append(f"[{symbol} {text}]" if symbols else text, style=style)
 
 
-def iteration_line(tokenizer, record, gamma_width: int, symbols: bool = False):
-    """One iteration: its step number, accepted/drafted, then its tokens by kind."""
+def iteration_line(tokenizer, record, gamma_width: int, symbols: bool = False, step: int | None = None):
+    """One iteration: its step number (``step``, else the engine's own count), accepted/drafted, then
+    its tokens by kind."""
     from rich.text import Text
 
     parts = classify(record)
     drafted = len(record.drafted_tokens[0])
-    line = Text(f"{record.step:>4}  {record.num_accepted[0]:>{gamma_width}}/{drafted:<{gamma_width}}  ", style="dim")
+    number = record.step if step is None else step
+    line = Text(f"{number:>4}  {record.num_accepted[0]:>{gamma_width}}/{drafted:<{gamma_width}}  ", style="dim")
     for kind in ("accepted", "recovered", "bonus"):
         if parts[kind]:
             if symbols:

@@ -13,8 +13,8 @@ serve such a target:
   ``fallback_token``: the draft guesses worse after it, the outputs stay the target's.
 
 Outputs are the target's in every case, as with any draft; what a wrong pairing (another tokenizer)
-costs is acceptance, which is why this is opt-in (``SpecBeam(draft, vocab_size=...)``) and an
-unexplained vocabulary mismatch stays an error.
+costs is acceptance, which is why this is opt-in (wrap the draft in :class:`VocabResizedDraft`; the
+adapters have an option that does it) and an unexplained vocabulary mismatch stays an error.
 """
 
 from __future__ import annotations

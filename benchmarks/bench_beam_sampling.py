@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import torch
+from bench_hf import PROMPTS, load_demo
 
 import specbeam_hf
-from bench_hf import PROMPTS, load_demo
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+from bench_hf import PROMPTS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import specbeam_hf
-from bench_hf import PROMPTS
 
 DEMO = Path(specbeam_hf.__file__).parent / "demo_models"
 RESULTS = Path(__file__).parent / "results"

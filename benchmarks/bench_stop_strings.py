@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import torch
+from bench_hf import PROMPTS, load_demo
 from transformers import StoppingCriteriaList, StopStringCriteria
 
 import specbeam_hf
-from bench_hf import PROMPTS, load_demo
 
 RESULTS = Path(__file__).parent / "results"
 

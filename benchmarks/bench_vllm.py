@@ -192,7 +192,7 @@ def main(argv=None) -> None:
     else:
         one_at_a_time(args, table, common, levels, results)
     base = results["configs"].get("spec-off", {}).get("levels", {})
-    for name, entry in results["configs"].items():
+    for entry in results["configs"].values():
         for c, level in entry["levels"].items():
             if c in base and "rounds" in level:
                 ratios = [t / b for t, b in zip(level["rounds"], base[c]["rounds"])]
@@ -207,7 +207,7 @@ def main(argv=None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=1)
-    print(f"\n| configuration | " + " | ".join(f"c={c} tok/s (× spec-off)" for c in levels) + " |")
+    print("\n| configuration | " + " | ".join(f"c={c} tok/s (× spec-off)" for c in levels) + " |")
     print("|---|" + "---|" * len(levels))
     for name, entry in results["configs"].items():
         cells = []

@@ -16,9 +16,8 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
-
 from bench_hf import PROMPTS, load_demo
+from transformers import GenerationConfig
 
 RESULTS = Path(__file__).parent / "results"
 SETTINGS = {"none": {}, "repetition_penalty 1.2": dict(repetition_penalty=1.2),

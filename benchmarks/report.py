@@ -127,7 +127,7 @@ def main(paths: list[str]) -> int:
         data = json.loads(Path(path).read_text())
         print(f"### {Path(path).name}\n")
         if isinstance(data, dict) and "modes" in data:  # specbeam evaluate's output: its own tables
-            from specbeam_hf.evaluation.report import main as eval_report
+            from specbeam_hf.app.evaluation.report import main as eval_report
 
             eval_report([path])
             continue

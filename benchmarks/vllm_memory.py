@@ -67,7 +67,7 @@ def main(argv=None) -> None:
         results["configs"][name] = {"rss_bytes": rss}
         print(f"{name:18s} RSS {rss / 2**20:9.1f} MiB", flush=True)
     off = results["configs"]["spec-off"]["rss_bytes"]
-    print(f"\n| server | RSS after start-up (MiB) | minus spec-off (MiB) |\n|---|---|---|")
+    print("\n| server | RSS after start-up (MiB) | minus spec-off (MiB) |\n|---|---|---|")
     for name, entry in results["configs"].items():
         entry["over_spec_off_bytes"] = entry["rss_bytes"] - off
         print(f"| {name} | {entry['rss_bytes'] / 2**20:.1f} | {entry['over_spec_off_bytes'] / 2**20:+.1f} |")

@@ -36,8 +36,18 @@ from loadtests.dataset import DEFAULT_DATASET
 from loadtests.netguard import check_host, parse_replicas
 from loadtests.promscrape import acceptance, scrape_many
 from loadtests.servers import (
-    CHAT_TEMPLATE, CONFIGS, DEMO_DRAFT, DEMO_TARGET, CommonFlags, Ctx, ServerProcess, ServerSpec,
-    build_command, free_port, has_chat_template, parse_custom,
+    CHAT_TEMPLATE,
+    CONFIGS,
+    DEMO_DRAFT,
+    DEMO_TARGET,
+    CommonFlags,
+    Ctx,
+    ServerProcess,
+    ServerSpec,
+    build_command,
+    free_port,
+    has_chat_template,
+    parse_custom,
 )
 from loadtests.stats import read_samples, summarize
 

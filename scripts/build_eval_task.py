@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the evaluation's reference task from the demo models' held-out stdlib files.
 
-    python scripts/build_eval_task.py      # writes specbeam_hf/evaluation/data/heldout_passages.json
+    python scripts/build_eval_task.py      # writes specbeam_hf/app/evaluation/data/heldout_passages.json
 
 The demo pair was trained on CPython's standard library with ~2 % of the files held out (chosen
 by a hash of the relative path; ``scripts/train_demo_models.py``). This script takes those same
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 from train_demo_models import collect_files, split_files  # noqa: E402
 
-OUT = REPO / "specbeam_hf" / "evaluation" / "data" / "heldout_passages.json"
+OUT = REPO / "specbeam_hf" / "app" / "evaluation" / "data" / "heldout_passages.json"
 TRAINED_ON = "3.11.7"
 
 

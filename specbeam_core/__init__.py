@@ -6,7 +6,7 @@ Imports only torch, numpy and pluggy.
 from .beam_search import BeamStats, BeamTreeDrafter, PrefixIndex, SpecBeamSearch
 from .beam_state import BeamSearchState
 from .draft_length import AdaptiveDraftLength
-from .drafting import Draft, Drafter, DraftModelDrafter
+from .drafting import Draft, Drafter, DraftModelDrafter, TreeDrafter
 from .engine import SpecEngine
 from .hookspecs import hookimpl, hookspec
 from .kv_cache import KVCacheExhausted, PagedKVCache
@@ -28,6 +28,7 @@ __all__ = [
     "PrefixIndex",
     "SpecBeamSearch",
     "TokenTree",
+    "TreeDrafter",
     "CausalLM",
     "Draft",
     "DraftModelDrafter",

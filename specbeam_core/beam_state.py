@@ -66,7 +66,9 @@ class BeamSearchState:
         self.top_num_beam_mask = torch.arange(self.beams_to_keep) < num_beams  # [K]
         self.prompt_len = self.cur_len = width
 
-        self.running_sequences = torch.full((batch, num_beams, max_length), fill_value, dtype=torch.long)  # [batch, B, max_len]
+        self.running_sequences = torch.full(
+            (batch, num_beams, max_length), fill_value, dtype=torch.long
+        )  # [batch, B, max_len]
         self.running_sequences[:, :, :width] = prompts[:, None, :]
         self.sequences = self.running_sequences.clone()  # [batch, B, max_len] finished hypotheses
         self.running_beam_scores = torch.zeros(batch, num_beams)  # [batch, B]
@@ -75,7 +77,9 @@ class BeamSearchState:
         self.is_sent_finished = torch.zeros(batch, num_beams, dtype=torch.bool)  # [batch, B]
         self.improvement_possible = torch.ones(batch, 1, dtype=torch.bool)  # [batch, 1]
         self.hits_stop = torch.zeros(batch, num_beams, dtype=torch.bool)  # [batch, B]
-        self.running_beam_indices = torch.full((batch, num_beams, max_length - width), -1, dtype=torch.int32)  # [batch, B, G]
+        self.running_beam_indices = torch.full(
+            (batch, num_beams, max_length - width), -1, dtype=torch.int32
+        )  # [batch, B, G]
         self.beam_indices = self.running_beam_indices.clone()
         self.done = False
 
@@ -159,7 +163,9 @@ class BeamSearchState:
             best_length = cur - self.prompt_len
         best_running = self.running_beam_scores[:, :1] / (best_length**self.length_penalty)
         worst_finished = torch.where(self.is_sent_finished, torch.min(self.beam_scores, dim=1, keepdim=True)[0], NEG)
-        self.improvement_possible = self.improvement_possible & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
+        self.improvement_possible = self.improvement_possible & torch.any(
+            best_running > worst_finished, dim=-1, keepdim=True
+        )
 
         open_beam = ~(torch.all(self.is_sent_finished) & (self.early_stopping is True))
         valid_continuations = ~torch.all(hits)

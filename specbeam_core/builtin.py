@@ -26,13 +26,13 @@ def _tree_drafter(model, options: dict[str, Any]) -> DraftTreeDrafter:
 def specbeam_make_drafter(name: str, options: dict[str, Any]):
     if name == DraftTreeDrafter.name:
         if options.get("model") is None:
-            raise ValueError("the draft_tree drafter needs a draft model: pass SpecBeam(draft_model, drafter='draft_tree')")
+            raise ValueError("the draft_tree drafter needs a draft model: options['model'], a CausalLM")
         tree = _tree_drafter(options["model"], options)
         return MergedTreeDrafter([tree, PromptLookupDrafter()]) if options.get("prompt_lookup") else tree
     if name == MergedTreeDrafter.name:
         models = options.get("models") or []
         if len(models) < 1:
-            raise ValueError("the multi_draft drafter needs draft models: pass SpecBeam([draft_a, draft_b], drafter='multi_draft')")
+            raise ValueError("the multi_draft drafter needs draft models: options['models'], a list of CausalLMs")
         lookup = [PromptLookupDrafter()] if options.get("prompt_lookup") else []  # a branch copied from the request
         return MergedTreeDrafter([_tree_drafter(m, options) for m in models] + lookup)
     if name == PromptLookupDrafter.name:  # no model: drafts copied from the request's own tokens
@@ -41,8 +41,7 @@ def specbeam_make_drafter(name: str, options: dict[str, Any]):
         return None
     if options.get("model") is None:
         raise ValueError(
-            "the draft_model drafter needs a draft model: pass SpecBeam(draft_model, ...) "
-            "(core: options['model'], a CausalLM)"
+            "the draft_model drafter needs a draft model: options['model'], a CausalLM"
         )
     return DraftModelDrafter(
         options["model"], block_size=options.get("block_size", 16),

@@ -17,7 +17,8 @@ the first ``settle_steps`` of them, still paying for the previous length, are no
 
 from __future__ import annotations
 
-from .beam_search import DepthChooser
+from .checks import check_int
+from .depth_chooser import DepthChooser
 from .hookspecs import hookimpl
 
 
@@ -26,8 +27,7 @@ class AdaptiveDraftLength:
 
     def __init__(self, max_length: int, trials: int = 2, explore_every: int = 16, hold_steps: int = 1,
                  settle_steps: int = 0) -> None:
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
+        check_int(max_length, "max_length")
         if not 0 <= settle_steps < hold_steps:
             raise ValueError(f"need 0 <= settle_steps < hold_steps, got settle_steps={settle_steps}, "
                              f"hold_steps={hold_steps}")

@@ -3,8 +3,9 @@
 A drafter proposes up to ``num_draft[r]`` tokens after each request's current tokens. When it
 samples, it returns the exact probabilities it sampled from (``Draft.probs``), which exact
 rejection sampling needs; deterministic drafters return ``probs=None`` and their drafts are
-verified as one-hot. A drafter that has ``propose_trees(requests, depths) -> list[TokenTree]``
-instead (:mod:`specbeam_core.drafting_tree`) makes the engine verify token trees.
+verified as one-hot. A :class:`TreeDrafter` proposes token trees instead
+(``propose_trees(requests, depths) -> list[TokenTree]``, :mod:`specbeam_core.drafting_tree`), and
+the engine verifies trees for it.
 
 :class:`DraftModelDrafter` runs a small causal LM on its own paged KV cache. It remembers which
 tokens each request's draft cache holds and, before drafting, keeps the longest prefix that still
@@ -20,10 +21,11 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .kv_cache import PagedKVCache
-from .model import CausalLM, build_kv_batch
+from .model import CausalLM, build_kv_batch, left_pad
 from .processing import apply_logits_processors
 from .request import Request
 from .sampling import check_finite, probabilities, probabilities_per_row, sample
+from .tree import TokenTree
 
 
 def _separate_catch_up(feeds: dict[int, list[int]], short: int = 8) -> dict[int, list[int]]:
@@ -40,7 +42,9 @@ def _separate_catch_up(feeds: dict[int, list[int]], short: int = 8) -> dict[int,
     return {r: feeds[r][:-1] for r in long} if 2 * split <= whole else {}
 
 
-def _bounded_catch_up(feeds: dict[int, list[int]], budget: int, short: int = 8) -> tuple[dict[int, list[int]], set[int]]:
+def _bounded_catch_up(
+    feeds: dict[int, list[int]], budget: int, short: int = 8
+) -> tuple[dict[int, list[int]], set[int]]:
     """Long catch-ups within ``budget`` padded token slots: ``(catch_up, waiting)``.
 
     Rows with more than ``short`` unseen tokens (the long ones of :func:`_separate_catch_up`) are
@@ -95,6 +99,41 @@ class Drafter(Protocol):
         """Forget everything kept for ``request`` (finished or aborted)."""
 
 
+@runtime_checkable
+class TreeDrafter(Protocol):
+    """A drafter of token trees: the engine verifies a tree per request for it (any drafter that has
+    these members is one; a drafter may also have :class:`Drafter`'s ``propose``)."""
+
+    vocab_size: int | None
+    max_positions: int | None
+    forward_count: int
+
+    def reserve(self, num_sequences: int, tokens_per_sequence: int) -> None:
+        """Make room for this many requests of at most this many tokens each (between requests)."""
+
+    def max_tree_nodes(self, depth: int) -> int:
+        """The most nodes a tree of this depth can have (the KV room a step needs)."""
+
+    def propose_trees(self, requests: list[Request], depths: list[int]) -> list[TokenTree]:
+        """A tree of depth at most ``depths[r]`` after ``requests[r].tokens`` (empty: no draft)."""
+
+    def release(self, request: Request) -> None:
+        """Forget everything kept for ``request`` (finished or aborted)."""
+
+
+_TREE_DRAFTER_TYPES: dict[type, bool] = {}
+
+
+def is_tree_drafter(drafter) -> bool:
+    """``isinstance(drafter, TreeDrafter)``, decided once per drafter class (the engine asks every step,
+    and a structural ``isinstance`` costs tens of microseconds)."""
+    kind = type(drafter)
+    known = _TREE_DRAFTER_TYPES.get(kind)
+    if known is None:
+        known = _TREE_DRAFTER_TYPES[kind] = isinstance(drafter, TreeDrafter)
+    return known
+
+
 def _lcp(a: list[int], b: list[int]) -> int:
     """Length of the common prefix. Usually all but the last few tokens agree (rejected drafts), so
     whole-prefix slice comparisons (C speed) find a long agreeing start before the Python loop."""
@@ -126,12 +165,18 @@ class DraftModelDrafter:
 
     name = "draft_model"
 
-    def __init__(self, model: CausalLM, block_size: int = 16, confidence_threshold: float = 0.0,
-                 max_catch_up_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        block_size: int = 16,
+        confidence_threshold: float = 0.0,
+        max_catch_up_tokens: int | None = None,
+    ) -> None:
         if not 0.0 <= confidence_threshold < 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1), got {confidence_threshold!r}")
-        if max_catch_up_tokens is not None and (isinstance(max_catch_up_tokens, bool) or
-                                                not isinstance(max_catch_up_tokens, int) or max_catch_up_tokens < 1):
+        if max_catch_up_tokens is not None and (
+            isinstance(max_catch_up_tokens, bool) or not isinstance(max_catch_up_tokens, int) or max_catch_up_tokens < 1
+        ):
             raise ValueError(f"max_catch_up_tokens must be a positive int or None, got {max_catch_up_tokens!r}")
         self.model = model
         self.confidence_threshold = confidence_threshold
@@ -209,18 +254,24 @@ class DraftModelDrafter:
             processed_rows = [j for j, r in enumerate(rows) if requests[r].logits_processor is not None]
             if processed_rows:  # every row's processor at this draft position, in one call where they share one
                 idx = torch.tensor(processed_rows)
-                processed = apply_logits_processors([requests[rows[j]] for j in processed_rows],
-                                                    [requests[rows[j]].tokens + drafted[rows[j]] for j in processed_rows],
-                                                    logits[idx])  # [p, vocab]
+                processed = apply_logits_processors(
+                    [requests[rows[j]] for j in processed_rows],
+                    [requests[rows[j]].tokens + drafted[rows[j]] for j in processed_rows],
+                    logits[idx],
+                )  # [p, vocab]
                 if len(processed_rows) == len(rows):  # every row: no copy of the rest to keep
                     logits = processed
                 else:
                     logits = logits.clone()
                     logits[idx] = processed
-            sampled_rows = [j for j, r in enumerate(rows) if not requests[r].params.greedy and requests[r].logits_processor is None]
+            sampled_rows = [
+                j for j, r in enumerate(rows) if not requests[r].params.greedy and requests[r].logits_processor is None
+            ]
             q_rows = {}
             if sampled_rows:  # rows that warp alike in one call
-                q_all = probabilities_per_row(logits[sampled_rows], [requests[rows[j]].params for j in sampled_rows])  # [s, vocab]
+                q_all = probabilities_per_row(
+                    logits[sampled_rows], [requests[rows[j]].params for j in sampled_rows]
+                )  # [s, vocab]
                 q_rows = {j: q_all[k] for k, j in enumerate(sampled_rows)}
             top = logits.argmax(dim=-1)  # [n] every row's greedy token, one op for the batch
             top_list = top.tolist()
@@ -235,8 +286,10 @@ class DraftModelDrafter:
                     confident = top_conf is None or top_conf[j] >= self.confidence_threshold
                 elif req.params.greedy:
                     token = int(row_logits.argmax())
-                    confident = self.confidence_threshold == 0.0 or float(
-                        torch.softmax(row_logits.float(), dim=-1)[token]) >= self.confidence_threshold
+                    confident = (
+                        self.confidence_threshold == 0.0
+                        or float(torch.softmax(row_logits.float(), dim=-1)[token]) >= self.confidence_threshold
+                    )
                 else:
                     q = q_rows[j] if j in q_rows else probabilities(row_logits, req.params)  # [vocab]
                     token = int(sample(q[None], req.generator))
@@ -253,10 +306,7 @@ class DraftModelDrafter:
         """Feed ``feeds[r]`` after what row ``r``'s draft cache holds, all rows in one left-padded
         forward; return each row's logits at its last fed token ``[n, vocab]``."""
         rows = list(feeds)
-        t_max = max(len(feeds[r]) for r in rows)
-        tokens = torch.zeros(len(rows), t_max, dtype=torch.long)  # [n, T] left-padded
-        for j, r in enumerate(rows):
-            tokens[j, t_max - len(feeds[r]) :] = torch.tensor(feeds[r])
+        tokens = left_pad([feeds[r] for r in rows])  # [n, T]
         seqs = [self._seq[requests[r].request_id] for r in rows]
         kv = build_kv_batch(self.cache, seqs, [len(feeds[r]) for r in rows], self.model_dtype)
         logits = self.model.forward(tokens, kv, 1)[:, 0]  # [n, vocab]

@@ -23,16 +23,12 @@ from typing import Sequence
 
 import torch
 
-from .beam_search import PrefixIndex, draft_log_probs
+from .beam_drafter import draft_log_probs
+from .checks import check_int
 from .model import CausalLM
+from .prefix_index import PrefixIndex
 from .request import Request
 from .tree import TokenTree
-
-
-def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 class DraftTreeDrafter:
@@ -42,8 +38,8 @@ class DraftTreeDrafter:
         self.model = model
         self.vocab_size = model.vocab_size
         self.max_positions = model.max_positions
-        self.width = _check_positive("tree width", width)
-        self.budget = None if budget is None else _check_positive("tree node budget", budget)  # None: width × depth
+        self.width = check_int(width, "tree width")
+        self.budget = None if budget is None else check_int(budget, "tree node budget")  # None: width × depth
         self.block_size = block_size
         self.cache = None
         self.index: PrefixIndex | None = None
@@ -91,7 +87,9 @@ class DraftTreeDrafter:
         # draft K/V of the last step's expanded nodes is reused; other requests keep theirs as they are
         active_ids = {requests[i].request_id for i in active}
         kept = {k: v for k, v in self.index.seqs.items() if k[0] not in active_ids}
-        roots = dict(zip(active, self.index.materialize_all([keys[i] for i in active], [requests[i].prompt for i in active])))
+        roots = dict(
+            zip(active, self.index.materialize_all([keys[i] for i in active], [requests[i].prompt for i in active]))
+        )
         fed = [i for i in active if roots[i][1]]
         root_log_probs = {i: self.log_probs.get(keys[i]) for i in active}
         if fed:
@@ -147,7 +145,9 @@ class DraftTreeDrafter:
                 new_log_probs[key] = out[j]
         for i in active:
             in_chain = set(chain[i])
-            rest = sorted((c for c in range(len(cands[i])) if c not in in_chain), key=lambda c: (-cands[i][c][0], cands[i][c][1]))
+            rest = sorted(
+                (c for c in range(len(cands[i])) if c not in in_chain), key=lambda c: (-cands[i][c][0], cands[i][c][1])
+            )
             order = (chain[i] + rest)[: budgets[i]]
             node_of: dict[int, int] = {}
             for c in sorted(order, key=lambda c: cands[i][c][1]):  # shallower first: parents before children

@@ -24,9 +24,10 @@ from typing import Callable, Iterable, Sequence
 import pluggy
 import torch
 
-from .drafting import Drafter
+from .checks import check_int, check_same_vocab
+from .drafting import Drafter, is_tree_drafter
 from .kv_cache import PagedKVCache
-from .model import CausalLM, build_kv_batch, forward_rows
+from .model import CausalLM, build_kv_batch, forward_rows, left_pad
 from .plugins import get_plugin_manager
 from .processing import apply_logits_processors
 from .request import LogitsProcessor, Request
@@ -37,10 +38,7 @@ from .verification import VerifyResult, verify_greedy, verify_rejection_sampling
 
 
 def check_draft_length(value, what: str = "num_draft_tokens", allow_zero: bool = False) -> int:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
-    return value
+    return check_int(value, what, 0 if allow_zero else 1)
 
 
 def _unregister(pm: pluggy.PluginManager, plugin) -> None:
@@ -69,13 +67,8 @@ class SpecEngine:
         self.target = target
         self.drafter = drafter
         self.num_draft_tokens = check_draft_length(num_draft_tokens)
-        if drafter is not None and drafter.vocab_size is not None and drafter.vocab_size != target.vocab_size:
-            raise ValueError(
-                f"draft and target vocabularies differ: draft has {drafter.vocab_size} tokens, "
-                f"target has {target.vocab_size}; speculative decoding needs one shared vocabulary "
-                "(a draft with the target's tokenizer and an embedding padded to another size, as Qwen2.5 0.5B-7B "
-                "against 14B+: wrap it in specbeam_core.VocabResizedDraft, or pass SpecBeam(draft, vocab_size=...))"
-            )
+        if drafter is not None:
+            check_same_vocab(drafter.vocab_size, target.vocab_size)
         self.block_size = block_size
         self.pm = plugin_manager or get_plugin_manager()
         self.stats = SpecStats(source=id(self))
@@ -84,7 +77,8 @@ class SpecEngine:
         self.target_cache: PagedKVCache | None = None
         self._requests: dict[int, Request] = {}
         self._steps = 0
-        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # request id -> (raw logits, scores) of its output tokens this step
+        # request id -> (raw logits, scores) of its output tokens this step
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ requests
     @property
@@ -117,8 +111,7 @@ class SpecEngine:
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        check_int(max_new_tokens, "max_new_tokens")
         limit = self.max_positions
         if limit is not None and len(prompt) + max_new_tokens > limit:
             raise ValueError(
@@ -144,8 +137,8 @@ class SpecEngine:
 
     def _tokens_per_sequence(self, request: Request) -> int:
         # a pass appends the drafts (a chain of num_draft_tokens, or every node of a tree) and one more
-        max_nodes = getattr(self.drafter, "max_tree_nodes", None)
-        drafted = max(self.num_draft_tokens, max_nodes(self.num_draft_tokens) if max_nodes else 0)
+        trees = is_tree_drafter(self.drafter)
+        drafted = max(self.num_draft_tokens, self.drafter.max_tree_nodes(self.num_draft_tokens) if trees else 0)
         return len(request.prompt) + request.max_new_tokens + drafted + 1
 
     def reserve(self, requests: Sequence[Request]) -> None:
@@ -202,7 +195,9 @@ class SpecEngine:
         """Apply each row's logits processor at its positions ``0 .. len(drafted[i])`` of ``logits``
         ``[N, G + 1, vocab]`` (position k after the row's tokens and its first k drafts), all rows in
         one :func:`apply_logits_processors`; positions past a short draft are never read and stay raw."""
-        at = [(i, k) for i, r in enumerate(requests) if r.logits_processor is not None for k in range(len(drafted[i]) + 1)]
+        at = [
+            (i, k) for i, r in enumerate(requests) if r.logits_processor is not None for k in range(len(drafted[i]) + 1)
+        ]
         contexts = [requests[i].tokens + drafted[i][:k] for i, k in at]
         if len(at) == logits.shape[0] * logits.shape[1]:  # every position of every row: processed as one flat view
             flat = logits.reshape(len(at), logits.shape[-1])  # [N * (G + 1), vocab], row-major like ``at``
@@ -219,8 +214,11 @@ class SpecEngine:
         rows = [i for i, r in enumerate(requests) if r.logits_processor is not None]
         if not rows:
             return list(row_logits)
-        contexts = [requests[i].tokens + list(trees[i].path_tokens(j)) if j >= 0 else requests[i].tokens
-                    for i in rows for j in range(-1, len(trees[i]))]
+        contexts = [
+            requests[i].tokens + list(trees[i].path_tokens(j)) if j >= 0 else requests[i].tokens
+            for i in rows
+            for j in range(-1, len(trees[i]))
+        ]
         owners = [requests[i] for i in rows for _ in range(len(trees[i]) + 1)]
         flat = apply_logits_processors(owners, contexts, torch.cat([row_logits[i] for i in rows]))  # [E, vocab]
         processed = list(row_logits)
@@ -273,11 +271,10 @@ class SpecEngine:
 
         # one target pass over every row's unseen tokens and drafts
         feeds = [r.tokens[r.target_len :] + drafted[i] for i, r in enumerate(requests)]
-        t_max = max(len(f) for f in feeds)
-        tokens = torch.zeros(len(requests), t_max, dtype=torch.long)  # [N, T] left-padded
-        for i, f in enumerate(feeds):
-            tokens[i, t_max - len(f) :] = torch.tensor(f)
-        kv = build_kv_batch(self.target_cache, [r.target_seq for r in requests], [len(f) for f in feeds], self.target_cache.dtype)
+        tokens = left_pad(feeds)  # [N, T]
+        kv = build_kv_batch(
+            self.target_cache, [r.target_seq for r in requests], [len(f) for f in feeds], self.target_cache.dtype
+        )
         logits = self.target.forward(tokens, kv, g_max + 1)  # [N, G + 1, vocab], row r's last num_draft[r] + 1 useful
         if min(num_draft) < g_max:  # align each row's useful logits to start at column 0
             shift = torch.tensor([g_max - g for g in num_draft])[:, None]  # [N, 1]
@@ -347,7 +344,7 @@ class SpecEngine:
 
         num_draft = self._draft_lengths(requests)
         self._pending.clear()  # nothing left over from a step that raised before its commit
-        if max(num_draft) > 0 and hasattr(self.drafter, "propose_trees"):
+        if max(num_draft) > 0 and is_tree_drafter(self.drafter):
             result, drafted = self._tree_pass(requests, num_draft)
         else:
             result, drafted = self._chain_pass(requests, num_draft)
@@ -418,7 +415,8 @@ class SpecEngine:
         batch_stop=None,
     ) -> list[Request]:
         """Run requests to completion. Every block is freed on return, also on error or abort.
-        ``batch_logits_processor``: ``logits_processor`` for many positions in one call (:mod:`specbeam_core.processing`).
+        ``batch_logits_processor``: ``logits_processor`` for many positions in one call
+        (:mod:`specbeam_core.processing`).
         ``batch_stop``: judges a step's tokens of all rows for ``stop`` in one call (``Request.batch_stop``)."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
@@ -428,8 +426,16 @@ class SpecEngine:
             raise ValueError("no prompts given")
         eos = tuple(eos_token_ids)
         requests = [
-            self.make_request(p, sp, max_new_tokens, eos, stop, logits_processor, batch_logits_processor=batch_logits_processor,
-                              batch_stop=batch_stop)
+            self.make_request(
+                p,
+                sp,
+                max_new_tokens,
+                eos,
+                stop,
+                logits_processor,
+                batch_logits_processor=batch_logits_processor,
+                batch_stop=batch_stop,
+            )
             for p, sp in zip(prompts, params)
         ]
         self.reserve(requests)

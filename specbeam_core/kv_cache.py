@@ -317,7 +317,9 @@ class PagedKVCache:
         slots = flat.gather(1, index)  # [N, width]
         return slots.masked_fill_(column >= torch.tensor(lengths)[:, None], NULL_SLOT)
 
-    def _shared_spans(self, seq_ids: list[int], lengths: list[int]) -> dict[tuple[int, int], list[tuple[int, int, int]]] | None:
+    def _shared_spans(
+        self, seq_ids: list[int], lengths: list[int]
+    ) -> dict[tuple[int, int], list[tuple[int, int, int]]] | None:
         """None if no two of the sequences share a block; else, for every distinct (first position,
         block) pair, the (row, first, end) slots within the block each sequence holding it uses."""
         seqs = [self._seq(s) for s in seq_ids]
@@ -341,7 +343,9 @@ class PagedKVCache:
             return sum(lengths)
         return sum(max(e for _, _, e in held) - min(f for _, f, _ in held) for held in spans.values())
 
-    def distinct_slot_table(self, seq_ids: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def distinct_slot_table(
+        self, seq_ids: list[int], lengths: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The sequences' first ``lengths[r]`` tokens, each (position, slot) pair **once** however many
         of them share it (forks share blocks): ``slots`` ``[U]``, their ``positions`` ``[U]`` (every
         sequence's own in increasing order) and ``holds`` ``[N, U]``, which sequence holds which."""

@@ -35,7 +35,8 @@ class KVBatch:
     positions: torch.Tensor  # [N, T] position id of each new token
     num_cached: list[int]
     num_new: list[int]
-    key_positions: torch.Tensor | None = None  # [N, K] position of every key, set where keys are not 0..K-1 (packed rows)
+    # [N, K] position of every key, set where keys are not 0..K-1 (packed rows)
+    key_positions: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # The engine keeps its bookkeeping on the host; the slot indices the pool reads and writes
@@ -66,6 +67,16 @@ class KVBatch:
         keys_out = k_pool.index_select(1, flat).view(h, n_rows, k_len, -1).transpose(0, 1)  # [N, heads, K, dim]
         values_out = v_pool.index_select(1, flat).view(h, n_rows, k_len, -1).transpose(0, 1)
         return keys_out, values_out
+
+
+def left_pad(feeds: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Ragged rows of token ids as one ``[N, T]`` long tensor, each row right-aligned (left-padded
+    with 0 to ``T = max(len(row))``), the layout :func:`build_kv_batch` expects."""
+    t_max = max(len(f) for f in feeds)
+    tokens = torch.zeros(len(feeds), t_max, dtype=torch.long)  # [N, T]
+    for r, f in enumerate(feeds):
+        tokens[r, t_max - len(f) :] = torch.tensor(list(f), dtype=torch.long)
+    return tokens
 
 
 def build_kv_batch(
@@ -237,7 +248,7 @@ def build_packed_kv_batch(
     for r, (n, k) in enumerate(zip(num_new, num_needed)):
         columns[r].extend(range(col, col + n - k))
         col += n - k
-    for r, (n, k) in enumerate(zip(num_new, num_needed)):
+    for r, k in enumerate(num_needed):
         columns[r].extend(range(col, col + k))
         col += k
     t_total = col
@@ -262,7 +273,8 @@ def build_packed_kv_batch(
     else:
         q_depth = new_token_depths[q_row, q_own]  # [T]
     positions = (cached_t[q_row] + q_depth)[None]  # [1, T]
-    k_row = torch.repeat_interleave(torch.arange(n_rows), torch.tensor(list(num_new)))  # [sum(num_new)] row of each new key
+    # [sum(num_new)] row of each new key
+    k_row = torch.repeat_interleave(torch.arange(n_rows), torch.tensor(list(num_new)))
     k_new = torch.cat([torch.arange(n) for n in num_new])  # [sum(num_new)] its index among the row's new tokens
     if new_token_depths is None:
         new_pos = cached_t[k_row] + k_new
@@ -352,17 +364,20 @@ def forward_rows(
         num_cached, num_new, keys_per_token, cache.num_distinct_slots(list(seq_ids), num_cached)
     ):
         kv, packed = build_packed_kv_batch(
-            cache, seq_ids, num_new, num_needed, cache.dtype,
-            new_token_mask=new_token_mask, new_token_depths=new_token_depths,
+            cache,
+            seq_ids,
+            num_new,
+            num_needed,
+            cache.dtype,
+            new_token_mask=new_token_mask,
+            new_token_depths=new_token_depths,
         )
         logits = model.forward(packed.tokens(feeds), kv, packed.total_needed)  # [1, sum(num_needed), vocab]
         check_finite(logits, "target model logits")
         write_slots = kv.write_slots.tolist()
         return packed.split(logits), [[write_slots[c] for c in cols] for cols in packed.columns]
     t_max = max(num_new)
-    tokens = torch.zeros(len(feeds), t_max, dtype=torch.long)  # [N, T] left-padded
-    for r, f in enumerate(feeds):
-        tokens[r, t_max - len(f) :] = torch.tensor(list(f), dtype=torch.long)
+    tokens = left_pad(feeds)  # [N, T]
     kv = build_kv_batch(
         cache, seq_ids, num_new, cache.dtype, new_token_mask=new_token_mask, new_token_depths=new_token_depths
     )
@@ -382,7 +397,9 @@ def _single_chain(cache: PagedKVCache, seq_id: int, n: int, dtype: torch.dtype) 
     read_start = cache.contiguous_start(seq_id, total)
     attention_mask = None
     if n > 1:  # query i sees keys 0 .. cached + i
-        attention_mask = torch.full((1, 1, n, total), torch.finfo(dtype).min, dtype=dtype).triu(cached + 1)  # [1, 1, n, K]
+        attention_mask = torch.full((1, 1, n, total), torch.finfo(dtype).min, dtype=dtype).triu(
+            cached + 1
+        )  # [1, 1, n, K]
     return KVBatch(
         cache=cache,
         write_slots=torch.tensor(slots, dtype=torch.long),

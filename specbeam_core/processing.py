@@ -20,7 +20,9 @@ def apply_logits_processors(requests: list[Request], contexts: list[list[int]], 
     """Entry ``e`` of ``logits`` ``[E, vocab]`` is the position of ``requests[e]`` after
     ``contexts[e]``; returns the processed ``[E, vocab]`` (entries of requests without a processor as given)."""
     first = requests[0].batch_logits_processor if requests else None
-    if first is not None and all(r.logits_processor is not None and r.batch_logits_processor is first for r in requests):
+    if first is not None and all(
+        r.logits_processor is not None and r.batch_logits_processor is first for r in requests
+    ):
         return first(requests, contexts, logits)  # one processor for every entry: no copy in between
     processed = logits.clone()  # [E, vocab]
     shared: dict[int, list[int]] = {}  # id of a batch processor -> its entries
@@ -33,6 +35,7 @@ def apply_logits_processors(requests: list[Request], contexts: list[list[int]], 
             processed[e] = request.logits_processor(contexts[e], logits[e : e + 1])[0]
     for entries in shared.values():
         batch_processor = requests[entries[0]].batch_logits_processor
-        processed[entries] = batch_processor([requests[e] for e in entries], [contexts[e] for e in entries],
-                                             logits[entries]).to(processed.dtype)
+        processed[entries] = batch_processor(
+            [requests[e] for e in entries], [contexts[e] for e in entries], logits[entries]
+        ).to(processed.dtype)
     return processed

@@ -28,7 +28,9 @@ class TokenTree:
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents):
-            raise ValueError(f"a token tree needs one parent per token: {len(self.tokens)} tokens, {len(self.parents)} parents")
+            raise ValueError(
+                f"a token tree needs one parent per token: {len(self.tokens)} tokens, {len(self.parents)} parents"
+            )
         for i, p in enumerate(self.parents):
             if not -1 <= p < i:
                 raise ValueError(f"node {i} has parent {p}: parents must come before their children (-1 = root)")

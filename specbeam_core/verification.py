@@ -88,7 +88,9 @@ def verify_rejection_sampling(
     rejected = k < torch.tensor(num_draft)  # [N]
     if draft_probs is None:
         residual = p_next.clone()
-        rej_tokens = draft_tokens[rows, k.clamp(max=max(g_max - 1, 0))] if g_max else torch.zeros(n_rows, dtype=torch.long)
+        rej_tokens = (
+            draft_tokens[rows, k.clamp(max=max(g_max - 1, 0))] if g_max else torch.zeros(n_rows, dtype=torch.long)
+        )
         residual[rows[rejected], rej_tokens[rejected]] = 0.0
     else:
         q_next = draft_probs[rows, k.clamp(max=max(g_max - 1, 0))] if g_max else torch.zeros_like(p_next)
@@ -97,9 +99,7 @@ def verify_rejection_sampling(
     empty = ~(dist.sum(dim=1) > 0)  # p == q up to rounding: the residual is p itself
     dist[empty] = p_next[empty]
     drafts_l = draft_tokens.tolist()
-    outputs = [
-        drafts_l[r][: num_accepted[r]] + [int(sample(dist[r : r + 1], generators[r]))] for r in range(n_rows)
-    ]
+    outputs = [drafts_l[r][: num_accepted[r]] + [int(sample(dist[r : r + 1], generators[r]))] for r in range(n_rows)]
     return VerifyResult(
         num_accepted=num_accepted,
         output_tokens=outputs,

@@ -13,8 +13,8 @@ serve such a target:
   ``fallback_token``: the draft guesses worse after it, the outputs stay the target's.
 
 Outputs are the target's in every case, as with any draft; what a wrong pairing (another tokenizer)
-costs is acceptance, which is why this is opt-in (``SpecBeam(draft, vocab_size=...)``) and an
-unexplained vocabulary mismatch stays an error.
+costs is acceptance, which is why this is opt-in (wrap the draft in :class:`VocabResizedDraft`; the
+adapters have an option that does it) and an unexplained vocabulary mismatch stays an error.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from .model import CausalLM, KVBatch
+from .checks import check_int
 from .kv_cache import PagedKVCache
+from .model import CausalLM, KVBatch
 
 
 def fit_ids(tokens: torch.Tensor, own_vocab: int, fallback_token: int = 0) -> torch.Tensor:
@@ -47,11 +48,13 @@ class VocabResizedDraft:
     """``model`` (a :class:`~specbeam_core.model.CausalLM`) seen through a vocabulary of ``vocab_size`` ids."""
 
     def __init__(self, model: CausalLM, vocab_size: int, fallback_token: int = 0) -> None:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
+        check_int(vocab_size, "vocab_size")
         own = int(model.vocab_size)
         if not 0 <= fallback_token < min(own, vocab_size):
-            raise ValueError(f"fallback_token must be an id both vocabularies have (< {min(own, vocab_size)}), got {fallback_token!r}")
+            raise ValueError(
+                "fallback_token must be an id both vocabularies have "
+                f"(< {min(own, vocab_size)}), got {fallback_token!r}"
+            )
         self.model = model
         self.vocab_size = vocab_size
         self.own_vocab_size = own

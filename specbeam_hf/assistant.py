@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -11,8 +12,15 @@ from transformers import PreTrainedModel
 
 from specbeam_core import (
     AdaptiveDraftLength,
-    BeamTreeDrafter, SpecBeamSearch, SpecEngine, SpecStats, VocabResizedDraft, get_plugin_manager, make_drafter,
+    BeamTreeDrafter,
+    SpecBeamSearch,
+    SpecEngine,
+    SpecStats,
+    VocabResizedDraft,
+    get_plugin_manager,
+    make_drafter,
 )
+from specbeam_core.checks import check_int
 
 from .fast_draft import draft_causal_lm
 from .runner import HFCausalLM
@@ -66,16 +74,28 @@ class SpecBeam:
     """
 
     _OPTIONS = {
-        "block_size", "drafter", "plugin_manager", "confidence_threshold", "tree_width", "tree_budget",
-        "beam_depth", "beam_candidates", "beam_adaptive", "prompt_lookup", "draft_dtype", "vocab_size", "adaptive_draft",
+        "block_size",
+        "drafter",
+        "plugin_manager",
+        "confidence_threshold",
+        "tree_width",
+        "tree_budget",
+        "beam_depth",
+        "beam_candidates",
+        "beam_adaptive",
+        "prompt_lookup",
+        "draft_dtype",
+        "vocab_size",
+        "adaptive_draft",
     }
 
     def __init__(self, draft_model=None, num_draft_tokens: int = 4, **options: Any) -> None:
         unknown = sorted(set(options) - self._OPTIONS)
         if unknown:
-            raise ValueError(f"unknown SpecBeam option(s): {', '.join(unknown)}; known: {', '.join(sorted(self._OPTIONS))}")
-        if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}")
+            raise ValueError(
+                f"unknown SpecBeam option(s): {', '.join(unknown)}; known: {', '.join(sorted(self._OPTIONS))}"
+            )
+        check_int(num_draft_tokens, "num_draft_tokens")
         self.num_draft_tokens = num_draft_tokens
         self.in_use = threading.Lock()  # held by the generate call running on this assistant
         self.in_use_by: int | None = None  # the thread (ident) holding it
@@ -86,7 +106,13 @@ class SpecBeam:
         if options.get("adaptive_draft"):  # chains and trees: the length (0 = none) measured cheapest per token
             self.adaptive_draft = AdaptiveDraftLength(num_draft_tokens)
             self.pm.register(self.adaptive_draft)
-        drafts = list(draft_model) if isinstance(draft_model, (list, tuple)) else [] if draft_model is None else [draft_model]
+        drafts = (
+            list(draft_model)
+            if isinstance(draft_model, (list, tuple))
+            else []
+            if draft_model is None
+            else [draft_model]
+        )
         draft_dtype = _dtype(options.get("draft_dtype"))
         if draft_dtype is not None:
             if not drafts:
@@ -100,8 +126,11 @@ class SpecBeam:
                 raise ValueError("vocab_size resizes the draft model's vocabulary, but no draft model was given")
             self.drafts = [d if d.vocab_size == vocab_size else VocabResizedDraft(d, vocab_size) for d in self.drafts]
         self.draft = self.drafts[0] if self.drafts else None
-        tree_options = {k: options[k] for k in ("tree_width", "tree_budget", "confidence_threshold", "prompt_lookup")
-                        if k in options}
+        tree_options = {
+            k: options[k]
+            for k in ("tree_width", "tree_budget", "confidence_threshold", "prompt_lookup")
+            if k in options
+        }
         if isinstance(draft_model, (list, tuple)):
             tree_options["models"] = self.drafts
         if len(self.drafts) > 1 and self.drafter_name == "draft_model":
@@ -109,7 +138,11 @@ class SpecBeam:
         if options.get("prompt_lookup") and self.drafter_name not in ("draft_tree", "multi_draft"):
             raise ValueError(
                 f"prompt_lookup=True merges a lookup branch into token trees, but drafter={self.drafter_name!r} drafts "
-                "chains: use drafter='draft_tree' (or several draft models), or drafter='prompt_lookup' for lookup chains")
+                "chains: use drafter='draft_tree' (or several draft models), "
+                "or drafter='prompt_lookup' for lookup chains"
+            )
+        if self.draft is None and self.drafter_name in _MODEL_DRAFTERS:
+            raise ValueError(f"the {self.drafter_name} drafter needs a draft model: pass SpecBeam(draft_model, ...)")
         self.drafter = make_drafter(
             self.pm, self.drafter_name, model=self.draft, block_size=self.block_size, **tree_options
         )
@@ -124,20 +157,20 @@ class SpecBeam:
         for name, value, low in (("beam_depth", self.beam_depth, 1), ("beam_candidates", self.beam_candidates, 1)):
             if name == "beam_candidates" and value is None:  # default: num_beams + 2
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_int(value, name, low)
 
     def engine_for(self, target_model) -> SpecEngine:
         """The engine (and its KV pools) that speeds up ``target_model``; made on first use."""
         engine = self._engines.get(target_model)
         if engine is None:
-            engine = SpecEngine(
-                HFCausalLM(target_model),
-                self.drafter,
-                self.num_draft_tokens,
-                block_size=self.block_size,
-                plugin_manager=self.pm,
-            )
+            with _vocab_hint():
+                engine = SpecEngine(
+                    HFCausalLM(target_model),
+                    self.drafter,
+                    self.num_draft_tokens,
+                    block_size=self.block_size,
+                    plugin_manager=self.pm,
+                )
             self._engines[target_model] = engine
         return engine
 
@@ -175,7 +208,9 @@ class SpecBeam:
         if isinstance(draft_model, SpecBeam):
             return draft_model
         if not isinstance(draft_model, torch.nn.Module):
-            raise ValueError(f"assistant_model must be a draft model (or a specbeam_hf.SpecBeam), got {type(draft_model).__name__}")
+            raise ValueError(
+                f"assistant_model must be a draft model (or a specbeam_hf.SpecBeam), got {type(draft_model).__name__}"
+            )
         slot = draft_model.__dict__.setdefault("_specbeam_assistant", _AssistantSlot())
         if slot.assistant is None:
             slot.assistant = cls(draft_model)
@@ -187,12 +222,31 @@ class SpecBeam:
         if searcher is None:
             if self._beam_drafter is None and self.draft is not None:
                 self._beam_drafter = BeamTreeDrafter(self.draft, block_size=self.block_size)
-            searcher = SpecBeamSearch(
-                HFCausalLM(target_model), self._beam_drafter, depth=self.beam_depth, tree_width=self.beam_candidates,
-                block_size=self.block_size, adaptive=self.beam_adaptive,
-            )
+            with _vocab_hint():
+                searcher = SpecBeamSearch(
+                    HFCausalLM(target_model),
+                    self._beam_drafter,
+                    depth=self.beam_depth,
+                    tree_width=self.beam_candidates,
+                    block_size=self.block_size,
+                    adaptive=self.beam_adaptive,
+                )
             self._beam_searchers[target_model] = searcher
         return searcher
+
+
+_MODEL_DRAFTERS = {"draft_model", "draft_tree", "multi_draft"}  # the built-in drafters that run a draft model
+
+
+@contextmanager
+def _vocab_hint():
+    """The core's vocabulary-mismatch error, with this adapter's spelling of the fix."""
+    try:
+        yield
+    except ValueError as exc:
+        if not str(exc).startswith("draft and target vocabularies differ"):
+            raise
+        raise ValueError(f"{exc}; with specbeam_hf: SpecBeam(draft, vocab_size=target.config.vocab_size)") from None
 
 
 class _AssistantSlot:
@@ -239,5 +293,7 @@ def _in_dtype(model, dtype: torch.dtype):
     converted = type(model)._from_config(model.config, dtype=dtype)
     missing, unexpected = converted.load_state_dict(model.state_dict(), strict=False)
     if missing or unexpected:
-        raise ValueError(f"cannot copy {type(model).__name__} into {dtype}: weights missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"cannot copy {type(model).__name__} into {dtype}: weights missing {missing}, unexpected {unexpected}"
+        )
     return converted.to(model.device).eval()

@@ -43,19 +43,29 @@ def beam_generate(model, input_ids, logits_processor, stopping_criteria, generat
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("empty prompt: input_ids must be [batch, length] with length >= 1")
     if input_ids.shape[0] % num_beams:
-        raise ValueError(f"beam-expanded input_ids has {input_ids.shape[0]} rows, not a multiple of num_beams={num_beams}")
+        raise ValueError(
+            f"beam-expanded input_ids has {input_ids.shape[0]} rows, not a multiple of num_beams={num_beams}"
+        )
     padded = input_ids[::num_beams]  # [batch, W] one row per prompt (HF repeats each num_beams times)
     mask = model_kwargs.get("attention_mask")
     searcher = assistant.beam_searcher_for(model)
-    prompts = unpadded_prompts(padded, None if mask is None else mask[::num_beams], searcher.target.attention.sliding_window,
-                              searcher.target.attention.chunk_size)
+    prompts = unpadded_prompts(
+        padded,
+        None if mask is None else mask[::num_beams],
+        searcher.target.attention.sliding_window,
+        searcher.target.attention.chunk_size,
+    )
 
     pad_token_id = generation_config._pad_token_tensor
     eos_token_id = generation_config._eos_token_tensor
     fill = pad_token_id or eos_token_id[0] if eos_token_id is not None else -1  # HF's own expression
     eos_ids = [] if eos_token_id is None else [int(e) for e in eos_token_id.reshape(-1).tolist()]
-    scores: list[torch.Tensor] | None = [] if generation_config.return_dict_in_generate and generation_config.output_scores else None
-    raw_logits: list[torch.Tensor] | None = [] if generation_config.return_dict_in_generate and generation_config.output_logits else None
+    scores: list[torch.Tensor] | None = (
+        [] if generation_config.return_dict_in_generate and generation_config.output_scores else None
+    )
+    raw_logits: list[torch.Tensor] | None = (
+        [] if generation_config.return_dict_in_generate and generation_config.output_logits else None
+    )
 
     state = searcher.run(
         prompts,
@@ -67,8 +77,12 @@ def beam_generate(model, input_ids, logits_processor, stopping_criteria, generat
         num_return_sequences=int(generation_config.num_return_sequences),
         eos_token_ids=eos_ids,
         fill_value=int(fill),
-        logits_processor=lambda seqs, log_probs: logits_processor(seqs.to(input_ids.device), log_probs.to(input_ids.device)).cpu(),
-        stop=lambda seqs: stopping_criteria(seqs.to(input_ids.device), tuple(scores) if scores is not None else None).cpu(),
+        logits_processor=lambda seqs, log_probs: logits_processor(
+            seqs.to(input_ids.device), log_probs.to(input_ids.device)
+        ).cpu(),
+        stop=lambda seqs: stopping_criteria(
+            seqs.to(input_ids.device), tuple(scores) if scores is not None else None
+        ).cpu(),
         on_step=None if scores is None else (lambda log_probs: scores.append(log_probs.clone())),
         on_logits=None if raw_logits is None else (lambda logits: raw_logits.append(logits.clone())),
         do_sample=bool(generation_config.do_sample),  # beam sampling: HF's own draw, on the device HF draws on

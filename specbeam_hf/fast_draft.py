@@ -58,7 +58,9 @@ def supports(model: PreTrainedModel) -> str | None:
         return "no rotary embedding module"
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
         return f"activation {config.hidden_act!r}"
-    if not all(hasattr(layer.mlp, name) for layer in model.model.layers for name in ("gate_proj", "up_proj", "down_proj")):
+    if not all(
+        hasattr(layer.mlp, name) for layer in model.model.layers for name in ("gate_proj", "up_proj", "down_proj")
+    ):
         return "MLP is not llama's gated MLP"
     return None
 
@@ -76,13 +78,15 @@ class FastLlamaDraft(HFCausalLM):
         if reason is not None:
             raise ValueError(f"FastLlamaDraft cannot run {type(model).__name__}: {reason}")
         super().__init__(model)
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = self.head_dim**-0.5
         rotary = model.model.rotary_emb
         self._static_rope = getattr(rotary, "rope_type", None) in STATIC_ROPE
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, head_dim]
         self._rope_key: tuple | None = None
         layer_types = getattr(self.config, "layer_types", None)  # None: every layer slides when there is a window
-        self._slides = [layer_types is None or layer_types[i] == "sliding_attention" for i in range(len(model.model.layers))]
+        self._slides = [
+            layer_types is None or layer_types[i] == "sliding_attention" for i in range(len(model.model.layers))
+        ]
 
     # --------------------------------------------------------------- rotary table
     def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +129,9 @@ class FastLlamaDraft(HFCausalLM):
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             keys, values = kv.update(i, k, v)  # [N, kv_heads, K, head_dim]
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=layer_mask, scale=self.scaling,
-                                               enable_gqa=keys.shape[1] != q.shape[1])  # [N, heads, T, head_dim]
+            o = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=layer_mask, scale=self.scaling, enable_gqa=keys.shape[1] != q.shape[1]
+            )  # [N, heads, T, head_dim]
             x = x + attn.o_proj(o.transpose(1, 2).reshape(n, t, -1))
             mlp, h = layer.mlp, _rms_norm(layer.post_attention_layernorm, x)
             x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))  # llama's gated MLP (silu: supports())

@@ -17,8 +17,16 @@ import inspect
 import torch
 
 
-def finished_row_steps(model, input_ids, attention_mask, outputs: list[list[int]], steps: int, pad_id: int,
-                       logits_processor, raw_logits: list[list[torch.Tensor]]) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+def finished_row_steps(
+    model,
+    input_ids,
+    attention_mask,
+    outputs: list[list[int]],
+    steps: int,
+    pad_id: int,
+    logits_processor,
+    raw_logits: list[list[torch.Tensor]],
+) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """For each row of ``outputs`` (its emitted tokens) shorter than ``steps``: ``(raw, scores)``, the
     ``[vocab]`` float32 logits and processed scores HF records at steps ``len(row) .. steps - 1``.
 
@@ -35,11 +43,15 @@ def finished_row_steps(model, input_ids, attention_mask, outputs: list[list[int]
         attention_mask = torch.ones_like(input_ids)
     # what HF's loop has fed each such row when it scores the last step: the input, the row's tokens
     # (ending in its EOS), then pad tokens
-    fed = torch.full((len(rows), width + steps - 1), pad_id, dtype=input_ids.dtype, device=device)  # [rows, width + steps - 1]
+    fed = torch.full(
+        (len(rows), width + steps - 1), pad_id, dtype=input_ids.dtype, device=device
+    )  # [rows, width + steps - 1]
     fed[:, :width] = input_ids[rows]
     for i, row in enumerate(rows):
         fed[i, width : width + len(outputs[row])] = torch.tensor(outputs[row], dtype=input_ids.dtype, device=device)
-    mask = torch.cat([attention_mask[rows].long(), torch.ones(len(rows), steps - 1, dtype=torch.long, device=device)], 1)  # [rows, width + steps - 1]
+    mask = torch.cat(
+        [attention_mask[rows].long(), torch.ones(len(rows), steps - 1, dtype=torch.long, device=device)], 1
+    )  # [rows, width + steps - 1]
 
     first = min(len(outputs[row]) for row in rows)  # the earliest step any such row needs
     forward = inspect.signature(model.forward).parameters
@@ -50,7 +62,9 @@ def finished_row_steps(model, input_ids, attention_mask, outputs: list[list[int]
         inputs["logits_to_keep"] = steps - first
     with torch.no_grad():
         logits = model(**inputs).logits  # [rows, kept, vocab]
-    logits = logits[:, logits.shape[1] - (steps - first) :].float().to(device)  # [rows, steps - first, vocab]: step first + j at j
+    logits = (
+        logits[:, logits.shape[1] - (steps - first) :].float().to(device)
+    )  # [rows, steps - first, vocab]: step first + j at j
 
     result = {row: ([], []) for row in rows}
     for i, row in enumerate(rows):
@@ -63,16 +77,24 @@ def finished_row_steps(model, input_ids, attention_mask, outputs: list[list[int]
     # HF calls its processors once a step on the whole batch: rebuild that batch at each step these
     # rows need (every row's tokens so far, pads after an EOS; the running rows' logits as recorded)
     finished_at = {row: len(outputs[row]) for row in rows}
-    tokens = torch.full((batch, width + steps - 1), pad_id, dtype=input_ids.dtype, device=device)  # [batch, width + steps - 1]
+    tokens = torch.full(
+        (batch, width + steps - 1), pad_id, dtype=input_ids.dtype, device=device
+    )  # [batch, width + steps - 1]
     tokens[:, :width] = input_ids
     for row, out in enumerate(outputs):
         if out:
-            tokens[row, width : width + min(len(out), steps - 1)] = torch.tensor(out[: steps - 1], dtype=input_ids.dtype, device=device)
+            tokens[row, width : width + min(len(out), steps - 1)] = torch.tensor(
+                out[: steps - 1], dtype=input_ids.dtype, device=device
+            )
     for step in range(first, steps):
-        step_logits = torch.stack([
-            logits[rows.index(row), step - first] if row in finished_at and step >= finished_at[row] else raw_logits[row][step].to(device)
-            for row in range(batch)
-        ]).float()  # [batch, vocab]
+        step_logits = torch.stack(
+            [
+                logits[rows.index(row), step - first]
+                if row in finished_at and step >= finished_at[row]
+                else raw_logits[row][step].to(device)
+                for row in range(batch)
+            ]
+        ).float()  # [batch, vocab]
         processed = logits_processor(tokens[:, : width + step], step_logits)  # [batch, vocab]
         for row in rows:
             if step >= finished_at[row]:

@@ -198,21 +198,32 @@ def _refuse_unsupported(generation_config, model_kwargs: dict, logits_processor=
         refused.append("output_hidden_states (hidden states are not collected)")
     guidance = getattr(generation_config, "guidance_scale", None)
     if guidance is not None and guidance != 1:
-        refused.append(f"guidance_scale={guidance} (classifier-free guidance runs the model itself inside a logits processor)")
-    if (getattr(generation_config, "num_beam_groups", None) or 1) > 1 or getattr(generation_config, "diversity_penalty", 0.0):
+        refused.append(
+            f"guidance_scale={guidance} (classifier-free guidance runs the model itself inside a logits processor)"
+        )
+    if (getattr(generation_config, "num_beam_groups", None) or 1) > 1 or getattr(
+        generation_config, "diversity_penalty", 0.0
+    ):
         refused.append("num_beam_groups / diversity_penalty (group beam search)")
     if getattr(generation_config, "force_words_ids", None) or getattr(generation_config, "constraints", None):
         refused.append("force_words_ids / constraints (constrained beam search)")
     refused += _other_model_inputs(model_kwargs)
-    for name in ("past_key_values", "cache"):  # HF hands over the empty cache it made itself; a filled one is the caller's
+    for name in (
+        "past_key_values",
+        "cache",
+    ):  # HF hands over the empty cache it made itself; a filled one is the caller's
         given = model_kwargs.get(name)
         if given is not None and hasattr(given, "get_seq_length") and given.get_seq_length() > 0:
             refused.append(f"a filled {name} (specbeam keeps its own paged KV cache; pass the full input_ids)")
     given = [model_kwargs.get(name) for name in ("past_key_values", "cache")]
-    if getattr(generation_config, "cache_implementation", None) == "quantized" or any(c is not None and _quantized(c) for c in given):
-        refused.append("a quantized KV cache (cache_implementation='quantized' or a QuantizedCache): HF's output then comes "
-                       "from keys and values rounded to a few bits, specbeam's paged cache keeps the model's precision, so "
-                       "its output would be the unquantized one, not HF's")
+    if getattr(generation_config, "cache_implementation", None) == "quantized" or any(
+        c is not None and _quantized(c) for c in given
+    ):
+        refused.append(
+            "a quantized KV cache (cache_implementation='quantized' or a QuantizedCache): HF's output then comes "
+            "from keys and values rounded to a few bits, specbeam's paged cache keeps the model's precision, so "
+            "its output would be the unquantized one, not HF's"
+        )
     if refused:
         raise ValueError("specbeam_hf.generate does not support: " + "; ".join(refused))
 
@@ -244,10 +255,14 @@ def _other_model_inputs(model_kwargs: dict) -> list[str]:
     if given is not None:
         mask = model_kwargs.get("attention_mask")
         if mask is None:
-            mask = torch.ones(given.shape[-2:] if given.ndim > 1 else given.shape, dtype=torch.long, device=given.device)
+            mask = torch.ones(
+                given.shape[-2:] if given.ndim > 1 else given.shape, dtype=torch.long, device=given.device
+            )
         expected = mask.long().cumsum(-1) - 1  # [rows, L]: HF's own positions when none are given
         if given.ndim > 2 or not torch.equal(given.expand_as(expected)[mask.bool()], expected[mask.bool()]):
-            refused.append("position_ids other than the attention mask's (each row's unmasked tokens numbered 0, 1, 2...)")
+            refused.append(
+                "position_ids other than the attention mask's (each row's unmasked tokens numbered 0, 1, 2...)"
+            )
     return refused
 
 
@@ -283,77 +298,116 @@ def generate(
     with assistant.in_use:  # another thread's call on the same assistant finishes first
         assistant.in_use_by = threading.get_ident()
         try:
-            return _run(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
+            return _run(
+                model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs
+            )
         finally:
             assistant.in_use_by = None
 
 
 def _run(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs):
     """Beams or greedy / sampling, for :func:`generate` holding the assistant."""
-    max_length = stopping_criteria.max_length if stopping_criteria is not None and stopping_criteria.max_length else generation_config.max_length
+    max_length = (
+        stopping_criteria.max_length
+        if stopping_criteria is not None and stopping_criteria.max_length
+        else generation_config.max_length
+    )
     with rope_pinned(model, input_ids.shape[1], int(max_length)):  # longrope: HF's frequencies for this call's steps
-        return _run_pinned(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
+        return _run_pinned(
+            model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs
+        )
 
 
 def _run_pinned(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs):
     if (generation_config.num_beams or 1) > 1:
         if _caller_argument("streamer") is not None:  # HF's own check never sees it: HF keeps streamer from a callable
-            raise ValueError("`streamer` cannot be used with beam search (as in HF generate); set num_beams=1 to stream")
-        return beam_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
+            raise ValueError(
+                "`streamer` cannot be used with beam search (as in HF generate); set num_beams=1 to stream"
+            )
+        return beam_generate(
+            model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs
+        )
     return _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs)
 
 
 def _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, assistant, model_kwargs):
     """Greedy and sampled decoding (``num_beams == 1``) of :func:`generate`."""
     engine = assistant.engine_for(model)
-    prompts = unpadded_prompts(input_ids, model_kwargs.get("attention_mask"), engine.target.attention.sliding_window,
-                               engine.target.attention.chunk_size)
+    prompts = unpadded_prompts(
+        input_ids,
+        model_kwargs.get("attention_mask"),
+        engine.target.attention.sliding_window,
+        engine.target.attention.chunk_size,
+    )
     batch, width = input_ids.shape
 
-    max_new_tokens = int(stopping_criteria.max_length - width) if stopping_criteria is not None and stopping_criteria.max_length else int(generation_config.max_length - width)
+    max_new_tokens = (
+        int(stopping_criteria.max_length - width)
+        if stopping_criteria is not None and stopping_criteria.max_length
+        else int(generation_config.max_length - width)
+    )
     if max_new_tokens < 1:
-        raise ValueError(f"max_length {width + max_new_tokens} leaves no room for new tokens after a {width}-token input")
+        raise ValueError(
+            f"max_length {width + max_new_tokens} leaves no room for new tokens after a {width}-token input"
+        )
     eos = generation_config._eos_token_tensor
     eos_ids = [] if eos is None else [int(e) for e in eos.reshape(-1).tolist()]
     pad = generation_config._pad_token_tensor
     pad_id = int(pad.reshape(-1)[0]) if pad is not None else (eos_ids[0] if eos_ids else 0)
 
     params, hf_processors = _sampling_from_processors(generation_config, logits_processor)
-    record = bool(generation_config.return_dict_in_generate and (generation_config.output_scores or generation_config.output_logits))
+    record = bool(
+        generation_config.return_dict_in_generate
+        and (generation_config.output_scores or generation_config.output_logits)
+    )
     extra_criteria = [c for c in (stopping_criteria or []) if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
     row_wise_criteria = [c for c in extra_criteria if type(c) in ROW_WISE_CRITERIA]
     other_criteria = [c for c in extra_criteria if type(c) not in ROW_WISE_CRITERIA]
     step_stops = StepStops(row_wise_criteria, input_ids) if row_wise_criteria else None
 
-    seeds = torch.randint(0, 2**62, (batch,)).tolist() if params.do_sample else [None] * batch  # follows torch.manual_seed
+    seeds = (
+        torch.randint(0, 2**62, (batch,)).tolist() if params.do_sample else [None] * batch
+    )  # follows torch.manual_seed
     requests: list[Request] = []
     first_stop: dict[int, int] = {}  # row -> new tokens when a custom criterion first fired (no EOS id)
-    criteria_scores: list[list[torch.Tensor]] = [[] for _ in range(batch)]  # per row: [batch, vocab] views, grown per token
+    criteria_scores: list[list[torch.Tensor]] = [
+        [] for _ in range(batch)
+    ]  # per row: [batch, vocab] views, grown per token
     rows_processor = _RowsProcessor(hf_processors, input_ids) if hf_processors is not None else None
     for row, prompt in enumerate(prompts):
         row_ids = input_ids[row].tolist()  # what HF's processors and criteria see: padding and masked tokens too
         stop = None
         if extra_criteria:
-            def stop(tokens, _row_ids=row_ids, _row=row, _prompt_len=len(prompt)):
+
+            def stop(tokens, _row_ids=row_ids, _row=row, _prompt_len=len(prompt)):  # noqa: B008 - bound per row
                 # HF's row-wise criteria were judged for the whole step at once (StepStops); any other
                 # sees the batch HF's loop would give it, every row holding this row's tokens, and
                 # answers for row ``_row``
                 hit = step_stops is not None and step_stops.hit(requests[_row], tokens)
                 if not hit and other_criteria:
-                    ids = torch.tensor([_row_ids + tokens[_prompt_len:]], device=input_ids.device).repeat(batch, 1)  # [batch, L]
+                    ids = torch.tensor([_row_ids + tokens[_prompt_len:]], device=input_ids.device).repeat(
+                        batch, 1
+                    )  # [batch, L]
                     # HF hands its criteria the scores so far when it records them (output_scores), else None
                     scores = None
                     if record:
                         seen = criteria_scores[_row]
-                        seen.extend(s.to(input_ids.device)[None].expand(batch, -1) for s in requests[_row].scores[len(seen):])
+                        seen.extend(
+                            s.to(input_ids.device)[None].expand(batch, -1) for s in requests[_row].scores[len(seen) :]
+                        )
                         scores = tuple(seen)
                     hit = any(bool(c(ids, scores).reshape(-1)[_row]) for c in other_criteria)
                 if hit and not eos_ids:  # HF keeps such a row generating until every row has stopped
                     first_stop.setdefault(_row, len(tokens) - _prompt_len)
                     return False
                 return hit
+
         row_params = SamplingParams(
-            do_sample=params.do_sample, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seeds[row]
+            do_sample=params.do_sample,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=seeds[row],
         )
         request = engine.make_request(prompt, row_params, max_new_tokens, eos_ids, stop, record_scores=record)
         if step_stops is not None:
@@ -394,20 +448,36 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
     if generation_config.return_dict_in_generate:
         finished = {}
         if record:
-            finished = finished_row_steps(model, input_ids, model_kwargs.get("attention_mask"), [r.output for r in requests],
-                                          longest, pad_id, logits_processor, [r.raw_logits for r in requests])
+            finished = finished_row_steps(
+                model,
+                input_ids,
+                model_kwargs.get("attention_mask"),
+                [r.output for r in requests],
+                longest,
+                pad_id,
+                logits_processor,
+                [r.raw_logits for r in requests],
+            )
         return GenerateDecoderOnlyOutput(
             sequences=sequences,
-            scores=_per_step(requests, "scores", finished, 1, longest, input_ids.device) if generation_config.output_scores else None,
-            logits=_per_step(requests, "raw_logits", finished, 0, longest, input_ids.device) if generation_config.output_logits else None,
+            scores=_per_step(requests, "scores", finished, 1, longest, input_ids.device)
+            if generation_config.output_scores
+            else None,
+            logits=_per_step(requests, "raw_logits", finished, 0, longest, input_ids.device)
+            if generation_config.output_logits
+            else None,
         )
     return sequences
 
 
-def _per_step(requests: list[Request], field: str, finished: dict, which: int, steps: int, device) -> tuple[torch.Tensor, ...]:
+def _per_step(
+    requests: list[Request], field: str, finished: dict, which: int, steps: int, device
+) -> tuple[torch.Tensor, ...]:
     """HF's layout: one ``[batch, vocab]`` tensor per generated step. A row that finished before the
     last step takes, for its remaining steps, what HF's loop computes for the pad tokens it feeds such
     a row (``finished``: row -> (raw logits, scores) from :func:`finished_row_steps`; ``which`` picks)."""
-    kept = [getattr(r, field)[: r.num_generated] + (finished[row][which] if row in finished else [])
-            for row, r in enumerate(requests)]  # rows cut back by a stopping criterion keep what they emitted
+    kept = [
+        getattr(r, field)[: r.num_generated] + (finished[row][which] if row in finished else [])
+        for row, r in enumerate(requests)
+    ]  # rows cut back by a stopping criterion keep what they emitted
     return tuple(torch.stack([row[step].to(device) for row in kept]) for step in range(steps))  # each [batch, vocab]

@@ -72,13 +72,17 @@ def probe_kv_shapes(model: PreTrainedModel, cache_arg: str, num_layers_hint: int
     except Exception as exc:  # the model cannot run on a paged cache with a prepared 4D mask
         raise ValueError(
             f"{name} cannot run on specbeam's paged KV cache: a one-token forward of two rows with a prepared 4D "
-            f"attention mask and a custom transformers Cache (keys laid out as the pool's gather) failed ({type(exc).__name__}: {exc})"
+            "attention mask and a custom transformers Cache (keys laid out as the pool's gather) failed "
+            f"({type(exc).__name__}: {exc})"
         ) from exc
     if not probe.shapes:
-        raise ValueError(f"{name} wrote nothing to its KV cache in a forward: specbeam needs a model that caches keys and values")
+        raise ValueError(
+            f"{name} wrote nothing to its KV cache in a forward: specbeam needs a model that caches keys and values"
+        )
     num_layers = max(num_layers_hint, max(probe.shapes) + 1)
     heads, k_dim, v_dim = probe.shapes[min(probe.shapes)]
-    # a layer that writes nothing reads the K/V another layer's update returned (Gemma 3n / 4 KV sharing): no pool of its own
+    # a layer that writes nothing reads the K/V another layer's update returned (Gemma 3n / 4 KV sharing):
+    # no pool of its own
     per_layer = tuple(probe.shapes.get(i, (0, k_dim, v_dim)) for i in range(num_layers))
     return KVShapes(num_layers, heads, k_dim, v_dim, per_layer if len(set(per_layer)) > 1 else None)
 
@@ -110,7 +114,8 @@ def attention_kind(model: PreTrainedModel, config) -> AttentionKind:
     if implementation not in MASKED_IMPLEMENTATIONS:
         raise ValueError(
             f"{name} runs attn_implementation={implementation!r}; specbeam passes a prepared 4D additive mask (a token "
-            f"tree attends to its ancestors only, not causally), which {sorted(MASKED_IMPLEMENTATIONS)} apply as given: "
+            "tree attends to its ancestors only, not causally), which "
+            f"{sorted(MASKED_IMPLEMENTATIONS)} apply as given: "
             f"load the model with one of them, or call model.set_attn_implementation('sdpa')"
         )
     if config.model_type in _INDEX_MASKED:
@@ -120,13 +125,18 @@ def attention_kind(model: PreTrainedModel, config) -> AttentionKind:
             "not supported"
         )
     if config.model_type in _ALIBI or getattr(config, "alibi", False):
-        raise ValueError(f"{name} uses ALiBi position biases built from a 2D attention mask; specbeam passes a prepared 4D mask and does not support it")
+        raise ValueError(
+            f"{name} uses ALiBi position biases built from a 2D attention mask; "
+            "specbeam passes a prepared 4D mask and does not support it"
+        )
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     if layer_types:
         unsupported = set(layer_types) - SUPPORTED_LAYER_TYPES
         if unsupported:
-            raise ValueError(f"{name} has layers of type {sorted(unsupported)}; specbeam supports {sorted(SUPPORTED_LAYER_TYPES)}")
+            raise ValueError(
+                f"{name} has layers of type {sorted(unsupported)}; specbeam supports {sorted(SUPPORTED_LAYER_TYPES)}"
+            )
         if not {"sliding_attention", "chunked_attention"} & set(layer_types):
             return AttentionKind(None, False)
         if "sliding_attention" in layer_types and not window:
@@ -161,7 +171,9 @@ def key_positions(kv: KVBatch) -> torch.Tensor:
     return keys
 
 
-def narrowed_masks(kv: KVBatch, kind: AttentionKind, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def narrowed_masks(
+    kv: KVBatch, kind: AttentionKind, dtype: torch.dtype
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The batch's additive mask ``[N, 1, T, K]`` (all zeros for one row and one token), and by layer
     type (``"sliding_attention"``, ``"chunked_attention"``) the masks of the layers that see less of
     the batch than that, where some key lies outside their window or chunk; on the host."""
@@ -184,7 +196,10 @@ def layer_masks(mask: torch.Tensor, narrowed: dict[str, torch.Tensor], kind: Att
     if not narrowed:
         return mask
     if kind.per_layer_type:
-        return {name: narrowed.get(name, mask) for name in ("full_attention", *sorted(SUPPORTED_LAYER_TYPES - {"full_attention"}))}
+        return {
+            name: narrowed.get(name, mask)
+            for name in ("full_attention", *sorted(SUPPORTED_LAYER_TYPES - {"full_attention"}))
+        }
     (only,) = narrowed.values()
     return only
 

@@ -49,7 +49,9 @@ def longrope_switches(model: nn.Module) -> list[_Switch]:
     switches = []
     for module in model.modules():
         rope_type = getattr(module, "rope_type", None)
-        by_layer = {None: rope_type} if isinstance(rope_type, str) else dict(rope_type) if isinstance(rope_type, dict) else {}
+        by_layer = (
+            {None: rope_type} if isinstance(rope_type, str) else dict(rope_type) if isinstance(rope_type, dict) else {}
+        )
         for layer_type, kind in by_layer.items():
             if kind == "longrope":
                 original_max = int(_rope_params(module, layer_type)["original_max_position_embeddings"])
@@ -63,8 +65,8 @@ def _long_frequencies(switch: _Switch) -> torch.Tensor:
     original = getattr(module, f"{prefix}original_inv_freq", None)
     if original is None:
         raise ValueError(
-            f"{type(module).__name__} uses longrope, but this transformers version keeps its frequencies where specbeam "
-            "does not look for them; not supported"
+            f"{type(module).__name__} uses longrope, but this transformers version keeps its frequencies "
+            "where specbeam does not look for them; not supported"
         )
     if getattr(module, f"{prefix}long_inv_freq", None) is None:  # HF makes it on the first long forward; make it so
         x = torch.zeros(1, 1, 1, device=original.device)  # [batch, seq, dim]: only its dtype and device are read
@@ -81,7 +83,8 @@ def rope_pinned(model: nn.Module, input_length: int, max_length: int):
     would switch sets part way. A no-op for models without longrope."""
     switches = longrope_switches(model)
     for s in switches:
-        # HF's forward for the last new token sees max_length - 1 tokens; long once a forward sees more than original_max
+        # HF's forward for the last new token sees max_length - 1 tokens; long once a forward sees more
+        # than original_max
         if input_length <= s.original_max < max_length - 1:
             raise ValueError(
                 f"{type(model).__name__} uses longrope: HF switches from its short to its long RoPE frequencies once "

@@ -67,7 +67,9 @@ class HFCausalLM:
         if not isinstance(model, PreTrainedModel):
             raise ValueError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
         if getattr(model.config, "is_encoder_decoder", False):
-            raise ValueError(f"{type(model).__name__} is an encoder-decoder model; specbeam drives decoder-only causal LMs")
+            raise ValueError(
+                f"{type(model).__name__} is an encoder-decoder model; specbeam drives decoder-only causal LMs"
+            )
         self.model = model
         config = _text_config(model)
         self.config = config
@@ -110,7 +112,9 @@ class HFCausalLM:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv: KVBatch, num_logits: int) -> torch.Tensor:
         device = self.device
-        mask, narrowed = narrowed_masks(kv, self.attention, self.dtype)  # [N, 1, T, K], and sliding / chunked layers' by type
+        mask, narrowed = narrowed_masks(
+            kv, self.attention, self.dtype
+        )  # [N, 1, T, K], and sliding / chunked layers' by type
         narrowed = {name: m.to(device) for name, m in narrowed.items()}
         attention_mask = layer_masks(mask.to(device), narrowed, self.attention)
         out = self.model(

@@ -33,6 +33,41 @@ transformers.logging.set_verbosity_error()
 
 import specbeam_core  # noqa: E402
 
+def pytest_configure(config):
+    """``-m "not slow"`` (the quick tier) leaves vLLM out: its modules skip without it, in CI too."""
+    if "not slow" in (config.option.markexpr or ""):
+        os.environ["SPECBEAM_QUICK_TIER"] = "1"
+
+
+# Single tests of tens of seconds each, marked slow here (whole slow modules carry their own
+# pytestmark): the statistical exactness checks that draw thousands of samples, the mutation runs,
+# the load-test runs and a whole evaluation. The full suite runs them; the quick tier (-m "not slow")
+# does not.
+SLOW_TESTS = (
+    "test_mutants.py::",
+    "test_sampling.py::test_speculative_sampling_is_exact",
+    "test_tree_decoding.py::test_tree_sampling_is_exact",
+    "test_tree_decoding.py::test_statistical_test_catches",
+    "test_prompt_lookup.py::test_engine_sampling_follows_the_target",
+    "test_prompt_lookup.py::test_tree_sampling_with_a_lookup_branch_follows_the_target",
+    "test_vocab_resize.py::test_sampling_stays_exact_with_a_smaller_draft_vocabulary",
+    "test_plain_torch_model.py::test_sampling_follows_the_plain_model",
+    "test_plain_torch_model.py::test_core_runs_a_plain_torch_model_without_transformers",
+    "test_hooks.py::test_engines_made_and_dropped_with_a_shared_plugin_manager",
+    "test_loadtests.py::test_sweep_",
+    "test_loadtests.py::test_locust_",
+    "test_evaluate.py::test_quick_run_writes_json_and_plots",  # these three share one whole evaluation
+    "test_evaluate.py::test_speculative_rows_reproduce_the_baselines",
+    "test_evaluate.py::test_greedy_outputs_and_perplexity_are_the_targets",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(pattern in item.nodeid for pattern in SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
+
+
 FAMILIES = ("llama", "gpt2", "opt", "qwen2")
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SECOND_STEP = ".ci/run's second step (a venv with transformers>=5.24 and no vLLM: pytest -m needs_new_transformers)"

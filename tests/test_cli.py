@@ -4,12 +4,16 @@ search, the JSON log, config files with flags overriding them, and one-line erro
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import DEMO_DIR
-from specbeam_hf.cli import main
+from specbeam_hf.app.cli import main
 
 PROMPT = "class Stack:\n    def __init__(self):\n"
 
@@ -168,3 +172,105 @@ def test_generate_with_a_draft_embedding_padded_to_another_size(tmp_path, capsys
     assert main(["generate", "--prompt", PROMPT, "--draft", str(tmp_path / "bare")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("specbeam generate: error:")]
     assert len(errors) == 1 and "draft has 4000 tokens, target has 4096" in errors[0], errors
+
+
+def _greedy_reference(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    target = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "target", dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids])
+    return target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                           do_sample=False)[0, ids.shape[1]:].tolist()
+
+
+def test_drafter_flags_keep_the_targets_output(tmp_path):
+    """--drafter tree (with --tree-width), --drafter lookup and --adaptive-length: the target's greedy output."""
+    ref = None
+    for flags in (["--drafter", "tree", "--tree-width", "2"], ["--drafter", "lookup"], ["--adaptive-length"]):
+        log = tmp_path / "run.json"
+        assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "12", *flags, "--json-log", str(log)]) == 0, flags
+        data = json.loads(log.read_text())
+        ref = ref or _greedy_reference(data["prompt_token_ids"], 12)
+        assert data["output_token_ids"] == ref[: len(data["output_token_ids"])] and data["output_token_ids"], flags
+
+
+def test_chat_template_and_system_prompt(tmp_path, capsys):
+    """--chat renders the prompt (and --system-prompt) through the tokenizer's chat template; a
+    tokenizer without one is a one-line error."""
+    assert main(["generate", "--prompt", "hi", "--chat"]) == 2
+    assert "has no chat template" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "hi", "--system-prompt", "be brief"]) == 2
+    assert "add --chat" in capsys.readouterr().err
+    chat = tmp_path / "chat_target"
+    chat.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        (chat / name).symlink_to(DEMO_DIR / "target" / name)
+    config = json.loads((DEMO_DIR / "target" / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    (chat / "tokenizer_config.json").write_text(json.dumps(config))
+    log = tmp_path / "chat.json"
+    assert main(["generate", "--target", str(chat), "--prompt", "def f():", "--chat", "--system-prompt", "be brief",
+                 "--max-new-tokens", "8", "--json-log", str(log)]) == 0
+    data = json.loads(log.read_text())
+    tok = AutoTokenizer.from_pretrained(DEMO_DIR / "target")
+    expected = tok("<system>be brief\n<user>def f():\n<assistant>", add_special_tokens=False)["input_ids"]
+    assert data["prompt_token_ids"] == expected
+    assert data["output_token_ids"] == _greedy_reference(expected, 8)[: len(data["output_token_ids"])]
+
+
+def test_piped_verbose_marks_token_kinds_with_symbols(capsys):
+    assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "12", "--verbose"]) == 0
+    out = capsys.readouterr().out  # not a terminal: colour alone would be lost
+    assert "[✓ accepted draft]" in out and "[✗ rejected draft]" in out
+    assert "[✓ " in out.split("tokens\n", 1)[1]  # the iteration lines themselves
+
+
+def test_help_is_fast_quiet_and_names_no_paths():
+    """``--help`` imports neither torch nor transformers, prints no absolute path and one default per option."""
+    code = ("import sys; from specbeam_hf.app.cli import main\n"
+            "try:\n    main(['generate', '--help'])\nfinally:\n"
+            "    print('HEAVY' if {'torch', 'transformers'} & set(sys.modules) else 'LIGHT')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.rstrip().endswith("LIGHT"), out
+    assert str(DEMO_DIR) not in out and "the shipped demo target" in out
+    for option in out.split("\n  -")[1:]:
+        assert " ".join(option.split()).count("default") <= 1, option
+
+
+def test_bad_device_and_offline_hub_name_fail_at_once(monkeypatch, capsys):
+    assert main(["generate", "--prompt", "x", "--device", "nonsense"]) == 2
+    assert "unknown --device" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    assert main(["generate", "--prompt", "x", "--target", "no-such-org/no-such-model"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "offline" in errors[0] and "local model folder" in errors[0], errors
+    assert time.perf_counter() - started < 10  # no retries
+
+
+def test_evaluate_tables_fit_80_columns():
+    from rich.console import Console
+
+    from specbeam_hf.app.evaluation.report import rich_tables
+
+    row = dict(mode="tree", label="tree gamma=4 width=3 budget=12", gamma=4, tree_width=3, tree_budget=12,
+               tokens_per_s=125.8, speedup_vs_greedy=1.29, acceptance_rate=0.23, per_token_acceptance=0.906,
+               tokens_per_target_pass=3.56, beam_steps_per_target_pass=1.01, exact=True, perplexity=1.89, bleu=14.61,
+               rouge1=0.154, rouge2=0.107, rougeL=0.154, distinct_1=0.456, distinct_2=0.554, beam_distinct_1=0.195,
+               beam_distinct_2=0.244, self_bleu=92.7)
+    results = {"meta": {"config": {"num_prompts": 8, "max_new_tokens": 40, "dtype": "float32", "gamma": 4},
+                        "threads": 1, "reference_perplexity": 9.17},
+               "modes": [row, dict(row, mode="spec_beam", num_beams=4)], "gamma_sweep": [row], "tree_sweep": [row]}
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    for table in rich_tables(results):
+        console.print(table)
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "tree 3×4/12" in text and "spec_beam B=4" in text
+
+
+def test_evaluate_mode_names_match_the_evaluation():
+    """The CLI checks --modes against its own copy of the names (so --help imports no torch)."""
+    from specbeam_hf.app.cli import EVAL_MODES
+    from specbeam_hf.app.evaluation.modes import MODES
+
+    assert EVAL_MODES == MODES

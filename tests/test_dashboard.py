@@ -9,7 +9,7 @@ import json
 import pytest
 
 from conftest import DEMO_DIR
-from specbeam_hf.dashboard.app import Dashboard
+from specbeam_hf.app.dashboard.app import Dashboard
 
 PROMPT = "def read_lines(path):\n    with open(path) as f:\n"
 
@@ -78,7 +78,7 @@ def test_only_json_and_png_inside_the_runs_folders(board):
 def test_collector_ignores_other_engines(board):
     from specbeam_core.stats import StepRecord
 
-    from specbeam_hf.dashboard.app import StepCollector
+    from specbeam_hf.app.dashboard.app import StepCollector
 
     c = StepCollector(source=1)
     rec = dict(step=1, request_ids=[0], num_drafted=[1], num_accepted=[1], bonus=[True], drafted_tokens=[[5]],
@@ -86,3 +86,30 @@ def test_collector_ignores_other_engines(board):
     c.specbeam_on_step(StepRecord(source=2, **rec))
     c.specbeam_on_step(StepRecord(source=1, **rec))
     assert [r.source for r in c.drain()] == [1] and c.drain() == []
+
+
+def test_every_example_prompt_gets_a_full_continuation(board):
+    """The page's examples (its default first) and the held-out prompts: no early end of text."""
+    from specbeam_hf.app.dashboard.app import EXAMPLE_PROMPTS
+    from specbeam_hf.app.evaluation.task import load_passages
+
+    for prompt in [*EXAMPLE_PROMPTS, *(p.prompt for p in load_passages(8))]:
+        done = _events(board.events(prompt, "speculative-greedy", 4, 32, 1.0, None, 3))[-1]
+        assert done[0] == "done" and done[1]["finish_reason"] == "length", (prompt, done)
+
+
+def test_no_absolute_paths_and_only_the_cited_runs(tmp_path):
+    from specbeam_hf.app.dashboard.app import display_folder
+    from specbeam_hf.app.models import display_name
+
+    assert display_name(str(DEMO_DIR / "target")) == "demo target" and display_name("org/model") == "org/model"
+    results = tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    for name in ("cited.json", "cited.png", "old_run2.json"):
+        (results / name).write_text("{}")
+    (tmp_path / "bench" / "README.md").write_text("Canonical: [run](results/cited.json), ![plot](results/cited.png)\n")
+    board = Dashboard.__new__(Dashboard)  # the runs listing alone, no models
+    board.runs_dirs = [results]
+    files = board.list_runs()
+    assert {f["path"] for f in files} == {"cited.json", "cited.png"}
+    assert not any(f["folder"].startswith("/") for f in files) and not display_folder(results).startswith("/")

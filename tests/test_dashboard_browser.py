@@ -31,6 +31,9 @@ MAX_NEW = 16
 GAMMA = 3
 
 
+pytestmark = pytest.mark.slow  # drives a browser: not in the quick tier (-m "not slow")
+
+
 def _chromium() -> tuple[str | None, str | None]:
     browser = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and os.path.exists(p)), None)
     driver = next((p for p in ("/usr/bin/chromedriver", shutil.which("chromedriver") or "") if p and os.path.exists(p)), None)
@@ -79,7 +82,7 @@ def dashboard(tmp_path_factory):
     }))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "specbeam_hf.cli", "dashboard", "--port", "0", "--runs-dir", str(runs)],
+        [sys.executable, "-m", "specbeam_hf.app.cli", "dashboard", "--port", "0", "--runs-dir", str(runs)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     url, lines = None, []

@@ -23,6 +23,9 @@ PROMPTS = [
 ]
 
 
+pytestmark = pytest.mark.slow  # the demo pair at length, minutes: not in the quick tier (-m "not slow")
+
+
 def load(dtype, device: str = "cpu"):
     tok = AutoTokenizer.from_pretrained(DEMO_DIR / "target", padding_side="left")
     target = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "target", dtype=dtype).to(device).eval()

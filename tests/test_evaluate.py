@@ -15,9 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import DEMO_DIR, build_model
-from specbeam_hf.cli import main
-from specbeam_hf.evaluation import metrics
-from specbeam_hf.evaluation.task import PASSAGES, load_passages, reference_text
+from specbeam_hf.app.cli import main
+from specbeam_hf.app.evaluation import metrics
+from specbeam_hf.app.evaluation.task import PASSAGES, load_passages, reference_text
 
 REPO = Path(__file__).resolve().parent.parent
 MODE_KEYS = {"mode", "label", "seconds", "new_tokens", "tokens_per_s", "speedup_vs_greedy", "perplexity", "bleu",

@@ -404,6 +404,6 @@ def test_replica_env_splits_gpus_and_cores():
     argv = build_command(ServerSpec("specbeam", builtin=CONFIGS["specbeam"]), Ctx("T", "D", 4), "127.0.0.1", 9,
                          CommonFlags(tensor_parallel_size=2, extra=["--seed", "1"]))
     assert argv[argv.index("--tensor-parallel-size") + 1] == "2" and argv[-2:] == ["--seed", "1"]
-    assert argv[argv.index("serve") - 1] == "specbeam_hf.cli"  # specbeam serve, which sets the speculative config
+    assert argv[argv.index("serve") - 1] == "specbeam_hf.app.cli"  # specbeam serve, which sets the speculative config
     assert argv[argv.index("--num-speculative-tokens") + 1] == "4"
     assert argv[argv.index("--port") + 1] == "9"

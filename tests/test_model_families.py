@@ -44,6 +44,9 @@ TWEAKS = {
 MIN_DISTINCT = 5  # distinct tokens each compared row's new tokens must hold (14 new tokens here)
 
 
+pytestmark = pytest.mark.slow  # many model families, minutes: not in the quick tier (-m "not slow")
+
+
 def assert_varied(sequences: torch.Tensor, width: int, min_distinct: int = MIN_DISTINCT) -> None:
     """Every row's new tokens hold at least ``min_distinct`` distinct tokens: degenerate text (one
     token repeated) cannot stand in for a comparison."""

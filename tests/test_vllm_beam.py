@@ -45,6 +45,9 @@ CASES = [(2, 12, 1.0, False), (4, 12, 1.0, False), (4, 14, 0.5, False), (2, 10, 
 LONG_CASE = (2, 8, 1.0, False)
 
 
+pytestmark = pytest.mark.slow  # starts vLLM: not in the quick tier (-m "not slow")
+
+
 @pytest.fixture(scope="module")
 def llm():
     engine = vllm.LLM(TARGET, max_model_len=512, enforce_eager=True, dtype="bfloat16", max_num_seqs=64, seed=0)

@@ -28,6 +28,9 @@ from specbeam_vllm.drafter import check_on_device, sample_drafts  # noqa: E402
 SPEC = {"method": "specbeam", "model": "/drafts/d", "num_speculative_tokens": 4}
 
 
+pytestmark = pytest.mark.slow  # needs vLLM: not in the quick tier (-m "not slow")
+
+
 def test_translation_runs_vllms_draft_model_path_with_specbeams_options():
     spec, extra = config.translate({**SPEC, "hold_steps": 4}, {"specbeam": {"trials": 3}, "other": 1})
     assert spec == {"method": "draft_model", "model": "/drafts/d", "num_speculative_tokens": 4,

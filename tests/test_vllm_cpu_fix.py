@@ -12,6 +12,9 @@ require_vllm()
 from specbeam_vllm import cpu_fix  # noqa: E402
 
 
+pytestmark = pytest.mark.slow  # needs vLLM: not in the quick tier (-m "not slow")
+
+
 @pytest.fixture(scope="module")
 def vllm_cpu_expand():
     from vllm.platforms import current_platform

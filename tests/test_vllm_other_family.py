@@ -25,6 +25,9 @@ PROMPTS = ["def fibonacci(n):\n", "The old man walked", "import os\nimport sys\n
 MAX_TOKENS = 32
 
 
+pytestmark = pytest.mark.slow  # starts vLLM servers: not in the quick tier (-m "not slow")
+
+
 @pytest.fixture(scope="module")
 def qwen_pair(tmp_path_factory):
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM

@@ -34,6 +34,9 @@ P_MIN = 1e-3
 FLAGS = [("256" if prev == "--max-model-len" else f) for prev, f in zip([None] + COMMON_FLAGS, COMMON_FLAGS)]
 
 
+pytestmark = pytest.mark.slow  # starts vLLM servers: not in the quick tier (-m "not slow")
+
+
 def sample_outputs(url: str) -> dict[str, list[list[int]]]:
     jobs = [(kind, seed) for seed in range(N) for kind in KINDS]  # interleaved: every batch mixes the kinds
 

@@ -33,6 +33,9 @@ FLAGS16 = [("16" if prev == "--max-num-seqs" else f) for prev, f in zip([None] +
 POLICY = {"hold_steps": 2, "settle_steps": 0, "trials": 1, "explore_every": 1}
 
 
+pytestmark = pytest.mark.slow  # starts vLLM servers: not in the quick tier (-m "not slow")
+
+
 def greedy_ids(url: str, prompt: str) -> list[int]:
     return token_ids(completion(url, prompt, MAX_TOKENS))
 

@@ -19,7 +19,10 @@ from conftest import DEMO_DIR  # noqa: E402
 TARGET, DRAFT = str(DEMO_DIR / "target"), str(DEMO_DIR / "draft")
 PROMPTS = ["def fibonacci(n):\n", "The old man walked", "import os\n"]
 
-pytestmark = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel ranks need two CPUs")
+pytestmark = [
+    pytest.mark.slow,  # starts vLLM servers: not in the quick tier (-m "not slow")
+    pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel ranks need two CPUs"),
+]
 
 
 @pytest.fixture(scope="module")

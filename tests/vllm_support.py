@@ -20,7 +20,7 @@ def require_vllm():
     try:
         import vllm  # noqa: F401
     except Exception as err:  # ImportError, or torchvision's RuntimeError
-        if os.environ.get("CI"):
+        if os.environ.get("CI") and not os.environ.get("SPECBEAM_QUICK_TIER"):  # the quick tier runs without vLLM
             raise RuntimeError(f"vLLM must be importable in CI: {err}") from err
         pytest.skip(f"vLLM not importable ({type(err).__name__}: {err}); install with python -m specbeam_vllm.install",
                     allow_module_level=True)

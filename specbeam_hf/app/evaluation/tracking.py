@@ -43,7 +43,8 @@ def start_tracking(config) -> WandbTracker:
         import wandb
     except ImportError:
         raise TrackingUnavailable(
-            "--track needs Weights & Biases: pip install wandb (or pip install 'specbeam[track]'); runs are kept offline"
+            "--track needs Weights & Biases: pip install wandb (or pip install 'specbeam[track]'); "
+            "runs are kept offline"
         ) from None
     os.environ["WANDB_MODE"] = "offline"  # never reach the network
     os.environ.setdefault("WANDB_SILENT", "true")

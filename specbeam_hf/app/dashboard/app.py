@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -25,8 +26,10 @@ from typing import Any, AsyncIterator, Iterator
 from specbeam_core import SamplingParams, hookimpl
 from specbeam_core.stats import StepRecord
 
+from ..models import display_name
+
 STATIC = Path(__file__).parent / "static"
-REPO = Path(__file__).resolve().parent.parent.parent
+REPO = Path(__file__).resolve().parents[3]  # the clone: specbeam_hf/app/dashboard/app.py
 # mode name -> (drafter, do_sample)
 MODES = {
     "speculative-greedy": ("draft_model", False),
@@ -34,11 +37,15 @@ MODES = {
     "tree-greedy": ("draft_tree", False),
     "tree-sample": ("draft_tree", True),
 }
+# The demo models are two tiny models trained on CPython's standard library: they continue Python
+# code the way stdlib modules are written. Each example below gets a full continuation from them (no
+# early end of text) and a high acceptance rate; a prompt that ends on a bare newline, or names
+# something the stdlib never defines, often gets neither. The first is the page's default.
 EXAMPLE_PROMPTS = [
-    "def fibonacci(n):\n",
-    "class Stack:\n    def __init__(self):\n",
-    "import os\nimport sys\n\n\ndef main():\n",
-    "def read_lines(path):\n    with open(path) as f:\n",
+    "class Stack:",
+    'class Stack:\n    """A last-in, first-out stack."""\n\n    def __len__(self):\n        return len(self.',
+    'import os\nimport sys\n\n\ndef main():\n    """',
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
 ]
 MAX_NEW_TOKENS = 512
 
@@ -46,6 +53,36 @@ MAX_NEW_TOKENS = 512
 def default_runs_dirs() -> list[Path]:
     """benchmarks/results (the benchmark JSON + PNGs) and runs/ (``specbeam evaluate``'s default output)."""
     return [REPO / "benchmarks" / "results", Path("runs").resolve()]
+
+
+def _citing_docs(folder: Path) -> list[Path]:
+    """The Markdown files that name a runs folder's canonical files: ``README.md`` in or beside the
+    folder (``benchmarks/README.md`` for ``benchmarks/results``) and, for the clone's own results, the
+    clone's README.md, BENCHMARKS.md and docs/."""
+    docs = [folder / "README.md", folder.parent / "README.md"]
+    if folder.resolve() == (REPO / "benchmarks" / "results").resolve():
+        docs += [REPO / "README.md", REPO / "BENCHMARKS.md", *sorted((REPO / "docs").glob("**/*.md"))]
+    return [d for d in docs if d.is_file()]
+
+
+def canonical_names(folder: Path) -> set[str] | None:
+    """The file names the docs of ``folder`` cite (:func:`_citing_docs`), or None when no such docs
+    exist (then every JSON and PNG file in it is listed)."""
+    docs = _citing_docs(folder)
+    if not docs:
+        return None
+    text = "\n".join(d.read_text(encoding="utf-8", errors="replace") for d in docs)
+    return set(re.findall(r"[\w.+-]+\.(?:json|png)", text))
+
+
+def display_folder(folder: Path) -> str:
+    """A runs folder as the page shows it: relative to the clone or the working folder, never absolute."""
+    for base in (REPO, Path.cwd()):
+        try:
+            return folder.resolve().relative_to(base.resolve()).as_posix() or "."
+        except ValueError:
+            continue
+    return folder.name
 
 
 class StepCollector:
@@ -73,28 +110,33 @@ class Dashboard:
     """The models and the generation loop behind the app."""
 
     def __init__(self, target: str, draft: str, dtype: str = "float32", runs_dirs: list[Path] | None = None) -> None:
-        from specbeam_hf.cli import _vocab_resize, load_model, load_tokenizer
+        from ..models import load_pair
 
         self.target_name, self.draft_name, self.dtype = target, draft, dtype
-        self.tokenizer = load_tokenizer(target)
-        self.target = load_model(target, "target", dtype)
-        self.draft = load_model(draft, "draft", dtype)
-        self.draft_options = _vocab_resize(draft, self.draft, self.target, self.tokenizer)  # a padded embedding
+        pair = load_pair(target, draft, dtype)
+        self.tokenizer, self.target, self.draft = pair.tokenizer, pair.target, pair.draft
+        self.draft_options = pair.draft_options  # a padded embedding
+        self.eos_ids = pair.eos_ids
         self.runs_dirs = [Path(d) for d in (runs_dirs if runs_dirs is not None else default_runs_dirs())]
         self.lock = threading.Lock()
         self._assistants: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------ runs and plots
     def list_runs(self) -> list[dict[str, Any]]:
+        """The JSON runs and PNG plots of every runs folder; where docs cite that folder's files, only
+        the cited (canonical) ones."""
         out = []
         for i, folder in enumerate(self.runs_dirs):
             if not folder.is_dir():
                 continue
+            canonical = canonical_names(folder)
             for path in sorted(folder.rglob("*")):
                 if path.suffix not in (".json", ".png") or not path.is_file() or "wandb" in path.parts:
                     continue
+                if canonical is not None and path.name not in canonical:
+                    continue
                 rel = path.relative_to(folder).as_posix()
-                out.append({"dir": i, "folder": str(folder), "path": rel, "kind": path.suffix[1:],
+                out.append({"dir": i, "folder": display_folder(folder), "path": rel, "kind": path.suffix[1:],
                             "url": f"/files/{i}/{rel}", "bytes": path.stat().st_size, "mtime": path.stat().st_mtime})
         return out
 
@@ -152,8 +194,6 @@ class Dashboard:
     def events(self, prompt: str, mode: str, gamma: int, max_new_tokens: int, temperature: float, seed: int | None,
                tree_width: int, cancel: threading.Event | None = None) -> Iterator[str]:
         """One generation as server-sent events (runs in the calling thread)."""
-        from specbeam_hf.cli import _eos_ids
-
         if mode not in MODES:
             yield _sse("error", {"message": f"unknown mode {mode!r}; known: {', '.join(MODES)}"})
             return
@@ -161,23 +201,34 @@ class Dashboard:
             yield _sse("error", {"message": "empty prompt"})
             return
         if not 1 <= gamma <= 16 or not 1 <= max_new_tokens <= MAX_NEW_TOKENS or not 1 <= tree_width <= 8:
-            yield _sse("error", {"message": f"need 1 <= gamma <= 16, 1 <= max_new_tokens <= {MAX_NEW_TOKENS}, 1 <= tree_width <= 8"})
+            limits = f"need 1 <= gamma <= 16, 1 <= max_new_tokens <= {MAX_NEW_TOKENS}, 1 <= tree_width <= 8"
+            yield _sse("error", {"message": limits})
             return
         drafter, do_sample = MODES[mode]
         if not self.lock.acquire(timeout=120):
             yield _sse("error", {"message": "another generation is still running; try again"})
             return
         try:
-            params = SamplingParams(do_sample=True, temperature=temperature, seed=seed) if do_sample else SamplingParams()
+            params = (
+                SamplingParams(do_sample=True, temperature=temperature, seed=seed) if do_sample else SamplingParams()
+            )
             engine = self.engine(drafter, gamma, tree_width)
             prompt_ids = self.tokenizer(prompt)["input_ids"]
-            request = engine.make_request(prompt_ids, params, max_new_tokens, _eos_ids(self.tokenizer, self.target))
+            request = engine.make_request(prompt_ids, params, max_new_tokens, self.eos_ids)
             collector = StepCollector(id(engine))
             engine.pm.register(collector)
             totals = dict.fromkeys(("steps", "drafted", "accepted", "recovered", "bonus", "tokens"), 0)
             seconds = 0.0
-            yield _sse("start", {"mode": mode, "gamma": gamma, "prompt": prompt, "prompt_tokens": len(prompt_ids),
-                                 "tree": drafter == "draft_tree"})
+            yield _sse(
+                "start",
+                {
+                    "mode": mode,
+                    "gamma": gamma,
+                    "prompt": prompt,
+                    "prompt_tokens": len(prompt_ids),
+                    "tree": drafter == "draft_tree",
+                },
+            )
             try:
                 engine.reserve([request])
                 engine.add(request)
@@ -195,11 +246,15 @@ class Dashboard:
                 engine.abort(request)
                 engine.pm.unregister(collector)
             output = list(request.output)
-            yield _sse("done", {
-                "text": self.tokenizer.decode(output, skip_special_tokens=True),
-                "token_ids": output, "finish_reason": request.finish_reason,
-                "summary": self._summary(totals, seconds) | {"wall_seconds": wall},
-            })
+            yield _sse(
+                "done",
+                {
+                    "text": self.tokenizer.decode(output, skip_special_tokens=True),
+                    "token_ids": output,
+                    "finish_reason": request.finish_reason,
+                    "summary": self._summary(totals, seconds) | {"wall_seconds": wall},
+                },
+            )
         except ValueError as exc:  # a bad request (e.g. past the position limit)
             yield _sse("error", {"message": str(exc)})
         finally:
@@ -233,10 +288,13 @@ class Dashboard:
 
     @staticmethod
     def _summary(totals: dict[str, int], seconds: float) -> dict[str, Any]:
-        return dict(totals, seconds=seconds,
-                    acceptance_rate=totals["accepted"] / totals["drafted"] if totals["drafted"] else 0.0,
-                    tokens_per_pass=totals["tokens"] / totals["steps"] if totals["steps"] else 0.0,
-                    tokens_per_s=totals["tokens"] / seconds if seconds > 0 else 0.0)
+        return dict(
+            totals,
+            seconds=seconds,
+            acceptance_rate=totals["accepted"] / totals["drafted"] if totals["drafted"] else 0.0,
+            tokens_per_pass=totals["tokens"] / totals["steps"] if totals["steps"] else 0.0,
+            tokens_per_s=totals["tokens"] / seconds if seconds > 0 else 0.0,
+        )
 
 
 def create_app(target: str, draft: str, dtype: str = "float32", runs_dirs: list[Path] | None = None):
@@ -253,23 +311,37 @@ def create_app(target: str, draft: str, dtype: str = "float32", runs_dirs: list[
 
     @app.get("/api/info")
     def info():
-        from specbeam_hf.evaluation.task import load_passages
+        from ..evaluation.task import load_passages
 
         prompts = [{"name": p.splitlines()[0][:60], "text": p} for p in EXAMPLE_PROMPTS]
         prompts += [{"name": f"held-out: {p.id}", "text": p.prompt} for p in load_passages(8)]
-        return {"target": board.target_name, "draft": board.draft_name, "dtype": board.dtype,
-                "modes": list(MODES), "prompts": prompts, "max_new_tokens": MAX_NEW_TOKENS}
+        return {
+            "target": display_name(board.target_name),
+            "draft": display_name(board.draft_name),
+            "dtype": board.dtype,
+            "modes": list(MODES),
+            "prompts": prompts,
+            "max_new_tokens": MAX_NEW_TOKENS,
+        }
 
     @app.get("/api/generate")
-    def generate(prompt: str, mode: str = "speculative-greedy", gamma: int = Query(4), max_new_tokens: int = Query(48),
-                 temperature: float = Query(0.8), seed: int | None = Query(None), tree_width: int = Query(3)):
+    def generate(
+        prompt: str,
+        mode: str = "speculative-greedy",
+        gamma: int = Query(4),
+        max_new_tokens: int = Query(48),
+        temperature: float = Query(0.8),
+        seed: int | None = Query(None),
+        tree_width: int = Query(3),
+    ):
         events = board.stream(prompt, mode, gamma, max_new_tokens, temperature, seed, tree_width)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     @app.get("/api/runs")
     def runs():
-        return {"folders": [str(d) for d in board.runs_dirs], "files": board.list_runs()}
+        return {"folders": [display_folder(d) for d in board.runs_dirs], "files": board.list_runs()}
 
     @app.get("/files/{index}/{rel:path}")
     def files(index: int, rel: str):

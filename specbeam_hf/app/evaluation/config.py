@@ -38,8 +38,16 @@ class EvalConfig:
     @classmethod
     def quick_defaults(cls, **overrides) -> "EvalConfig":
         """A CI-sized run: 2 prompts, 12 tokens, 2 beams, a 2-point γ sweep and a 2-point tree sweep."""
-        values = dict(num_prompts=2, max_new_tokens=12, num_beams=2, gammas=(2, 4), tree_widths=(2,), tree_budgets=(4, 8),
-                      repeats=1, quick=True)
+        values = dict(
+            num_prompts=2,
+            max_new_tokens=12,
+            num_beams=2,
+            gammas=(2, 4),
+            tree_widths=(2,),
+            tree_budgets=(4, 8),
+            repeats=1,
+            quick=True,
+        )
         values.update(overrides)
         return cls(**values)
 
@@ -48,13 +56,19 @@ class EvalConfig:
         if unknown:
             raise ValueError(f"unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
         if "greedy" not in self.modes:
-            raise ValueError("the greedy mode is the baseline of every speed-up and exactness check; keep it in --modes")
+            raise ValueError(
+                "the greedy mode is the baseline of every speed-up and exactness check; keep it in --modes"
+            )
         for name in ("num_prompts", "max_new_tokens", "gamma", "num_beams", "tree_width", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_beams < 2 and any(m in self.modes for m in ("beam", "spec_beam")):
             raise ValueError("beam modes need num_beams >= 2")
-        if any(g < 1 for g in self.gammas) or any(w < 1 for w in self.tree_widths) or any(b < 1 for b in self.tree_budgets):
+        if (
+            any(g < 1 for g in self.gammas)
+            or any(w < 1 for w in self.tree_widths)
+            or any(b < 1 for b in self.tree_budgets)
+        ):
             raise ValueError("sweep values must be >= 1")
 
     def to_json(self) -> dict:

@@ -33,7 +33,10 @@ def plot_modes(results: dict[str, Any], path: Path) -> None:
         axes[-1].axhline(results["meta"]["reference_perplexity"], color="gray", linestyle=":", label="reference text")
         axes[-1].legend(fontsize=7)
     cfg = results["meta"]["config"]
-    fig.suptitle(f"decoding modes — demo pair, {cfg['dtype']}, {cfg['num_prompts']} held-out prompts × {cfg['max_new_tokens']} tokens")
+    fig.suptitle(
+        f"decoding modes — demo pair, {cfg['dtype']}, "
+        f"{cfg['num_prompts']} held-out prompts × {cfg['max_new_tokens']} tokens"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -78,8 +81,16 @@ def plot_tree(results: dict[str, Any], path: Path) -> None:
     ax1.axhline(greedy["tokens_per_s"], color="gray", linestyle=":", label="greedy (target only)")
     chain = [r for r in results["gamma_sweep"] if r["gamma"] == (rows[0]["gamma"] if rows else None)]
     if chain:
-        ax1.axhline(chain[0]["tokens_per_s"], color="black", linestyle="--", linewidth=1, label=f"chain γ={chain[0]['gamma']}")
-        ax2.axhline(chain[0]["tokens_per_target_pass"], color="black", linestyle="--", linewidth=1, label=f"chain γ={chain[0]['gamma']}")
+        ax1.axhline(
+            chain[0]["tokens_per_s"], color="black", linestyle="--", linewidth=1, label=f"chain γ={chain[0]['gamma']}"
+        )
+        ax2.axhline(
+            chain[0]["tokens_per_target_pass"],
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"chain γ={chain[0]['gamma']}",
+        )
     depth = rows[0]["gamma"] if rows else "?"
     for ax, ylabel in ((ax1, "new tokens / s"), (ax2, "tokens per target pass")):
         ax.set_xlabel("tree node budget")
@@ -94,7 +105,11 @@ def plot_tree(results: dict[str, Any], path: Path) -> None:
 
 def write_all(results: dict[str, Any], out: Path, stem: str) -> list[str]:
     paths = []
-    for suffix, fn, needed in (("modes", plot_modes, "modes"), ("gamma", plot_gamma, "gamma_sweep"), ("tree", plot_tree, "tree_sweep")):
+    for suffix, fn, needed in (
+        ("modes", plot_modes, "modes"),
+        ("gamma", plot_gamma, "gamma_sweep"),
+        ("tree", plot_tree, "tree_sweep"),
+    ):
         if not results.get(needed):
             continue
         path = Path(out) / f"{stem}_{suffix}.png"

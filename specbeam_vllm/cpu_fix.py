@@ -26,7 +26,7 @@ import logging
 
 import torch
 
-from .config import vllm_version
+from .version import vllm_version
 
 logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers print ours
 

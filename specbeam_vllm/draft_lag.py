@@ -88,7 +88,8 @@ class DraftLag:
         current: list[SkippedStep] = []
         size = 0
         for step in self.steps:
-            n = sum(int(step.query_start[i + 1] - step.query_start[i]) for i, r in enumerate(step.req_ids) if r in row_of)
+            n = sum(int(step.query_start[i + 1] - step.query_start[i])
+                    for i, r in enumerate(step.req_ids) if r in row_of)
             if current and size + n > budget:
                 chunks.append(_gather(current, row_of))
                 current, size = [], 0

@@ -54,7 +54,8 @@ def check_imports() -> None:
     subprocess.run([sys.executable, "-c", IMPORT_CHECK], check=True)
     kernels = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True)
     if kernels.returncode != 0:  # the package imports, but none of its compiled kernels loads on this machine
-        print(f"warning: vLLM's compiled kernels do not load here (exit {kernels.returncode}): `vllm serve` will not run")
+        print(f"warning: vLLM's compiled kernels do not load here (exit {kernels.returncode}): "
+              "`vllm serve` will not run")
 
 
 def main() -> int:

@@ -19,25 +19,9 @@ import logging
 import os
 
 from . import config
+from .activate import activate
 
 logger = logging.getLogger("vllm.specbeam")  # under vLLM's logger: its handlers print ours
-
-_active = False
-
-
-def activate(front_end: bool = False) -> None:
-    """Install specbeam's engine side in this process (idempotent)."""
-    global _active
-    if not _active:
-        from . import cpu_fix, drafter
-
-        drafter.install()
-        cpu_fix.install()
-        _active = True
-    if front_end:
-        from . import metrics
-
-        metrics.install()
 
 
 def register() -> None:

@@ -65,7 +65,8 @@ def check_setup(args: argparse.Namespace) -> dict:
     if target_vocab is not None and draft_vocab is not None and target_vocab != draft_vocab:
         differ = sum(1 for tok, i in target_vocab.items() if draft_vocab.get(tok) != i)
         raise SetupError(f"draft {args.draft!r} has a different vocabulary from target {args.target!r} "
-                         f"({differ} of {len(target_vocab)} tokens differ; sizes {len(draft_vocab)} vs {len(target_vocab)})")
+                         f"({differ} of {len(target_vocab)} tokens differ; "
+                         f"sizes {len(draft_vocab)} vs {len(target_vocab)})")
     return extra
 
 
@@ -73,8 +74,9 @@ def check_vllm() -> None:
     """vLLM is installed, of the supported version, and imports the way its server will."""
     import subprocess
 
-    from .config import SetupError as VersionError, check_vllm_version
     from .install import IMPORT_CHECK
+    from .version import SetupError as VersionError
+    from .version import check_vllm_version
 
     try:
         check_vllm_version()

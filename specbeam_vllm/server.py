@@ -168,5 +168,5 @@ def draft_length_steps(url: str) -> dict[int, float]:
 def kv_idle(url: str) -> bool:
     """True when no request runs or waits and vLLM's KV cache holds no block for one."""
     metrics = read_metrics(url)
-    return (metric_sum(metrics, "vllm:num_requests_running") == 0 and metric_sum(metrics, "vllm:num_requests_waiting") == 0
-            and metric_sum(metrics, "vllm:kv_cache_usage_perc") == 0.0)
+    busy = metric_sum(metrics, "vllm:num_requests_running") + metric_sum(metrics, "vllm:num_requests_waiting")
+    return busy == 0 and metric_sum(metrics, "vllm:kv_cache_usage_perc") == 0.0

@@ -12,14 +12,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("specbeam_core", "specbeam_hf", "specbeam_vllm", "loadtests")
 
-# Known edges of the vLLM adapter that close a cycle, allowed until its rewrite removes them, as
-# (importer, imported) pairs: config.py imports plugin.py inside a function while plugin.py imports
-# config.py. (It held the old proposer's three edges, proposer -> specbeam_hf.fast_draft and
-# proposer <-> runner_hooks, until the rewrite deleted those modules.) Empty it when this one is gone;
+# Known edges that close a cycle, allowed while a rewrite removes them, as (importer, imported) pairs.
 # test_known_vllm_rewrite_edges_still_exist fails on an entry the code no longer has.
-KNOWN_VLLM_REWRITE: set[tuple[str, str]] = {
-    ("specbeam_vllm.config", "specbeam_vllm.plugin"),
-}
+KNOWN_VLLM_REWRITE: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

@@ -53,7 +53,7 @@ def _draft_model(c: Ctx) -> list[str]:
 
 
 def _specbeam(c: Ctx) -> list[str]:
-    # `specbeam serve` checks the setup, then execs vLLM's API server with specbeam's two flags
+    # `specbeam serve` checks the setup, then execs vLLM's API server with specbeam's flag
     return [c.python, "-m", "specbeam_hf.app.cli", "serve", "--target", c.target, "--draft", c.draft,
             "--num-speculative-tokens", str(c.k)]
 

@@ -24,7 +24,7 @@ import sys
 from typing import Any
 
 from .options import SECTION, option_names, parse_options
-from .version import SetupError, check_vllm_version, vllm_version  # noqa: F401 (vllm_version: re-exported)
+from .version import SetupError, check_vllm_version
 
 METHOD = "specbeam"
 ACTIVE_ENV = "SPECBEAM_VLLM_ACTIVE"  # set in processes whose engines run specbeam, inherited by their children

@@ -111,10 +111,11 @@ class DraftLengthMixin:
         scheduled = scheduler_output.scheduled_spec_decode_tokens
         drafted = [len(scheduled.get(req_id, ())) for req_id in model_runner_output.req_ids]
         accepted = [min(max(len(tokens) - 1, 0), d) for tokens, d in zip(sampled, drafted)]
+        drafted_tokens = [scheduled.get(r, ()) for r in model_runner_output.req_ids]  # vLLM's lists, read-only
         return StepRecord(source=id(self), step=self._step, request_ids=list(model_runner_output.req_ids),
                           num_drafted=drafted, num_accepted=accepted,
                           bonus=[d > 0 and a == d for d, a in zip(drafted, accepted)],
-                          drafted_tokens=[list(scheduled.get(r, ())) for r in model_runner_output.req_ids],
+                          drafted_tokens=drafted_tokens,
                           emitted_tokens=sampled, draft_forwards=1 if any(drafted) else 0, target_forwards=1,
                           seconds=seconds)
 

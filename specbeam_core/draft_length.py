@@ -13,6 +13,11 @@ the batch size rounded up to a power of two, and whether a logits processor runs
 A serving engine that pipelines its steps sees a choice take effect a step or two late: the drafts
 proposed at one step are verified at the next. There a choice is held for ``hold_steps`` steps, and
 the first ``settle_steps`` of them, still paying for the previous length, are not measured.
+
+With ``local=True`` each workload searches around one length instead of trying them all (see
+:class:`~specbeam_core.depth_chooser.DepthChooser`): a new batch-size bucket starts at the best
+length of the nearest bucket measured so far, and only the lengths next to the best are re-measured.
+A server whose batch size keeps moving then pays for few steps at lengths far from the best.
 """
 
 from __future__ import annotations
@@ -26,12 +31,12 @@ class AdaptiveDraftLength:
     """Register on an engine's plugin manager: ``pm.register(AdaptiveDraftLength(4))``."""
 
     def __init__(self, max_length: int, trials: int = 2, explore_every: int = 16, hold_steps: int = 1,
-                 settle_steps: int = 0) -> None:
+                 settle_steps: int = 0, local: bool = False) -> None:
         check_int(max_length, "max_length")
         if not 0 <= settle_steps < hold_steps:
             raise ValueError(f"need 0 <= settle_steps < hold_steps, got settle_steps={settle_steps}, "
                              f"hold_steps={hold_steps}")
-        self.chooser = DepthChooser(max_length, trials=trials, explore_every=explore_every)
+        self.chooser = DepthChooser(max_length, trials=trials, explore_every=explore_every, local=local)
         self.hold_steps, self.settle_steps = hold_steps, settle_steps
         self.clock = 0.0  # summed seconds of the measured steps
         self.emitted = 0  # tokens emitted by the measured steps
@@ -49,7 +54,7 @@ class AdaptiveDraftLength:
     def specbeam_draft_length(self, requests, default: int) -> int:
         workload = self.workload(requests)
         if workload != self._workload:
-            self.chooser.begin_search(workload)
+            self.chooser.begin_search(workload, hint=self._nearest_best(workload))
             self._workload = workload
             self._held = 0
         if 0 < self._held < self.hold_steps:
@@ -62,6 +67,15 @@ class AdaptiveDraftLength:
             self._settling = self.settle_steps
         self.length, self._held = length, 1
         return length
+
+    def _nearest_best(self, workload: tuple[int, bool]) -> int | None:
+        """The best length of the measured workload nearest to ``workload`` (same processor flag), if any."""
+        size, processors = workload
+        measured = [w for w in self.chooser.workloads if w[1] == processors and self.chooser.measured(w)]
+        if not measured:
+            return None
+        nearest = min(measured, key=lambda w: (abs(w[0].bit_length() - size.bit_length()), -w[0]))
+        return self.chooser.best(nearest)
 
     @hookimpl
     def specbeam_on_step(self, record) -> None:

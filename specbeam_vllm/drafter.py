@@ -28,6 +28,7 @@ import logging
 
 import torch
 
+from . import plain_steps
 from .draft_lag import DraftLag, catch_up
 from .options import options_of
 
@@ -86,6 +87,8 @@ def _proposer_class():
             self.can_skip = (self.specbeam is not None and self.specbeam.skip_draft_at_zero and runner is not None
                              and not self.supports_mm_inputs and not self.uses_mrope and not self.parallel_drafting
                              and vllm_config.parallel_config.data_parallel_size == 1)
+            if self.can_skip:
+                plain_steps.wrap_runner(runner)
 
         def _sample_from_logits(self, logits, sampling_metadata):
             if self.specbeam is None or not self._enable_probabilistic_draft_probs or sampling_metadata.all_greedy:

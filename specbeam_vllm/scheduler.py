@@ -55,7 +55,7 @@ class DraftLengthMixin:
         if options is not None and options.adaptive_draft_length and self.num_spec_tokens > 0:
             self.adaptive = AdaptiveDraftLength(self.num_spec_tokens, trials=options.trials,
                                                 explore_every=options.explore_every, hold_steps=options.hold_steps,
-                                                settle_steps=options.settle_steps)
+                                                settle_steps=options.settle_steps, local=options.local_search)
             self.pm.register(self.adaptive, name="specbeam-measured-draft-length")
         self.pm.load_setuptools_entrypoints(PROJECT)  # registered later, so asked before the measured policy
         deciding = [impl for impl in self.pm.hook.specbeam_draft_length.get_hookimpls() if not impl.trylast]
@@ -67,6 +67,13 @@ class DraftLengthMixin:
         self._log_interval = options.log_interval_s if options is not None else 0.0
         self._logged = time.monotonic()
         self.draft_length = self.num_spec_tokens  # the length chosen last
+        self.drafts_proposed = True  # whether the step scheduled last proposes drafts (read by plain_steps)
+
+    def schedule(self, *args, **kwargs):
+        scheduler_output = super().schedule(*args, **kwargs)
+        self.drafts_proposed = (scheduler_output.num_spec_tokens_to_schedule > 0
+                                or not scheduler_output.num_scheduled_tokens)
+        return scheduler_output
 
     def _view(self, req) -> Request:
         """A read-only core ``Request`` for a vLLM request (made once, kept while it runs)."""

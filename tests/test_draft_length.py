@@ -66,6 +66,28 @@ def test_a_held_choice_is_measured_after_it_settles():
     assert policy.table()[(1, False)][2] == pytest.approx(1000 / 3)  # ms per token of length 2, unpolluted
 
 
+def test_local_search_finds_the_best_length_without_trying_far_ones():
+    """Costs per token fall to length 2 and rise after it: a local search from the longest length walks
+    down to 2 and never measures 0; the exhaustive search measures every length."""
+    cost = {g: 1.0 + 0.25 * g for g in range(5)}
+    emitted = {0: 1, 1: 1.8, 2: 2.5, 3: 2.8, 4: 3.0}  # seconds per token: 1.00, 0.69, 0.60, 0.62, 0.67
+    emitted = {g: int(10 * e) for g, e in emitted.items()}
+    local = run_policy(AdaptiveDraftLength(4, explore_every=4, local=True), cost, emitted, steps=60)
+    every = run_policy(AdaptiveDraftLength(4, explore_every=4), cost, emitted, steps=60)
+    assert local[-1] == every[-1] == 2
+    assert 0 not in local and set(every) == {0, 1, 2, 3, 4}
+    assert sorted(set(local[20:])) == [1, 2, 3]  # re-measured: the best and its two neighbours only
+
+
+def test_a_new_batch_bucket_starts_at_the_nearest_buckets_best():
+    policy = AdaptiveDraftLength(4, explore_every=1000, local=True)
+    lose = {g: 1.0 + 0.5 * g for g in range(5)}
+    run_policy(policy, lose, {g: 1 for g in range(5)}, steps=40, batch=16)  # speculation loses at 16 rows
+    assert policy.chooser.best((16, False)) == 0
+    chosen = run_policy(policy, lose, {g: 1 for g in range(5)}, steps=10, batch=8, prefill_first=False)
+    assert chosen[0] == 0 and max(chosen) == 1  # batch 8 starts at batch 16's length 0 and tries only 1 beside it
+
+
 def test_bad_hold():
     with pytest.raises(ValueError, match="settle_steps"):
         AdaptiveDraftLength(2, hold_steps=2, settle_steps=2)

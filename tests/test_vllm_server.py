@@ -30,7 +30,7 @@ LONG_PROMPTS = ["\n".join(PROMPTS[i:i + 4]) for i in range(4)]  # 25-35 tokens
 MAX_TOKENS = 40
 FLAGS16 = [("16" if prev == "--max-num-seqs" else f) for prev, f in zip([None] + COMMON_FLAGS, COMMON_FLAGS)]
 # every length tried at once, re-measured every second choice, held 2 steps: lengths 0..4 all occur
-POLICY = {"hold_steps": 2, "settle_steps": 0, "trials": 1, "explore_every": 1}
+POLICY = {"hold_steps": 2, "settle_steps": 0, "trials": 1, "explore_every": 1, "local_search": False}
 
 
 pytestmark = pytest.mark.slow  # starts vLLM servers: not in the quick tier (-m "not slow")

@@ -24,7 +24,9 @@ class DepthChooser:
     the depth :meth:`begin_search` is given as ``hint`` (else the deepest), tries the depths next to
     the best one measured so far until neither neighbour is cheaper, and re-measures only those two
     neighbours. Where the cost per step is unimodal in the depth (the usual case) it finds the same
-    best depth and spends far fewer passes at depths far from it.
+    best depth and spends far fewer passes at depths far from it. Each re-measurement that leaves the
+    best depth where it was doubles the wait before the next one (up to ``16 * explore_every``); one
+    that moves it brings the wait back to ``explore_every``.
     """
 
     def __init__(self, max_depth: int, trials: int = 2, decay: float = 0.97, explore_every: int = 16,
@@ -82,6 +84,10 @@ class DepthChooser:
             r.steps[d] = r.steps[d] * self.decay + (steps_so_far - before)
             r.passes[d] += 1
             r.last_measured[d] = r.clock
+        if self.local and r.exploring is not None:  # the re-measurement just taken: back off while the best holds
+            held = self.best() == r.exploring
+            r.explore_gap = min(2 * r.explore_gap, 16 * self.explore_every) if held else self.explore_every
+            r.exploring = None
         r.clock += 1
         if self.local:
             centre = self.best() if any(r.passes.values()) else (self.depths[-1] if r.start is None else r.start)
@@ -95,8 +101,10 @@ class DepthChooser:
             depth = self.best()
             r.since_explore += 1
             others = [d for d in near if d != depth]
-            if r.since_explore >= self.explore_every and others:
+            if r.since_explore >= (r.explore_gap or self.explore_every) and others:
                 r.since_explore = 0
+                if self.local:
+                    r.exploring, r.explore_gap = depth, r.explore_gap or self.explore_every
                 depth = min(others, key=lambda d: r.last_measured[d])
         self._open = None if first_pass else (depth, now, steps_so_far)
         return depth
@@ -114,6 +122,8 @@ class _DepthRecord:
     clock: int = 0
     since_explore: int = 0
     start: int | None = None  # where a local search begins (``begin_search``'s hint)
+    explore_gap: int = 0  # a local search's passes between re-measurements (0: explore_every)
+    exploring: int | None = None  # the best depth when a re-measurement was started
 
     def __post_init__(self) -> None:
         self.seconds = {d: 0.0 for d in self.depths}

@@ -29,7 +29,7 @@ class SpecBeamVllmOptions(BaseModel):
     hold_steps: int = Field(8, ge=2, le=1024, description="engine steps a chosen draft length is kept and measured")
     settle_steps: int = Field(2, ge=0, le=64, description="steps after a change of length left unmeasured "
                               "(they still verify drafts proposed at the previous length)")
-    trials: int = Field(2, ge=1, le=16, description="measurements of each length per batch-size bucket before "
+    trials: int = Field(1, ge=1, le=16, description="measurements of each length per batch-size bucket before "
                         "the cheapest is kept")
     local_search: bool = Field(
         True, description="search the draft length around the best one measured (a new batch-size bucket starts at "

@@ -79,6 +79,17 @@ def test_local_search_finds_the_best_length_without_trying_far_ones():
     assert sorted(set(local[20:])) == [1, 2, 3]  # re-measured: the best and its two neighbours only
 
 
+def test_local_search_re_measures_less_often_while_the_best_holds():
+    cost = {g: 1.0 + 0.25 * g for g in range(5)}
+    emitted = {0: 10, 1: 18, 2: 25, 3: 28, 4: 30}  # length 2 is best
+    chosen = run_policy(AdaptiveDraftLength(4, trials=1, explore_every=2, local=True), cost, emitted, steps=400)
+    assert chosen[:7] == [4, 4, 3, 2, 1, 2, 3]  # unmeasured prefill, then down to 2 and both its neighbours
+    away = [i for i, g in enumerate(chosen) if i > 6 and g != 2]
+    gaps = [b - a for a, b in zip(away, away[1:])]
+    assert gaps[:3] == [8, 16, 32] and set(gaps[3:]) == {32}  # doubling up to 16 * explore_every
+    assert chosen[-1] == 2
+
+
 def test_a_new_batch_bucket_starts_at_the_nearest_buckets_best():
     policy = AdaptiveDraftLength(4, explore_every=1000, local=True)
     lose = {g: 1.0 + 0.5 * g for g in range(5)}

@@ -1,6 +1,7 @@
-"""Host memory of a vLLM server after start-up: spec-off, vLLM's draft_model and specbeam.
+"""Host memory of a vLLM server after start-up: spec-off, vLLM's draft_model (with its default greedy
+draft sampling and with ``draft_sample_method: probabilistic``, the path specbeam runs on) and specbeam.
 
-    python benchmarks/vllm_memory.py --max-num-seqs 256 --max-model-len 4096
+    python benchmarks/vllm_memory.py --max-num-seqs 256 --max-model-len 4096 --repeats 2
 
 Each server starts alone, waits for ``/health``, answers one request, and then the resident memory
 (RSS) of every process in its group (API server, engine core, workers) is summed. specbeam's draft
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import psutil
@@ -24,16 +26,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "..", "specbeam_hf", "demo_models")
 
 
-def group_rss(pid: int) -> int:
-    """Summed RSS (bytes) of a process and all its descendants."""
+def group_rss(pid: int) -> dict[str, int]:
+    """RSS (bytes) of a process and each of its descendants, by process name (API server, engine core, worker)."""
     root = psutil.Process(pid)
-    total = 0
+    out: dict[str, int] = {}
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_info().rss
+            name = "api_server" if proc.pid == pid else proc.name()
+            out[name] = out.get(name, 0) + proc.memory_info().rss
         except psutil.NoSuchProcess:
             pass
-    return total
+    return out
 
 
 def weights_bytes(folder: str) -> int:
@@ -47,6 +50,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--settle-s", type=float, default=5.0, help="wait after the request before reading RSS")
+    ap.add_argument("--repeats", type=int, default=1, help="start-ups of each server (configurations in turns)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "vllm_memory.json"))
     ap.add_argument("--log-dir", default="bench-vllm-logs")
     args = ap.parse_args(argv)
@@ -54,23 +58,31 @@ def main(argv=None) -> None:
     draft = os.path.abspath(args.draft)
     common = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs), "--enforce-eager",
               "--dtype", "bfloat16", "--seed", "0"]
-    configs = {"spec-off": [], "vllm-draft_model": draft_model_flags(draft, 4), "specbeam": specbeam_flags(draft, 4)}
-    results = {"args": vars(args), "draft_weights_bytes": weights_bytes(draft), "configs": {}}
-    for name, flags in configs.items():
-        # the demo models handle 1024 positions; a longer --max-model-len only sizes vLLM's tables
-        with Server(os.path.abspath(args.target), flags + common, env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"},
-                    log_path=os.path.join(args.log_dir, f"memory-{name}.log")) as server:
-            post_json(server.url + "/v1/completions", {"model": server.model, "prompt": "def fibonacci(n):",
-                                                       "max_tokens": 16, "temperature": 0.0})
-            time.sleep(args.settle_s)
-            rss = group_rss(server.process.pid)
-        results["configs"][name] = {"rss_bytes": rss}
-        print(f"{name:18s} RSS {rss / 2**20:9.1f} MiB", flush=True)
+    configs = {"spec-off": [], "vllm-draft_model": draft_model_flags(draft, 4),
+               "vllm-draft_model-probabilistic": draft_model_flags(draft, 4, draft_sample_method="probabilistic"),
+               "specbeam": specbeam_flags(draft, 4)}
+    results = {"args": vars(args), "draft_weights_bytes": weights_bytes(draft),
+               "configs": {name: {"starts": []} for name in configs}}
+    for _ in range(args.repeats):
+        for name, flags in configs.items():
+            # the demo models handle 1024 positions; a longer --max-model-len only sizes vLLM's tables
+            with Server(os.path.abspath(args.target), flags + common, env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"},
+                        log_path=os.path.join(args.log_dir, f"memory-{name}.log")) as server:
+                post_json(server.url + "/v1/completions", {"model": server.model, "prompt": "def fibonacci(n):",
+                                                           "max_tokens": 16, "temperature": 0.0})
+                time.sleep(args.settle_s)
+                rss = group_rss(server.process.pid)
+            results["configs"][name]["starts"].append(rss)
+            parts = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sorted(rss.items()))
+            print(f"{name:32s} RSS {sum(rss.values()) / 2**20:9.1f} MiB ({parts})", flush=True)
+    for entry in results["configs"].values():
+        entry["rss_bytes"] = statistics.median(sum(start.values()) for start in entry["starts"])
     off = results["configs"]["spec-off"]["rss_bytes"]
-    print("\n| server | RSS after start-up (MiB) | minus spec-off (MiB) |\n|---|---|---|")
+    print("\n| server | RSS after start-up (MiB), median | minus spec-off (MiB) | starts (MiB) |\n|---|---|---|---|")
     for name, entry in results["configs"].items():
         entry["over_spec_off_bytes"] = entry["rss_bytes"] - off
-        print(f"| {name} | {entry['rss_bytes'] / 2**20:.1f} | {entry['over_spec_off_bytes'] / 2**20:+.1f} |")
+        starts = ", ".join(f"{sum(s.values()) / 2**20:.1f}" for s in entry["starts"])
+        print(f"| {name} | {entry['rss_bytes'] / 2**20:.1f} | {entry['over_spec_off_bytes'] / 2**20:+.1f} | {starts} |")
     print(f"draft weights: {results['draft_weights_bytes'] / 2**20:.1f} MiB")
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=1)

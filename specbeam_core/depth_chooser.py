@@ -21,10 +21,11 @@ class DepthChooser:
     since changed, is revisited rather than kept for good.
 
     ``local=True`` searches around the best depth instead of over all of them: a workload starts at
-    the depth :meth:`begin_search` is given as ``hint`` (else the deepest), tries the depths next to
-    the best one measured so far until neither neighbour is cheaper, and re-measures only those two
-    neighbours. Where the cost per step is unimodal in the depth (the usual case) it finds the same
-    best depth and spends far fewer passes at depths far from it. Each re-measurement that leaves the
+    the depth :meth:`begin_search` is given as ``hint`` (else the deepest), measures depth 0, then
+    tries the depths next to the best one measured so far until neither neighbour is cheaper, and
+    re-measures only those two neighbours and depth 0. Depth 0 stays in the set because costs can
+    be flat over the deep depths (every draft token costing what it saves) while plain decoding is
+    far cheaper; a walk between neighbours would stop on such a plateau. Each re-measurement that leaves the
     best depth where it was doubles the wait before the next one (up to ``16 * explore_every``); one
     that moves it brings the wait back to ``explore_every``.
     """
@@ -91,7 +92,9 @@ class DepthChooser:
         r.clock += 1
         if self.local:
             centre = self.best() if any(r.passes.values()) else (self.depths[-1] if r.start is None else r.start)
-            near = [d for d in (centre, centre - 1, centre + 1) if d in r.passes]  # the centre first
+            # the centre first, then depth 0 (the baseline: a plateau of deep depths must not hide it), then
+            # the centre's neighbours
+            near = list(dict.fromkeys(d for d in (centre, 0, centre - 1, centre + 1) if d in r.passes))
         else:
             near = self.depths[::-1]  # deepest first
         untried = [d for d in near if r.passes[d] < self.trials]

@@ -67,26 +67,40 @@ def test_a_held_choice_is_measured_after_it_settles():
 
 
 def test_local_search_finds_the_best_length_without_trying_far_ones():
-    """Costs per token fall to length 2 and rise after it: a local search from the longest length walks
-    down to 2 and never measures 0; the exhaustive search measures every length."""
-    cost = {g: 1.0 + 0.25 * g for g in range(5)}
-    emitted = {0: 1, 1: 1.8, 2: 2.5, 3: 2.8, 4: 3.0}  # seconds per token: 1.00, 0.69, 0.60, 0.62, 0.67
-    emitted = {g: int(10 * e) for g, e in emitted.items()}
-    local = run_policy(AdaptiveDraftLength(4, explore_every=4, local=True), cost, emitted, steps=60)
-    every = run_policy(AdaptiveDraftLength(4, explore_every=4), cost, emitted, steps=60)
-    assert local[-1] == every[-1] == 2
-    assert 0 not in local and set(every) == {0, 1, 2, 3, 4}
-    assert sorted(set(local[20:])) == [1, 2, 3]  # re-measured: the best and its two neighbours only
+    """Costs per token fall to length 2 and rise after it: a local search that starts at 2's neighbour
+    (another bucket's best) measures 0 and the lengths beside the best, never the far lengths 5..8;
+    the exhaustive search measures every length."""
+    cost = {g: 1.0 + 0.25 * g for g in range(9)}
+    emitted = {g: int(10 * e) for g, e in enumerate([1, 1.8, 2.5, 2.8, 3.0, 3.1, 3.2, 3.2, 3.2])}  # 2 is best
+    local = AdaptiveDraftLength(8, explore_every=4, local=True)
+    local.chooser.begin_search((1, False), hint=3)  # as if a neighbouring bucket had found 3
+    local._workload = (1, False)
+    local_chosen = run_policy(local, cost, emitted, steps=80)
+    every = run_policy(AdaptiveDraftLength(8, explore_every=4), cost, emitted, steps=80)
+    assert local_chosen[-1] == every[-1] == 2
+    assert set(local_chosen) == {0, 1, 2, 3} and set(every) == set(range(9))
+    assert sorted(set(local_chosen[20:])) == [0, 1, 2, 3]  # re-measured: 0 and the best's two neighbours
+
+
+def test_local_search_does_not_stop_on_a_plateau_of_deep_lengths():
+    """Lengths 2..4 cost the same per token and length 0 half as much: walking between neighbours from 4
+    would stop on the plateau; measuring 0 finds plain decoding."""
+    cost = {0: 1.0, 1: 1.6, 2: 2.0, 3: 2.0, 4: 2.0}
+    emitted = {0: 10, 1: 10, 2: 10, 3: 10, 4: 10}
+    chosen = run_policy(AdaptiveDraftLength(4, trials=1, explore_every=1000, local=True), cost, emitted, steps=30)
+    assert chosen[:3] == [4, 4, 0]  # unmeasured prefill, the deepest, then 0
+    assert chosen[-10:] == [0] * 10 and 2 not in chosen and 3 not in chosen
 
 
 def test_local_search_re_measures_less_often_while_the_best_holds():
     cost = {g: 1.0 + 0.25 * g for g in range(5)}
     emitted = {0: 10, 1: 18, 2: 25, 3: 28, 4: 30}  # length 2 is best
     chosen = run_policy(AdaptiveDraftLength(4, trials=1, explore_every=2, local=True), cost, emitted, steps=400)
-    assert chosen[:7] == [4, 4, 3, 2, 1, 2, 3]  # unmeasured prefill, then down to 2 and both its neighbours
+    assert chosen[:7] == [4, 4, 0, 3, 2, 1, 2]  # unmeasured prefill, 0, then down to 2 and both its neighbours
     away = [i for i, g in enumerate(chosen) if i > 6 and g != 2]
     gaps = [b - a for a, b in zip(away, away[1:])]
-    assert gaps[:3] == [8, 16, 32] and set(gaps[3:]) == {32}  # doubling up to 16 * explore_every
+    assert gaps[:4] == [4, 8, 16, 32] and set(gaps[4:]) == {32}  # doubling up to 16 * explore_every
+    assert {chosen[i] for i in away} == {0, 1, 3}  # 0 and the best's neighbours, in turn
     assert chosen[-1] == 2
 
 

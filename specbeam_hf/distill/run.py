@@ -73,7 +73,8 @@ def distill(target: str, draft: str, data: str | list[str], out: str | Path, *, 
     draft_path = Path(draft).expanduser()
     draft_tokenizer = load_tokenizer(draft) if not draft_path.is_dir() or has_tokenizer(draft_path) else None
     check_vocab(tokenizer, draft_tokenizer, draft_name=draft)
-    corpus = load_data(paths, tokenizer, prompt_length, held_out, tuple(suffixes), tuple(exclude))
+    with quiet_transformers():  # long files pass the tokenizer's model length: they are cut into prompts
+        corpus = load_data(paths, tokenizer, prompt_length, held_out, tuple(suffixes), tuple(exclude))
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
     target_model = load_model(target, "target", dtype, device)

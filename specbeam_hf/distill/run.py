@@ -143,8 +143,12 @@ def distill(target: str, draft: str, data: str | list[str], out: str | Path, *, 
         model=draft_model, args=args, train_dataset=PromptWindows(corpus.train_ids, prompt_length),
         target=target_model, objective=objective, eos=eos, new_tokens=new_tokens, num_beams=num_beams,
         rank_top_k=rank_top_k, rank_margin=rank_margin, argmax_weight=argmax_weight, rank_weight=rank_weight,
-        callbacks=[TimeLimit(minutes)] if timed else None,
+        callbacks=[TimeLimit(minutes, progress)] if timed else None,
     )
+    if timed and progress:  # the time limit's bar of minutes replaces the bar of (unbounded) steps
+        from transformers.trainer_callback import ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
     started = time.perf_counter()
     checkpoint = latest_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

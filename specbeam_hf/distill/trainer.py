@@ -68,14 +68,37 @@ class DistillTrainer(Trainer):
 
 
 class TimeLimit(TrainerCallback):
-    """Stops training (with a checkpoint) once ``minutes`` have passed since the run started."""
+    """Stops training (with a checkpoint) once ``minutes`` have passed since the run started; with
+    ``progress``, a bar of those minutes takes the place of the Trainer's bar of steps."""
 
-    def __init__(self, minutes: float) -> None:
+    def __init__(self, minutes: float, progress: bool = False) -> None:
         self.seconds = 60.0 * minutes
         self.started = time.monotonic()
+        self.progress, self.bar = progress, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=round(self.seconds), unit="s", desc="distilling")
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.started >= self.seconds:
+        elapsed = time.monotonic() - self.started
+        if self.bar is not None:
+            self.bar.n = min(round(elapsed), self.bar.total)
+            self.bar.set_postfix(step=state.global_step, refresh=True)
+        if elapsed >= self.seconds:
             control.should_training_stop = True
             control.should_save = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs:
+            self.bar.write(str({k: (round(v, 4) if isinstance(v, float) else v) for k, v in logs.items()}))
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
         return control

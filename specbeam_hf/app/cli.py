@@ -5,6 +5,7 @@
     specbeam generate --prompt "class Stack:" --num-beams 4 --num-return-sequences 2 --compare-hf
     specbeam generate --config examples/config.yaml --json-log run.json
     specbeam evaluate [--quick] [--out runs/eval]      # modes compared, γ and tree sweeps: JSON + PNG
+    specbeam distill --target T --draft D --data DIR --out OUT [--minutes M]  # align a draft with its target
     specbeam dashboard [--host 127.0.0.1] [--port 8765] # watch iterations in a browser, browse runs
     specbeam serve --target T --draft D                 # vLLM's OpenAI server with specbeam
 
@@ -224,6 +225,19 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- distill
+def _add_distill_parser(subparsers) -> argparse.ArgumentParser:
+    from .cli_distill import add_parser
+
+    return add_parser(subparsers)
+
+
+def _cmd_distill(args) -> int:
+    from .cli_distill import run
+
+    return run(args)
+
+
 # --------------------------------------------------------------------------- dashboard
 def _add_dashboard_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -320,6 +334,11 @@ COMMANDS: dict[str, tuple[str, Callable[[Any], argparse.ArgumentParser], Callabl
         "compare greedy, beam, speculative, speculative beam and tree decoding",
         _add_evaluate_parser,
         _cmd_evaluate,
+    ),
+    "distill": (
+        "fine-tune a draft on what its target does, so speculation accepts more",
+        _add_distill_parser,
+        _cmd_distill,
     ),
     "dashboard": ("a web page to watch speculative decoding step by step", _add_dashboard_parser, _cmd_dashboard),
     "serve": (

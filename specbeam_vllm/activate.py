@@ -13,7 +13,7 @@ def activate(front_end: bool = False) -> None:
     if not _active:
         from . import cpu_fix, drafter, plain_steps
 
-        drafter.install()
+        drafter.install_on_import()  # bound where vLLM imports its model runner: the workers
         plain_steps.install_engine_core()
         cpu_fix.install()
         _active = True

@@ -25,6 +25,7 @@ leave for vLLM.
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 
@@ -137,6 +138,40 @@ def _proposer_class():
 
 
 _installed = None
+RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+
+
+class _BindOnImport:
+    """A ``sys.meta_path`` finder that binds the proposer right after vLLM imports its runner module.
+
+    Only processes that build a model runner import that module; the API server and the engine core of
+    a multi-process engine never do, and importing it there would cost them about 25 MiB each."""
+
+    def find_spec(self, name, path, target=None):
+        if name != RUNNER_MODULE:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)  # once: the real finders take it from here
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_bind(module):
+            exec_module(module)
+            install()
+
+        spec.loader.exec_module = exec_and_bind
+        return spec
+
+
+def install_on_import() -> None:
+    """Bind the proposer now if vLLM's runner module is loaded, else as soon as it is imported (idempotent)."""
+    if RUNNER_MODULE in sys.modules:
+        install()
+    elif not any(isinstance(finder, _BindOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _BindOnImport())
 
 
 def install() -> type:

@@ -140,3 +140,18 @@ def test_greedy_rows_take_the_argmax_and_seeded_rows_repeat():
     again, _ = sample_drafts(logits, temperature, None, None, {1: torch.Generator().manual_seed(5)})
     assert first[0] == logits[0].argmax() and first[2] == logits[2].argmax()
     assert first[1] == again[1]  # the request's own generator decides its draws
+
+
+def test_the_drafter_is_bound_only_where_vllm_imports_its_runner():
+    """Activation must not import vLLM's model runner (25 MiB in the API server and engine core); the
+    runner module, once imported, carries specbeam's proposer."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from specbeam_vllm.activate import activate; activate(); "
+            "assert 'vllm.v1.worker.gpu_model_runner' not in sys.modules; "
+            "from vllm.v1.worker import gpu_model_runner as g; "
+            "print(g.DraftModelProposer.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "SpecBeamDraftProposer"

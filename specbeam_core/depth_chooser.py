@@ -79,13 +79,15 @@ class DepthChooser:
 
     def choose(self, now: float, steps_so_far: int, first_pass: bool) -> int:
         r = self._record
-        if self._open is not None:
+        # a window with no measured step in it (every step left out) adds nothing
+        measured = self._open is not None and steps_so_far > self._open[2]
+        if measured:
             d, started, before = self._open
             r.seconds[d] = r.seconds[d] * self.decay + (now - started)
             r.steps[d] = r.steps[d] * self.decay + (steps_so_far - before)
             r.passes[d] += 1
             r.last_measured[d] = r.clock
-        if self.local and r.exploring is not None:  # the re-measurement just taken: back off while the best holds
+        if self.local and r.exploring is not None and measured:  # a re-measurement taken: back off while the best holds
             held = self.best() == r.exploring
             r.explore_gap = min(2 * r.explore_gap, 16 * self.explore_every) if held else self.explore_every
             r.exploring = None

@@ -60,8 +60,10 @@ class AdaptiveDraftLength:
         if 0 < self._held < self.hold_steps:
             self._held += 1
             return self.length
-        # a step that prefills a new request costs what no draft length decides: not measured
-        prefill = any(r.target_len == 0 for r in requests)
+        # a step that prefills a new request costs what no draft length decides: not measured. With one step
+        # per choice the choice is left out here; with held choices, each such step (``prefill_rows``) is
+        # left out of the clock instead, so a busy server whose every window holds a prefill still measures
+        prefill = self.hold_steps == 1 and any(r.target_len == 0 for r in requests)
         length = self.chooser.choose(self.clock, self.emitted, first_pass=prefill)
         if length != self.length:
             self._settling = self.settle_steps
@@ -81,6 +83,8 @@ class AdaptiveDraftLength:
     def specbeam_on_step(self, record) -> None:
         if self._settling > 0:
             self._settling -= 1
+            return
+        if record.prefill_rows and self.hold_steps > 1:
             return
         self.clock += record.seconds
         self.emitted += sum(len(tokens) for tokens in record.emitted_tokens)

@@ -89,7 +89,7 @@ def _proposer_class():
                              and not self.supports_mm_inputs and not self.uses_mrope and not self.parallel_drafting
                              and vllm_config.parallel_config.data_parallel_size == 1)
             if self.can_skip:
-                plain_steps.wrap_runner(runner)
+                plain_steps.wrap_runner(runner, self)
 
         def _sample_from_logits(self, logits, sampling_metadata):
             if self.specbeam is None or not self._enable_probabilistic_draft_probs or sampling_metadata.all_greedy:
@@ -116,10 +116,7 @@ def _proposer_class():
             verified_nothing = self.last_length == 0  # the last proposal drafted nothing: this step verified none
             self.last_length = num_speculative_tokens
             if num_speculative_tokens == 0 and verified_nothing:  # plain decoding: no draft forward at all
-                self._last_draft_probs = None
-                self.lag.record(req_ids, common_attn_metadata.query_start_loc_cpu, target_token_ids,
-                                _flat_positions(target_positions))
-                return torch.empty(batch, 0, dtype=torch.int64, device=self.device)  # [batch, 0]
+                return self._skip(req_ids, common_attn_metadata, target_token_ids, _flat_positions(target_positions))
             if self.lag:  # the rows' draft KV misses the skipped steps: write it before this step's pass reads it
                 skipped = len(self.lag.steps)
                 for chunk in self.lag.take(req_ids, budget=self.max_num_tokens):
@@ -127,6 +124,22 @@ def _proposer_class():
                     logger.debug("specbeam: draft caught up on %d tokens of %d requests after %d skipped steps",
                                  chunk.num_tokens, len(chunk.rows), skipped)
             return self._checked(super().propose(**args))
+
+        def skip_step(self, common_attn_metadata):
+            """The draft step of a plain step (:mod:`specbeam_vllm.plain_steps`): the runner prepared no draft
+            inputs; the step's target tokens are noted for the catch-up."""
+            batch = common_attn_metadata.batch_size()
+            num_tokens = int(common_attn_metadata.query_start_loc_cpu[batch])
+            self.last_length = 0
+            return self._skip(self.runner.input_batch.req_ids[:batch], common_attn_metadata,
+                              self.runner.input_ids.gpu[:num_tokens],
+                              _flat_positions(self.runner._get_positions(num_tokens)))
+
+        def _skip(self, req_ids, common_attn_metadata, target_token_ids, target_positions):
+            """No draft forward this step: note what the draft missed; no drafts."""
+            self._last_draft_probs = None
+            self.lag.record(req_ids, common_attn_metadata.query_start_loc_cpu, target_token_ids, target_positions)
+            return torch.empty(len(req_ids), 0, dtype=torch.int64, device=self.device)  # [batch, 0]
 
         def _checked(self, drafts):
             if self.specbeam is not None:

@@ -137,3 +137,15 @@ def test_distill_saves_a_loadable_draft_and_resumes(pair, tmp_path, capsys):
     assert main([*argv, "--steps", "6", "--save-steps", "2", "--resume"]) == 0  # continues from checkpoint-4
     assert json.loads((out / "distill_report.json").read_text())["steps"] == 6
     assert (out / "checkpoints" / "checkpoint-6").is_dir()
+
+
+def test_the_report_says_whether_the_draft_improved():
+    from specbeam_hf.distill.report import DistillReport
+
+    def report(after):
+        before = dict(greedy_agreement=0.5, mean_accepted_length=2.0, beam_steps_per_pass=1.3)
+        return DistillReport(out="x", steps=1, train_seconds=1.0, before=before, after=after)
+
+    assert report(dict(greedy_agreement=0.6, mean_accepted_length=2.2, beam_steps_per_pass=1.4)).improved() is True
+    assert report(dict(greedy_agreement=0.4, mean_accepted_length=1.9, beam_steps_per_pass=1.3)).improved() is False
+    assert report(dict(greedy_agreement=0.6, mean_accepted_length=1.9, beam_steps_per_pass=1.3)).improved() is None

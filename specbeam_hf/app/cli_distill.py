@@ -130,4 +130,7 @@ def run(args) -> int:
         table.add_row(*row)
     console.print(table)
     console.print(f"wrote the distilled draft and distill_report.json to {report.out}", style="dim")
+    if report.improved() is False:
+        console.print(f"the distilled draft measures worse than {args.draft} on every held-out figure: keep the input "
+                      "draft, or try a lower --learning-rate or a longer run", style="yellow")
     return 0

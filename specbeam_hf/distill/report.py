@@ -32,6 +32,11 @@ class DistillReport:
             out.append((label.format(**self.settings), fmt.format(self.before[key]), fmt.format(self.after[key])))
         return out
 
+    def improved(self) -> bool | None:
+        """True when every figure rose, False when none did, None when they moved apart."""
+        rose = [self.after[key] > self.before[key] for key, _, _ in ROWS]
+        return True if all(rose) else False if not any(rose) else None
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -60,9 +60,10 @@ class AdaptiveDraftLength:
         if 0 < self._held < self.hold_steps:
             self._held += 1
             return self.length
-        # a step that prefills a new request costs what no draft length decides: not measured. With one step
-        # per choice the choice is left out here; with held choices, each such step (``prefill_rows``) is
-        # left out of the clock instead, so a busy server whose every window holds a prefill still measures
+        # one step per choice (an engine that prefills once per call): the prefill step is not measured.
+        # Held choices (a server, where requests arrive every few steps) measure every step: a prompt costs
+        # the same per emitted token at every length, while the draft's share of it (its own prefill, its
+        # first drafts) is a real cost of drafting
         prefill = self.hold_steps == 1 and any(r.target_len == 0 for r in requests)
         length = self.chooser.choose(self.clock, self.emitted, first_pass=prefill)
         if length != self.length:
@@ -83,8 +84,6 @@ class AdaptiveDraftLength:
     def specbeam_on_step(self, record) -> None:
         if self._settling > 0:
             self._settling -= 1
-            return
-        if record.prefill_rows and self.hold_steps > 1:
             return
         self.clock += record.seconds
         self.emitted += sum(len(tokens) for tokens in record.emitted_tokens)

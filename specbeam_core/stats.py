@@ -23,7 +23,6 @@ class StepRecord:
     draft_forwards: int
     target_forwards: int
     seconds: float
-    prefill_rows: int = 0  # rows that also processed prompt tokens in this step (their cost is not the draft length's)
 
     @property
     def num_recovered(self) -> int:

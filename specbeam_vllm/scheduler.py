@@ -12,9 +12,9 @@ longest ago is measured again now and then, so the choice follows the load.
 
 The cost of a step is the time between two consecutive step outputs while the engine is busy (gaps
 of over :data:`IDLE_GAP_S` are idle time, not measured); what it emitted is the tokens those outputs
-carry. Both reach the plugins as a :class:`specbeam_core.StepRecord` through ``specbeam_on_step``,
-with the number of rows that also processed prompt tokens (``prefill_rows``): the measured policy
-leaves such steps out, since their cost is the prompt's.
+carry. Both reach the plugins as a :class:`specbeam_core.StepRecord` through ``specbeam_on_step``.
+Steps that also prefill a new request are measured like the others: requests arrive every few steps
+under load, and the draft's share of a prefill (its own prefill and first drafts) is a cost of drafting.
 """
 
 from __future__ import annotations
@@ -121,15 +121,12 @@ class DraftLengthMixin:
         drafted = [len(scheduled.get(req_id, ())) for req_id in model_runner_output.req_ids]
         accepted = [min(max(len(tokens) - 1, 0), d) for tokens, d in zip(sampled, drafted)]
         drafted_tokens = [scheduled.get(r, ()) for r in model_runner_output.req_ids]  # vLLM's lists, read-only
-        # a row that scheduled more than its one new token and its drafts also processed prompt tokens
-        prefill_rows = sum(1 for req_id, n in scheduler_output.num_scheduled_tokens.items()
-                           if n > 1 + len(scheduled.get(req_id, ())))
         return StepRecord(source=id(self), step=self._step, request_ids=list(model_runner_output.req_ids),
                           num_drafted=drafted, num_accepted=accepted,
                           bonus=[d > 0 and a == d for d, a in zip(drafted, accepted)],
                           drafted_tokens=drafted_tokens,
                           emitted_tokens=sampled, draft_forwards=1 if any(drafted) else 0, target_forwards=1,
-                          seconds=seconds, prefill_rows=prefill_rows)
+                          seconds=seconds)
 
 
 class SpecBeamScheduler(DraftLengthMixin, Scheduler):

@@ -22,8 +22,7 @@ def run_policy(policy, cost, emitted, steps, batch=1, prefill_first=True):
         rows = [SimpleNamespace(target_len=0 if (prefill_first and step == 0) else 5, logits_processor=None)] * batch
         g = policy.specbeam_draft_length(requests=rows, default=3)
         chosen.append(g)
-        policy.specbeam_on_step(record=SimpleNamespace(seconds=cost[g], emitted_tokens=[[0] * emitted[g]] * batch,
-                                                       prefill_rows=0))
+        policy.specbeam_on_step(record=SimpleNamespace(seconds=cost[g], emitted_tokens=[[0] * emitted[g]] * batch))
     return chosen
 
 
@@ -60,35 +59,32 @@ def test_a_held_choice_is_measured_after_it_settles():
     for _ in range(40):
         g = policy.specbeam_draft_length(requests=rows, default=2)
         chosen.append(g)
-        policy.specbeam_on_step(record=SimpleNamespace(seconds=cost[previous], emitted_tokens=[[0] * emitted[previous]],
-                                                       prefill_rows=0))
+        policy.specbeam_on_step(record=SimpleNamespace(seconds=cost[previous], emitted_tokens=[[0] * emitted[previous]]))
         previous = g
     assert chosen[:12] == [2] * 4 + [1] * 4 + [0] * 4  # each length held 4 steps, deepest first
     assert chosen[-8:] == [2] * 8
     assert policy.table()[(1, False)][2] == pytest.approx(1000 / 3)  # ms per token of length 2, unpolluted
 
 
-def test_a_busy_server_measures_around_its_prefills():
-    """Under load a new request arrives every few steps, so nearly every held choice starts with a
-    step that also prefills a prompt (a row that is new to the batch). Those steps are left out of the
-    measurement, step by step; the rest of each window still counts. A policy that dropped every
-    window holding a prefill would never measure here and would keep its first length for good."""
-    policy = AdaptiveDraftLength(4, trials=1, explore_every=1000, hold_steps=4, settle_steps=1, local=True)
+def test_a_busy_server_measures_through_its_prefills():
+    """Under load a new request arrives every few steps, so nearly every held choice holds a step
+    that also prefills a prompt. Those steps are measured like the others (a prompt costs the same at
+    every length). A policy that left out every window holding a prefill would never measure here and
+    would keep its first length for good."""
+    policy = AdaptiveDraftLength(4, trials=1, explore_every=1000, hold_steps=4, settle_steps=0, local=True)
     emitted = {0: 1, 1: 1, 2: 1, 3: 1, 4: 1}  # the draft never agrees: every length emits one token a row
     cost = {g: 1.0 + 0.2 * g for g in emitted}  # ... and each drafted token costs
-    chosen, previous = [], 4
+    chosen = []
     for step in range(200):
-        arriving = step % 4 == 0  # a request joins at the first step of every window
-        rows = [SimpleNamespace(target_len=0 if arriving else 5, logits_processor=None)] * 7 + [
-            SimpleNamespace(target_len=5, logits_processor=None)]
+        arriving = step % 4 == 0  # a request joins at the step each choice is made
+        rows = [SimpleNamespace(target_len=0 if arriving else 5, logits_processor=None)] + [
+            SimpleNamespace(target_len=5, logits_processor=None)] * 7
         g = policy.specbeam_draft_length(requests=rows, default=4)
         chosen.append(g)
-        seconds = cost[previous] + (5.0 if arriving else 0.0)  # a prefill step costs what its prompt does
-        policy.specbeam_on_step(record=SimpleNamespace(seconds=seconds, emitted_tokens=[[0] * emitted[previous]] * 8,
-                                                       prefill_rows=int(arriving)))
-        previous = g
+        seconds = cost[g] + (5.0 if arriving else 0.0)  # a prefill step costs what its prompt does
+        policy.specbeam_on_step(record=SimpleNamespace(seconds=seconds, emitted_tokens=[[0] * emitted[g]] * 8))
     assert chosen[-40:] == [0] * 40
-    assert policy.table()[(8, False)][0] == pytest.approx(1000 / 8)  # ms per token of length 0, prefill left out
+    assert {0, 1} <= set(policy.table()[(8, False)])
 
 
 def test_local_search_finds_the_best_length_without_trying_far_ones():

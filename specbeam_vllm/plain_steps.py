@@ -61,13 +61,13 @@ def wrap_runner(runner, proposer) -> bool:
 
     @functools.wraps(prepare_inputs)
     def _prepare_inputs(scheduler_output, num_scheduled_tokens):
-        plain_now[0] = plain_step(scheduler_output)
+        plain = plain_now[0] = plain_step(scheduler_output)
         try:
             logits_indices, spec_decode_metadata, max_num_sampled_tokens = prepare_inputs(
                 scheduler_output, num_scheduled_tokens)
         finally:
             plain_now[0] = False
-        if spec_decode_metadata is not None and plain_step(scheduler_output):
+        if spec_decode_metadata is not None and plain:
             # zero drafts: the metadata's logits indices are each request's last token, as a plain step's
             runner.num_decode_draft_tokens.np.fill(-1)  # plain decode rows, as without a speculative config
             runner.num_decode_draft_tokens.copy_to_gpu()

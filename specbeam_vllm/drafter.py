@@ -125,15 +125,18 @@ def _proposer_class():
                                  chunk.num_tokens, len(chunk.rows), skipped)
             return self._checked(super().propose(**args))
 
-        def skip_step(self, common_attn_metadata):
+        def skip_step(self, common_attn_metadata) -> list[list[int]]:
             """The draft step of a plain step (:mod:`specbeam_vllm.plain_steps`): the runner prepared no draft
-            inputs; the step's target tokens are noted for the catch-up."""
+            inputs; the step's target tokens are noted for the catch-up. Returns no drafts as host lists (as
+            vLLM's host-side proposers do), so the runner starts no device-to-host copy of an empty tensor."""
             batch = common_attn_metadata.batch_size()
-            num_tokens = int(common_attn_metadata.query_start_loc_cpu[batch])
+            num_tokens = common_attn_metadata.num_actual_tokens
+            req_ids = self.runner.input_batch.req_ids[:batch]
             self.last_length = 0
-            return self._skip(self.runner.input_batch.req_ids[:batch], common_attn_metadata,
-                              self.runner.input_ids.gpu[:num_tokens],
-                              _flat_positions(self.runner._get_positions(num_tokens)))
+            self._last_draft_probs = None
+            self.lag.record(req_ids, common_attn_metadata.query_start_loc_cpu, self.runner.input_ids.gpu[:num_tokens],
+                            _flat_positions(self.runner._get_positions(num_tokens)))
+            return [[] for _ in range(batch)]
 
         def _skip(self, req_ids, common_attn_metadata, target_token_ids, target_positions):
             """No draft forward this step: note what the draft missed; no drafts."""

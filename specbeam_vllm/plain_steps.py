@@ -44,7 +44,7 @@ def wrap_runner(runner, proposer) -> bool:
     """Make ``runner``'s length-0 steps plain steps (this runner instance only); False where it keeps vLLM's path.
 
     ``proposer`` is the runner's drafter; its ``skip_step(common_attn_metadata)`` stands in for the
-    draft step of a plain step and returns the (empty) draft token ids."""
+    draft step of a plain step and returns the (empty) draft token ids, one host list per request."""
     model_config = runner.vllm_config.model_config
     if model_config.is_hybrid or model_config.is_attention_free or getattr(runner, "_specbeam_plain_steps", False):
         return False
@@ -81,7 +81,7 @@ def wrap_runner(runner, proposer) -> bool:
                                 sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
                                 slot_mappings):
         if spec_decode_metadata is None and plain_step(scheduler_output):
-            return proposer.skip_step(common_attn_metadata)  # [batch, 0]
+            return proposer.skip_step(common_attn_metadata)  # batch empty lists
         return propose(scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
                        aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings)
 

@@ -12,7 +12,9 @@ the batch size rounded up to a power of two, and whether a logits processor runs
 
 A serving engine that pipelines its steps sees a choice take effect a step or two late: the drafts
 proposed at one step are verified at the next. There a choice is held for ``hold_steps`` steps, and
-the first ``settle_steps`` of them, still paying for the previous length, are not measured.
+the first ``settle_steps`` of them, still paying for the previous length, are not measured. Nor is
+the first choice at a batch size never seen before: a server gets there as a wave of requests
+arrives, and their prefills would be charged to whichever length ran then.
 
 With ``local=True`` each workload searches around one length instead of trying them all (see
 :class:`~specbeam_core.depth_chooser.DepthChooser`): a new batch-size bucket starts at the best
@@ -54,6 +56,10 @@ class AdaptiveDraftLength:
     def specbeam_draft_length(self, requests, default: int) -> int:
         workload = self.workload(requests)
         if workload != self._workload:
+            if self.hold_steps > 1 and workload not in self.chooser.workloads:
+                # a server reaches a new batch size as requests arrive: the first choice's steps hold their
+                # prefills, a burst that would be charged to whichever length happened to run then
+                self._settling = max(self._settling, self.hold_steps)
             self.chooser.begin_search(workload, hint=self._nearest_best(workload))
             self._workload = workload
             self._held = 0
@@ -67,7 +73,7 @@ class AdaptiveDraftLength:
         prefill = self.hold_steps == 1 and any(r.target_len == 0 for r in requests)
         length = self.chooser.choose(self.clock, self.emitted, first_pass=prefill)
         if length != self.length:
-            self._settling = self.settle_steps
+            self._settling = max(self._settling, self.settle_steps)
         self.length, self._held = length, 1
         return length
 

@@ -61,7 +61,8 @@ def test_a_held_choice_is_measured_after_it_settles():
         chosen.append(g)
         policy.specbeam_on_step(record=SimpleNamespace(seconds=cost[previous], emitted_tokens=[[0] * emitted[previous]]))
         previous = g
-    assert chosen[:12] == [2] * 4 + [1] * 4 + [0] * 4  # each length held 4 steps, deepest first
+    # each length held 4 steps, deepest first; the first choice at a new batch size is not measured, so 2 twice
+    assert chosen[:16] == [2] * 8 + [1] * 4 + [0] * 4
     assert chosen[-8:] == [2] * 8
     assert policy.table()[(1, False)][2] == pytest.approx(1000 / 3)  # ms per token of length 2, unpolluted
 
@@ -85,6 +86,29 @@ def test_a_busy_server_measures_through_its_prefills():
         policy.specbeam_on_step(record=SimpleNamespace(seconds=seconds, emitted_tokens=[[0] * emitted[g]] * 8))
     assert chosen[-40:] == [0] * 40
     assert {0, 1} <= set(policy.table()[(8, False)])
+
+
+def test_a_wave_of_arrivals_is_not_charged_to_a_new_buckets_first_length():
+    """A server reaches a new batch size as a wave of requests arrives: the first steps there hold
+    their prefills. Charged to the length that ran then (the nearest bucket's best, plain decoding),
+    that burst makes the best length look like the worst for a long while; the first choice at a batch
+    size never seen before is left unmeasured."""
+    policy = AdaptiveDraftLength(4, trials=1, explore_every=1000, hold_steps=4, settle_steps=1, local=True)
+    cost = {g: 1.0 + 0.2 * g for g in range(5)}  # the draft never agrees: plain decoding is cheapest
+
+    def step(batch, burst=0.0):
+        rows = [SimpleNamespace(target_len=5, logits_processor=None)] * batch
+        g = policy.specbeam_draft_length(requests=rows, default=4)
+        policy.specbeam_on_step(record=SimpleNamespace(seconds=cost[g] + burst, emitted_tokens=[[0]] * batch))
+        return g
+
+    for _ in range(100):
+        step(1)
+    assert policy.chooser.best((1, False)) == 0
+    chosen = [step(8, burst=40.0 if i < 4 else 0.0) for i in range(120)]  # eight prompts prefill at first
+    assert chosen[:4] == [0] * 4  # the nearest bucket's best
+    assert chosen[-60:] == [0] * 60
+    assert policy.table()[(8, False)][0] == pytest.approx(1000.0 / 8)  # ms per token: no burst in it
 
 
 def test_local_search_finds_the_best_length_without_trying_far_ones():

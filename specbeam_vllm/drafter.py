@@ -133,16 +133,18 @@ def _proposer_class():
             num_tokens = common_attn_metadata.num_actual_tokens
             req_ids = self.runner.input_batch.req_ids[:batch]
             self.last_length = 0
-            self._last_draft_probs = None
-            self.lag.record(req_ids, common_attn_metadata.query_start_loc_cpu, self.runner.input_ids.gpu[:num_tokens],
-                            _flat_positions(self.runner._get_positions(num_tokens)))
+            self._note_skipped(req_ids, common_attn_metadata, self.runner.input_ids.gpu[:num_tokens],
+                               _flat_positions(self.runner._get_positions(num_tokens)))
             return [[] for _ in range(batch)]
 
         def _skip(self, req_ids, common_attn_metadata, target_token_ids, target_positions):
-            """No draft forward this step: note what the draft missed; no drafts."""
+            """No draft forward this step (vLLM's draft path): note what the draft missed; no drafts."""
+            self._note_skipped(req_ids, common_attn_metadata, target_token_ids, target_positions)
+            return torch.empty(len(req_ids), 0, dtype=torch.int64, device=self.device)  # [batch, 0]
+
+        def _note_skipped(self, req_ids, common_attn_metadata, target_token_ids, target_positions):
             self._last_draft_probs = None
             self.lag.record(req_ids, common_attn_metadata.query_start_loc_cpu, target_token_ids, target_positions)
-            return torch.empty(len(req_ids), 0, dtype=torch.int64, device=self.device)  # [batch, 0]
 
         def _checked(self, drafts):
             if self.specbeam is not None:

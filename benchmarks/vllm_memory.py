@@ -8,6 +8,10 @@ Each server starts alone, waits for ``/health``, answers one request, and then t
 runs on vLLM's draft-model path, with its KV blocks inside vLLM's profiled KV budget
 (``VLLM_CPU_KVCACHE_SPACE`` on the CPU, the same for every server), so it should hold no more than
 spec-off plus the draft's weights. Prints a table and writes JSON.
+
+On Linux the RSS of each process is also split by mapping, from ``/proc/PID/smaps``: the C heap,
+other anonymous memory, shared-library code, and other files; a second table gives each server's
+split minus spec-off's, for the worker and the engine core.
 """
 
 from __future__ import annotations
@@ -26,6 +30,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "..", "specbeam_hf", "demo_models")
 
 
+def rss_by_mapping(pid: int) -> dict[str, int]:
+    """RSS (bytes) of one process by kind of mapping, read from ``/proc/PID/smaps`` (empty where there is none)."""
+    kinds = {"heap": 0, "anonymous": 0, "libraries": 0, "other files": 0}
+    kind = "anonymous"
+    try:
+        with open(f"/proc/{pid}/smaps") as fh:
+            for line in fh:
+                fields = line.split()
+                if fields and fields[0] == "Rss:":
+                    kinds[kind] += int(fields[1]) * 1024
+                elif len(fields) >= 5 and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header
+                    path = fields[5] if len(fields) > 5 else ""
+                    kind = ("heap" if path == "[heap]" else "anonymous" if not path or path.startswith("[")
+                            else "libraries" if ".so" in path else "other files")
+    except OSError:
+        return {}
+    return kinds
+
+
 def group_rss(pid: int) -> dict[str, int]:
     """RSS (bytes) of a process and each of its descendants, by process name (API server, engine core, worker)."""
     root = psutil.Process(pid)
@@ -41,6 +64,28 @@ def group_rss(pid: int) -> dict[str, int]:
 
 def weights_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def print_mapping_split(configs: dict) -> None:
+    """Each server's RSS by kind of mapping minus spec-off's (MiB, medians over start-ups)."""
+    def median_split(entry, proc):
+        starts = [m.get(proc, {}) for m in entry.get("mappings", [])]
+        kinds = sorted({k for split in starts for k in split})
+        return {k: statistics.median(split.get(k, 0) for split in starts) for k in kinds}
+
+    off = configs["spec-off"]
+    if not any(off.get("mappings", [{}])[0].values()):
+        return  # no /proc/PID/smaps here
+    print("\n| server | process | heap | anonymous | libraries | other files |\n|---|---|---|---|---|---|")
+    for name, entry in configs.items():
+        if name == "spec-off":
+            continue
+        for proc in ("VLLM::Worker", "VLLM::EngineCore"):
+            split, base = median_split(entry, proc), median_split(off, proc)
+            entry.setdefault("mapping_over_spec_off_bytes", {})[proc] = {k: split[k] - base.get(k, 0) for k in split}
+            cells = " | ".join(f"{(split.get(k, 0) - base.get(k, 0)) / 2**20:+.1f}"
+                               for k in ("heap", "anonymous", "libraries", "other files"))
+            print(f"| {name} | {proc} | {cells} |")
 
 
 def main(argv=None) -> None:
@@ -72,7 +117,11 @@ def main(argv=None) -> None:
                                                            "max_tokens": 16, "temperature": 0.0})
                 time.sleep(args.settle_s)
                 rss = group_rss(server.process.pid)
+                mappings = {proc.name(): rss_by_mapping(proc.pid)
+                            for proc in psutil.Process(server.process.pid).children(recursive=True)
+                            if proc.name() in ("VLLM::Worker", "VLLM::EngineCore")}
             results["configs"][name]["starts"].append(rss)
+            results["configs"][name].setdefault("mappings", []).append(mappings)
             parts = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sorted(rss.items()))
             print(f"{name:32s} RSS {sum(rss.values()) / 2**20:9.1f} MiB ({parts})", flush=True)
     for entry in results["configs"].values():
@@ -84,6 +133,7 @@ def main(argv=None) -> None:
         starts = ", ".join(f"{sum(s.values()) / 2**20:.1f}" for s in entry["starts"])
         print(f"| {name} | {entry['rss_bytes'] / 2**20:.1f} | {entry['over_spec_off_bytes'] / 2**20:+.1f} | {starts} |")
     print(f"draft weights: {results['draft_weights_bytes'] / 2**20:.1f} MiB")
+    print_mapping_split(results["configs"])
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=1)
     print(f"wrote {args.out}")

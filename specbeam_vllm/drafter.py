@@ -18,6 +18,9 @@ What it changes:
   seed, and those probabilities go to vLLM's rejection sampler. Rejection sampling is exact for any
   draft distribution it is told; one closer to the target's accepts more.
 
+- Two of the base proposer's buffers, sized ``[max_num_batched_tokens, hidden]``, serve only EAGLE-style
+  heads and multimodal drafts; a plain draft model gets smaller ones (:func:`trim_unread_buffers`).
+
 Every tensor stays on the runner's device; :func:`check_on_device` asserts it where the tensors
 leave for vLLM.
 """
@@ -73,6 +76,21 @@ def sample_drafts(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return tokens, probs
 
 
+def trim_unread_buffers(proposer) -> None:
+    """Shrink what a plain draft model never reads of the base proposer's persistent buffers.
+
+    vLLM's proposer allocates ``hidden_states`` and ``inputs_embeds`` at ``[max_num_batched_tokens,
+    hidden]`` for drafts that take the target's hidden states (EAGLE) or input embeddings (multimodal).
+    A draft model takes neither: its drafting loop only writes the first ``batch`` rows of
+    ``hidden_states``, and nothing touches ``inputs_embeds``. Both then cost memory (device memory on
+    a GPU) that vLLM's KV budget could have had."""
+    if proposer.pass_hidden_states_to_model or proposer.supports_mm_inputs:
+        return
+    proposer.hidden_states = proposer.hidden_states.new_zeros(proposer.max_batch_size, proposer.hidden_size)
+    # [max_num_seqs, hidden]: the drafting loop writes one row per request
+    proposer.inputs_embeds = proposer.inputs_embeds.new_zeros(0, proposer.inputs_embeds_size)  # [0, hidden]: unread
+
+
 def _proposer_class():
     from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
@@ -83,6 +101,8 @@ def _proposer_class():
             super().__init__(vllm_config, device, runner)
             self.runner = runner  # the base class takes it but keeps none: the batch's request ids come from it
             self.specbeam = options_of(vllm_config)  # None: an engine that did not ask for specbeam
+            if self.specbeam is not None:
+                trim_unread_buffers(self)
             self.last_length: int | None = None  # draft length of the last proposal
             self.lag = DraftLag(max_tokens=LAG_BUDGET_STEPS * self.max_num_tokens)
             self.can_skip = (self.specbeam is not None and self.specbeam.skip_draft_at_zero and runner is not None

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ require_vllm()
 
 from specbeam_core import SamplingParams, probabilities  # noqa: E402
 from specbeam_vllm import config  # noqa: E402
-from specbeam_vllm.drafter import check_on_device, sample_drafts  # noqa: E402
+from specbeam_vllm.drafter import check_on_device, sample_drafts, trim_unread_buffers  # noqa: E402
 
 SPEC = {"method": "specbeam", "model": "/drafts/d", "num_speculative_tokens": 4}
 
@@ -92,6 +93,28 @@ def test_check_on_device_refuses_a_tensor_elsewhere():
     check_on_device(torch.zeros(2), torch.device("cpu"), "x")
     with pytest.raises(RuntimeError, match="draft probabilities is on meta, but vLLM's runner is on cpu"):
         check_on_device(torch.zeros(2, device="meta"), torch.device("cpu"), "the draft probabilities")
+
+
+def fake_proposer(**kind):
+    buffer = torch.zeros(2048, 8, dtype=torch.bfloat16, device="meta")  # [max_num_batched_tokens, hidden]
+    fields = dict(pass_hidden_states_to_model=False, supports_mm_inputs=False, max_batch_size=16, hidden_size=8,
+                  inputs_embeds_size=8, hidden_states=buffer, inputs_embeds=buffer)
+    return SimpleNamespace(**{**fields, **kind})
+
+
+def test_a_plain_draft_model_keeps_only_the_buffer_rows_it_writes():
+    proposer = fake_proposer()
+    trim_unread_buffers(proposer)
+    assert proposer.hidden_states.shape == (16, 8) and proposer.inputs_embeds.shape == (0, 8)
+    assert {t.dtype for t in (proposer.hidden_states, proposer.inputs_embeds)} == {torch.bfloat16}
+    assert {t.device.type for t in (proposer.hidden_states, proposer.inputs_embeds)} == {"meta"}
+
+
+@pytest.mark.parametrize("kind", [{"pass_hidden_states_to_model": True}, {"supports_mm_inputs": True}])
+def test_drafts_that_read_the_buffers_keep_them_whole(kind):
+    proposer = fake_proposer(**kind)
+    trim_unread_buffers(proposer)
+    assert proposer.hidden_states.shape == proposer.inputs_embeds.shape == (2048, 8)
 
 
 def test_drafts_stay_on_the_logits_device():

@@ -59,9 +59,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="chain: speculative chains; beam: speculative beam search; both")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=positive_int, default=None, metavar="N",
-                        help="optimizer steps (default 200 when --minutes is not given)")
+                        help="optimizer steps in all, a resumed run's included (default 200 when --minutes is "
+                             "not given)")
     budget.add_argument("--minutes", type=_minutes, default=None, metavar="M",
-                        help="train for this long instead (constant learning rate after warm-up)")
+                        help="train for this long instead, from now, a resumed run too (constant learning rate "
+                             "after warm-up)")
     p.add_argument("--device", default="cpu", help="where both models run: cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="the target's dtype, and bfloat16 autocast for the draft when bfloat16")

@@ -67,7 +67,8 @@ def weights_bytes(folder: str) -> int:
 
 
 def print_mapping_split(configs: dict) -> None:
-    """Each server's RSS by kind of mapping minus spec-off's (MiB, medians over start-ups)."""
+    """Each server's RSS by kind of mapping minus spec-off's (medians over start-ups): kept in its entry under
+    ``mapping_over_spec_off_bytes`` and printed as a table (MiB)."""
     def median_split(entry, proc):
         starts = [m.get(proc, {}) for m in entry.get("mappings", [])]
         kinds = sorted({k for split in starts for k in split})

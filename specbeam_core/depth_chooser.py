@@ -61,10 +61,12 @@ class DepthChooser:
         return self._record.passes
 
     def begin_search(self, workload: object = None, hint: int | None = None) -> None:
+        """Switch to ``workload``'s measurements. ``hint`` is where a local search of it begins; it
+        applies until the workload has a measurement of its own (a workload only ever visited briefly
+        follows its hint as it moves, rather than the deepest depth)."""
         self._open = None
-        new = workload not in self.workloads
         self._record = self._record_for(workload)
-        if new and hint is not None:
+        if hint is not None and not self.measured(workload):
             self._record.start = min(max(hint, 0), self.depths[-1])
 
     def measured(self, workload: object) -> bool:

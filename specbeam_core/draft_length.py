@@ -17,8 +17,11 @@ the first choice at a batch size never seen before: a server gets there as a wav
 arrives, and their prefills would be charged to whichever length ran then.
 
 With ``local=True`` each workload searches around one length instead of trying them all (see
-:class:`~specbeam_core.depth_chooser.DepthChooser`): a new batch-size bucket starts at the best
-length of the nearest bucket measured so far, and only the lengths next to the best are re-measured.
+:class:`~specbeam_core.depth_chooser.DepthChooser`): a batch-size bucket with no measurement of its
+own starts at the best length of the nearest bucket measured so far, and only the lengths next to the
+best are re-measured. A bucket a server only passes through (the batch growing as a wave arrives,
+shrinking as it drains) may never hold a choice long enough to be measured; it keeps following its
+nearest measured bucket.
 A server whose batch size keeps moving then pays for few steps at lengths far from the best.
 """
 

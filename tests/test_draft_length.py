@@ -158,6 +158,36 @@ def test_a_new_batch_bucket_starts_at_the_nearest_buckets_best():
     assert chosen[0] == 0 and max(chosen) == 1  # batch 8 starts at batch 16's length 0 and tries only 1 beside it
 
 
+def test_a_bucket_only_passed_through_follows_the_nearest_measured_best():
+    """A server's batch grows through buckets 1, 2 and 4 as a wave arrives and shrinks through them as
+    it drains, a few steps each: too few to hold a measured choice. Met before any bucket was measured,
+    such a bucket would start at the longest length and, never measured, keep it on every later pass.
+    It follows the nearest measured bucket instead."""
+    policy = AdaptiveDraftLength(4, trials=1, explore_every=1000, hold_steps=8, settle_steps=2, local=True)
+    cost = {g: 1.0 + 0.5 * g for g in range(5)}  # the draft never agrees: plain decoding is cheapest
+
+    def step(batch):
+        rows = [SimpleNamespace(target_len=5, logits_processor=None)] * batch
+        g = policy.specbeam_draft_length(requests=rows, default=4)
+        policy.specbeam_on_step(record=SimpleNamespace(seconds=cost[g], emitted_tokens=[[0]] * batch))
+        return g
+
+    def wave(steps_at_full):
+        ramp = [step(b) for b in (1, 2, 3, 4, 5)]  # arriving: two steps or fewer a bucket
+        full = [step(8) for _ in range(steps_at_full)]
+        drain = [step(b) for b in (5, 4, 3, 2, 1)]
+        return ramp, full, drain
+
+    first_ramp, _, _ = wave(200)
+    assert first_ramp[0] == 4  # nothing measured yet: the longest length
+    assert policy.chooser.best((8, False)) == 0
+    for _ in range(3):
+        ramp, full, drain = wave(200)
+        assert ramp == drain == [0] * 5  # bucket 8's best, not the longest length
+        assert full[-50:] == [0] * 50
+    assert not policy.chooser.measured((4, False))
+
+
 def test_bad_hold():
     with pytest.raises(ValueError, match="settle_steps"):
         AdaptiveDraftLength(2, hold_steps=2, settle_steps=2)

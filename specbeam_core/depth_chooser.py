@@ -21,7 +21,9 @@ class DepthChooser:
     since changed, is revisited rather than kept for good.
 
     ``local=True`` searches around the best depth instead of over all of them: a workload starts at
-    the depth :meth:`begin_search` is given as ``hint`` (else the deepest), measures depth 0, then
+    the depth :meth:`begin_search` is given as ``hint`` (else at depth 0, the baseline: a cold start
+    climbs to the depths that pay rather than paying first for the deepest, which costs most where
+    speculation loses), measures depth 0, then
     tries the depths next to the best one measured so far until neither neighbour is cheaper, and
     re-measures only those two neighbours and depth 0. Depth 0 stays in the set because costs can
     be flat over the deep depths (every draft token costing what it saves) while plain decoding is
@@ -95,7 +97,7 @@ class DepthChooser:
             r.exploring = None
         r.clock += 1
         if self.local:
-            centre = self.best() if any(r.passes.values()) else (self.depths[-1] if r.start is None else r.start)
+            centre = self.best() if any(r.passes.values()) else (r.start or 0)
             # the centre first, then depth 0 (the baseline: a plateau of deep depths must not hide it), then
             # the centre's neighbours
             near = list(dict.fromkeys(d for d in (centre, 0, centre - 1, centre + 1) if d in r.passes))

@@ -32,8 +32,9 @@ class SpecBeamVllmOptions(BaseModel):
     trials: int = Field(1, ge=1, le=16, description="measurements of each length per batch-size bucket before "
                         "the cheapest is kept")
     local_search: bool = Field(
-        True, description="search the draft length around the best one measured (a new batch-size bucket starts at "
-        "the nearest bucket's best; only the neighbouring lengths are re-measured) instead of trying every length")
+        True, description="search the draft length around the best one measured (an unmeasured batch-size "
+        "bucket starts at the nearest measured bucket's best, the first one at length 0; only the neighbouring "
+        "lengths are re-measured) instead of trying every length")
     explore_every: int = Field(16, ge=1, description="after this many choices, the length measured longest ago "
                                "is measured again (the cost model stays current)")
     log_interval_s: float = Field(60.0, ge=0.0, description="seconds between log lines with the measured cost "

@@ -129,11 +129,14 @@ def test_local_search_finds_the_best_length_without_trying_far_ones():
 
 def test_local_search_does_not_stop_on_a_plateau_of_deep_lengths():
     """Lengths 2..4 cost the same per token and length 0 half as much: walking between neighbours from 4
-    would stop on the plateau; measuring 0 finds plain decoding."""
+    (another bucket's best) would stop on the plateau; measuring 0 finds plain decoding."""
     cost = {0: 1.0, 1: 1.6, 2: 2.0, 3: 2.0, 4: 2.0}
     emitted = {0: 10, 1: 10, 2: 10, 3: 10, 4: 10}
-    chosen = run_policy(AdaptiveDraftLength(4, trials=1, explore_every=1000, local=True), cost, emitted, steps=30)
-    assert chosen[:3] == [4, 4, 0]  # unmeasured prefill, the deepest, then 0
+    policy = AdaptiveDraftLength(4, trials=1, explore_every=1000, local=True)
+    policy.chooser.begin_search((1, False), hint=4)
+    policy._workload = (1, False)
+    chosen = run_policy(policy, cost, emitted, steps=30)
+    assert chosen[:3] == [4, 4, 0]  # unmeasured prefill, the hint, then 0
     assert chosen[-10:] == [0] * 10 and 2 not in chosen and 3 not in chosen
 
 
@@ -141,8 +144,8 @@ def test_local_search_re_measures_less_often_while_the_best_holds():
     cost = {g: 1.0 + 0.25 * g for g in range(5)}
     emitted = {0: 10, 1: 18, 2: 25, 3: 28, 4: 30}  # length 2 is best
     chosen = run_policy(AdaptiveDraftLength(4, trials=1, explore_every=2, local=True), cost, emitted, steps=400)
-    assert chosen[:7] == [4, 4, 0, 3, 2, 1, 2]  # unmeasured prefill, 0, then down to 2 and both its neighbours
-    away = [i for i, g in enumerate(chosen) if i > 6 and g != 2]
+    assert chosen[:6] == [0, 0, 1, 2, 3, 2]  # unmeasured prefill, 0, then up to 2 and past it to 3
+    away = [i for i, g in enumerate(chosen) if i > 5 and g != 2]
     gaps = [b - a for a, b in zip(away, away[1:])]
     assert gaps[:4] == [4, 8, 16, 32] and set(gaps[4:]) == {32}  # doubling up to 16 * explore_every
     assert {chosen[i] for i in away} == {0, 1, 3}  # 0 and the best's neighbours, in turn
@@ -161,15 +164,16 @@ def test_a_new_batch_bucket_starts_at_the_nearest_buckets_best():
 def test_a_bucket_only_passed_through_follows_the_nearest_measured_best():
     """A server's batch grows through buckets 1, 2 and 4 as a wave arrives and shrinks through them as
     it drains, a few steps each: too few to hold a measured choice. Met before any bucket was measured,
-    such a bucket would start at the longest length and, never measured, keep it on every later pass.
+    such a bucket would keep its cold start on every later pass, never measured.
     It follows the nearest measured bucket instead."""
     policy = AdaptiveDraftLength(4, trials=1, explore_every=1000, hold_steps=8, settle_steps=2, local=True)
-    cost = {g: 1.0 + 0.5 * g for g in range(5)}  # the draft never agrees: plain decoding is cheapest
+    cost = {g: 1.0 + 0.5 * g for g in range(5)}
+    emitted = {0: 10, 1: 18, 2: 25, 3: 26, 4: 27}  # length 2 is cheapest per token
 
     def step(batch):
         rows = [SimpleNamespace(target_len=5, logits_processor=None)] * batch
         g = policy.specbeam_draft_length(requests=rows, default=4)
-        policy.specbeam_on_step(record=SimpleNamespace(seconds=cost[g], emitted_tokens=[[0]] * batch))
+        policy.specbeam_on_step(record=SimpleNamespace(seconds=cost[g], emitted_tokens=[[0] * emitted[g]] * batch))
         return g
 
     def wave(steps_at_full):
@@ -179,12 +183,12 @@ def test_a_bucket_only_passed_through_follows_the_nearest_measured_best():
         return ramp, full, drain
 
     first_ramp, _, _ = wave(200)
-    assert first_ramp[0] == 4  # nothing measured yet: the longest length
-    assert policy.chooser.best((8, False)) == 0
+    assert first_ramp == [0] * 5  # nothing measured yet: a cold start at plain decoding
+    assert policy.chooser.best((8, False)) == 2
     for _ in range(3):
         ramp, full, drain = wave(200)
-        assert ramp == drain == [0] * 5  # bucket 8's best, not the longest length
-        assert full[-50:] == [0] * 50
+        assert ramp == drain == [2] * 5  # bucket 8's best, not the cold start
+        assert full[-50:] == [2] * 50
     assert not policy.chooser.measured((4, False))
 
 

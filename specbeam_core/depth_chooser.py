@@ -23,7 +23,8 @@ class DepthChooser:
     ``local=True`` searches around the best depth instead of over all of them: a workload starts at
     the depth :meth:`begin_search` is given as ``hint`` (else at depth 0, the baseline: a cold start
     climbs to the depths that pay rather than paying first for the deepest, which costs most where
-    speculation loses), measures depth 0, then
+    speculation loses), measures depth 0 (at least twice: one slow window of the baseline
+    would send the search the wrong way), then
     tries the depths next to the best one measured so far until neither neighbour is cheaper, and
     re-measures only those two neighbours and depth 0. Depth 0 stays in the set because costs can
     be flat over the deep depths (every draft token costing what it saves) while plain decoding is
@@ -81,6 +82,12 @@ class DepthChooser:
         r = self._record if workload is ... else self.workloads[workload]
         return min(self.depths, key=lambda d: r.seconds[d] / max(r.steps[d], 1e-9) if r.passes[d] else float("inf"))
 
+    def _trials(self, depth: int) -> int:
+        """Measurements of ``depth`` a search takes before it compares. A local search measures depth 0
+        at least twice: it is the baseline every other depth is judged against, and one slow window of
+        it would send the search into speculation that does not pay until the next re-measurement."""
+        return max(self.trials, 2) if self.local and depth == 0 else self.trials
+
     def choose(self, now: float, steps_so_far: int, first_pass: bool) -> int:
         r = self._record
         # a window with no measured step in it (every step left out) adds nothing
@@ -103,7 +110,7 @@ class DepthChooser:
             near = list(dict.fromkeys(d for d in (centre, 0, centre - 1, centre + 1) if d in r.passes))
         else:
             near = self.depths[::-1]  # deepest first
-        untried = [d for d in near if r.passes[d] < self.trials]
+        untried = [d for d in near if r.passes[d] < self._trials(d)]
         if untried:
             depth = untried[0]
         else:

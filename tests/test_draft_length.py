@@ -144,12 +144,36 @@ def test_local_search_re_measures_less_often_while_the_best_holds():
     cost = {g: 1.0 + 0.25 * g for g in range(5)}
     emitted = {0: 10, 1: 18, 2: 25, 3: 28, 4: 30}  # length 2 is best
     chosen = run_policy(AdaptiveDraftLength(4, trials=1, explore_every=2, local=True), cost, emitted, steps=400)
-    assert chosen[:6] == [0, 0, 1, 2, 3, 2]  # unmeasured prefill, 0, then up to 2 and past it to 3
-    away = [i for i, g in enumerate(chosen) if i > 5 and g != 2]
+    assert chosen[:7] == [0, 0, 0, 1, 2, 3, 2]  # unmeasured prefill, 0 twice, then up to 2 and past it to 3
+    away = [i for i, g in enumerate(chosen) if i > 6 and g != 2]
     gaps = [b - a for a, b in zip(away, away[1:])]
     assert gaps[:4] == [4, 8, 16, 32] and set(gaps[4:]) == {32}  # doubling up to 16 * explore_every
     assert {chosen[i] for i in away} == {0, 1, 3}  # 0 and the best's neighbours, in turn
     assert chosen[-1] == 2
+
+
+def test_one_slow_window_of_plain_decoding_does_not_send_the_search_into_speculation():
+    """On a noisy host one window can take twice its usual time. Were it the only measurement of
+    length 0, every draft length that costs less than that outlier (but more than plain decoding really
+    does) would look better, and the search would walk onto them until length 0 came up for
+    re-measurement. Length 0 is measured twice before the search leaves it."""
+    policy = AdaptiveDraftLength(4, trials=1, explore_every=1000, hold_steps=4, settle_steps=0, local=True)
+    windows = [0]
+
+    def step():
+        rows = [SimpleNamespace(target_len=5, logits_processor=None)] * 8
+        g = policy.specbeam_draft_length(requests=rows, default=4)
+        if g == 0:
+            windows[0] += 1
+        slow = g == 0 and 4 < windows[0] <= 8  # the first measured window of length 0 (after the unmeasured first choice)
+        seconds = (2.0 if slow else 1.0) if g == 0 else 1.7 * (g + 1)  # per step; a length g step emits g + 1
+        policy.specbeam_on_step(record=SimpleNamespace(seconds=seconds, emitted_tokens=[[0] * (g + 1)] * 8))
+        return g
+
+    chosen = [step() for _ in range(400)]
+    assert chosen[-100:] == [0] * 100
+    assert set(chosen) <= {0, 1} and chosen.count(1) <= 4  # length 1 measured once, nothing deeper
+    assert policy.chooser.passes[0] >= 2
 
 
 def test_a_new_batch_bucket_starts_at_the_nearest_buckets_best():

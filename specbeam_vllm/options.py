@@ -30,7 +30,7 @@ class SpecBeamVllmOptions(BaseModel):
     settle_steps: int = Field(2, ge=0, le=64, description="steps after a change of length left unmeasured "
                               "(they still verify drafts proposed at the previous length)")
     trials: int = Field(1, ge=1, le=16, description="measurements of each length per batch-size bucket before "
-                        "the cheapest is kept")
+                        "the cheapest is kept (with local_search, length 0 at least twice)")
     local_search: bool = Field(
         True, description="search the draft length around the best one measured (an unmeasured batch-size "
         "bucket starts at the nearest measured bucket's best, the first one at length 0; only the neighbouring "

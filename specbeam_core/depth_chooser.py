@@ -66,7 +66,7 @@ class DepthChooser:
     def begin_search(self, workload: object = None, hint: int | None = None) -> None:
         """Switch to ``workload``'s measurements. ``hint`` is where a local search of it begins; it
         applies until the workload has a measurement of its own (a workload only ever visited briefly
-        follows its hint as it moves, rather than the deepest depth)."""
+        follows its hint as it moves, rather than a cold start)."""
         self._open = None
         self._record = self._record_for(workload)
         if hint is not None and not self.measured(workload):

@@ -158,14 +158,14 @@ def test_one_slow_window_of_plain_decoding_does_not_send_the_search_into_specula
     does) would look better, and the search would walk onto them until length 0 came up for
     re-measurement. Length 0 is measured twice before the search leaves it."""
     policy = AdaptiveDraftLength(4, trials=1, explore_every=1000, hold_steps=4, settle_steps=0, local=True)
-    windows = [0]
+    plain_steps = [0]
 
     def step():
         rows = [SimpleNamespace(target_len=5, logits_processor=None)] * 8
         g = policy.specbeam_draft_length(requests=rows, default=4)
         if g == 0:
-            windows[0] += 1
-        slow = g == 0 and 4 < windows[0] <= 8  # the first measured window of length 0 (after the unmeasured first choice)
+            plain_steps[0] += 1
+        slow = g == 0 and 4 < plain_steps[0] <= 8  # the first measured window of length 0 (after the unmeasured first)
         seconds = (2.0 if slow else 1.0) if g == 0 else 1.7 * (g + 1)  # per step; a length g step emits g + 1
         policy.specbeam_on_step(record=SimpleNamespace(seconds=seconds, emitted_tokens=[[0] * (g + 1)] * 8))
         return g

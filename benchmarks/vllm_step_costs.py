@@ -106,9 +106,10 @@ def collect(server: Server, out_dir: str) -> tuple[dict[str, list[float]], dict[
         pid = int(os.path.basename(path)[len("probe-"):-len(".json")])
         with open(path) as fh:
             timers = json.load(fh)
-        by_process[names.get(pid, str(pid))] = timers
-        for name, (calls, seconds) in timers.items():
-            entry = totals.setdefault(name, [0, 0.0])
+        name = names.get(pid, "process")
+        by_process[name if name not in by_process else f"{name} {pid}"] = timers  # several workers: one entry each
+        for timer, (calls, seconds) in timers.items():
+            entry = totals.setdefault(timer, [0, 0.0])
             entry[0] += calls
             entry[1] += seconds
     return totals, by_process
